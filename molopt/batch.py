@@ -1,0 +1,154 @@
+"""The flat padded batch: many structures as one static-shape pytree.
+
+All atoms of all systems are concatenated into ``A`` rows (padded to a bucket size), with a
+per-atom ``system_idx``; per-system arrays have ``S`` rows (padded too). Padding atoms carry
+``system_idx == S`` so every segment reduction drops them, and ``atom_mask == False``.
+Sizes are rounded up a small geometric ladder so that a new mix of sizes reuses a compiled
+computation instead of tracing a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from molopt._jax import jax
+from molopt.structure import Structure
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Round ``n`` up the ladder minimum, ..., 2^k, 1.5*2^k, 2^(k+1), ... (padding <= 50%)."""
+    n = max(int(n), 1)
+    if n <= minimum:
+        return minimum
+    power = 2 ** math.floor(math.log2(n))
+    for candidate in (power, 3 * power // 2, 2 * power):
+        if candidate >= n:
+            return candidate
+    return 2 * power  # pragma: no cover
+
+
+def bucket_systems(n: int) -> int:
+    """Number-of-systems ladder: powers of two (per-system arrays are cheap)."""
+    return 1 if n <= 1 else 2 ** math.ceil(math.log2(n))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Batch:
+    """Static description of a padded batch (everything but the moving coordinates).
+
+    Arrays: ``species`` (A,) int32 index into the potential's element table; ``numbers``
+    (A,) atomic numbers (0 for padding); ``system_idx`` (A,) int32 in [0, S] (S = padding);
+    ``atom_mask`` (A,) bool; ``fixed`` (A,) bool (ASE FixAtoms); ``pbc`` (S, 3) bool;
+    ``system_mask`` (S,) bool; ``n_atoms`` (S,) int32.
+    """
+
+    species: jax.Array
+    numbers: jax.Array
+    system_idx: jax.Array
+    atom_mask: jax.Array
+    fixed: jax.Array
+    pbc: jax.Array
+    system_mask: jax.Array
+    n_atoms: jax.Array
+    n_systems: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+    @property
+    def n_padded_atoms(self) -> int:
+        return int(self.species.shape[0])
+
+
+# --- segment reductions over systems (static number of systems) -------------------------
+
+
+def system_sum(values: jax.Array, system_idx: jax.Array, n_systems: int) -> jax.Array:
+    """Sum per-row values (R, ...) into (S, ...); rows with index S are dropped."""
+    if n_systems == 1:
+        keep = (system_idx == 0).reshape((-1,) + (1,) * (values.ndim - 1))
+        return jnp.sum(jnp.where(keep, values, 0), axis=0, keepdims=True)
+    return jax.ops.segment_sum(values, system_idx, num_segments=n_systems, indices_are_sorted=False)
+
+
+def system_max(values: jax.Array, system_idx: jax.Array, n_systems: int, empty=0.0) -> jax.Array:
+    """Max of per-row values (R,) per system; ``empty`` where a system has no rows."""
+    if n_systems == 1:
+        keep = system_idx == 0
+        return jnp.max(jnp.where(keep, values, empty), keepdims=True)
+    out = jax.ops.segment_max(values, system_idx, num_segments=n_systems)
+    return jnp.maximum(out, empty)
+
+
+# --- host-side packing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each structure of a batch lives: atom offsets, padded sizes (host-only)."""
+
+    offsets: np.ndarray  # (n_real + 1,) atom offsets
+    n_padded_atoms: int
+    n_systems: int  # padded S
+
+    @property
+    def n_real(self) -> int:
+        return len(self.offsets) - 1
+
+    def atoms_of(self, k: int) -> slice:
+        return slice(int(self.offsets[k]), int(self.offsets[k + 1]))
+
+
+def plan_layout(sizes: Sequence[int], min_atoms: int = 8) -> Layout:
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
+    return Layout(offsets, bucket(int(offsets[-1]), min_atoms), bucket_systems(len(sizes)))
+
+
+def pack(
+    structures: Sequence[Structure],
+    species_of: dict[int, int],
+    dtype,
+    layout: Layout | None = None,
+) -> tuple[Batch, np.ndarray, np.ndarray, Layout]:
+    """Pack structures into a :class:`Batch` plus padded ``positions`` (A, 3) and ``cells``
+    (S, 3, 3) as numpy arrays of ``dtype``. ``species_of`` maps atomic number -> index."""
+    layout = layout or plan_layout([s.n_atoms for s in structures])
+    A, S = layout.n_padded_atoms, layout.n_systems
+    positions = np.zeros((A, 3), dtype)
+    cells = np.zeros((S, 3, 3), dtype)
+    species = np.zeros(A, np.int32)
+    numbers = np.zeros(A, np.int32)
+    system_idx = np.full(A, S, np.int32)
+    atom_mask = np.zeros(A, bool)
+    fixed = np.zeros(A, bool)
+    pbc = np.zeros((S, 3), bool)
+    system_mask = np.zeros(S, bool)
+    n_atoms = np.zeros(S, np.int32)
+    for k, s in enumerate(structures):
+        rows = layout.atoms_of(k)
+        positions[rows] = s.positions
+        species[rows] = [species_of[int(z)] for z in s.numbers]
+        numbers[rows] = s.numbers
+        system_idx[rows] = k
+        atom_mask[rows] = True
+        fixed[rows] = s.fixed
+        cells[k] = s.cell
+        pbc[k] = s.pbc
+        system_mask[k] = True
+        n_atoms[k] = s.n_atoms
+    batch = Batch(
+        species=jnp.asarray(species),
+        numbers=jnp.asarray(numbers),
+        system_idx=jnp.asarray(system_idx),
+        atom_mask=jnp.asarray(atom_mask),
+        fixed=jnp.asarray(fixed),
+        pbc=jnp.asarray(pbc),
+        system_mask=jnp.asarray(system_mask),
+        n_atoms=jnp.asarray(n_atoms),
+        n_systems=S,
+    )
+    return batch, positions, cells, layout

@@ -1,0 +1,215 @@
+"""Neighbour lists: built on the host (linear-scaling cell lists from vesin), used in jit.
+
+Layout: a dense per-atom list of fixed capacity K, ``index`` (A, K) into the flat batch and
+``shift`` (A, K, 3) integer periodic images, so the pair vector is
+``positions[index] - positions[i] + shift @ cell``. It is a *full* list (each pair appears from
+both ends): forces then need only a reduction over K, no scatter-add.
+
+The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
+the cutoff; :func:`stale_systems` is the jittable test (Verlet 1967), exact for any cell
+deformation. Small non-periodic systems get every pair (``complete``) and never go stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from molopt._jax import jax
+from molopt.batch import Layout, bucket, system_max
+
+#: Non-periodic systems up to this many atoms list all pairs (no rebuilds, ever).
+ALL_PAIRS_MAX_ATOMS = 96
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Neighbors:
+    """``index`` (A, K) int32; ``shift`` (A, K, 3) integer images (int8/int32); ``mask`` (A, K)
+    bool; ``ref_positions`` (A, 3) and ``ref_cell`` (S, 3, 3) at build time (A); ``complete``
+    (S,) bool (all pairs listed, never stale); ``cutoff``/``skin`` scalars (A)."""
+
+    index: jax.Array
+    shift: jax.Array
+    mask: jax.Array
+    ref_positions: jax.Array
+    ref_cell: jax.Array
+    complete: jax.Array
+    cutoff: jax.Array
+    skin: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return int(self.index.shape[1])
+
+
+def pair_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
+    """Vectors r_j - r_i (+ image shift) to each listed neighbour, (A, K, 3), Angstrom."""
+    vectors = positions[nbrs.index] - positions[:, None, :]
+    if nbrs.shift.shape[-1] == 3:
+        cell_of_atom = cell[jnp.minimum(system_idx, cell.shape[0] - 1)]
+        offsets = jnp.einsum("akx,axy->aky", nbrs.shift.astype(positions.dtype), cell_of_atom)
+        vectors = vectors + offsets
+    return vectors
+
+
+def stale_systems(
+    positions: jax.Array,
+    cell: jax.Array,
+    system_idx: jax.Array,
+    system_mask: jax.Array,
+    nbrs: Neighbors,
+    variable_cell: bool,
+) -> jax.Array:
+    """(S,) bool: systems whose list may miss a pair now inside the cutoff.
+
+    With a deformation D (cell = ref_cell @ D) a listed pair moves by at most
+    2 max|delta_i| + (cutoff + skin) ||D - 1||, delta_i the non-affine displacement.
+    """
+    n_systems = cell.shape[0]
+    ref = nbrs.ref_positions
+    if variable_cell:
+        deformation = jnp.linalg.solve(nbrs.ref_cell, cell)  # (S, 3, 3)
+        d_atom = deformation[jnp.minimum(system_idx, n_systems - 1)]
+        delta = positions - jnp.einsum("ax,axy->ay", ref, d_atom)
+        eye = jnp.eye(3, dtype=cell.dtype)
+        strain = jnp.sqrt(jnp.sum((deformation - eye) ** 2, axis=(1, 2)))
+    else:
+        delta = positions - ref
+        strain = jnp.zeros(n_systems, positions.dtype)
+    moved = system_max(jnp.sqrt(jnp.sum(delta**2, axis=1)), system_idx, n_systems)
+    bound = 2.0 * moved + (nbrs.cutoff + nbrs.skin) * strain
+    # a NaN bound (an exploded system) is not "stale": that system fails on its own
+    return (bound > nbrs.skin) & ~nbrs.complete & system_mask
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+@dataclass
+class HostNeighbors:
+    """numpy mirror of :class:`Neighbors`, kept on the host for partial rebuilds."""
+
+    index: np.ndarray
+    shift: np.ndarray
+    mask: np.ndarray
+    ref_positions: np.ndarray
+    ref_cell: np.ndarray
+    complete: np.ndarray
+    cutoff: float
+    skin: float
+
+    def to_device(self) -> Neighbors:
+        dtype = self.ref_positions.dtype
+        return Neighbors(
+            index=jnp.asarray(self.index),
+            shift=jnp.asarray(self.shift),
+            mask=jnp.asarray(self.mask),
+            ref_positions=jnp.asarray(self.ref_positions),
+            ref_cell=jnp.asarray(self.ref_cell),
+            complete=jnp.asarray(self.complete),
+            cutoff=jnp.asarray(self.cutoff, dtype),
+            skin=jnp.asarray(self.skin, dtype),
+        )
+
+
+def _system_pairs(positions, cell, pbc, cutoff):
+    """Full pair list (i, j, S) of one system, local indices; and whether it is complete."""
+    import vesin
+
+    n = positions.shape[0]
+    if not pbc.any() and n <= ALL_PAIRS_MAX_ATOMS:
+        i, j = np.nonzero(~np.eye(n, dtype=bool))
+        return i, j, np.zeros((len(i), 3), np.int64), True
+    box = cell if pbc.any() else np.zeros((3, 3))
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    i, j, shifts = calculator.compute(
+        np.asarray(positions, np.float64), np.asarray(box, np.float64), pbc, "ijS"
+    )
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64), False
+
+
+def _capacity_for(count: int) -> int:
+    # headroom so that lists rebuilt during a relaxation rarely need a new capacity
+    return bucket(int(np.ceil(count * 1.08)) + 1, minimum=8)
+
+
+def build(
+    positions: np.ndarray,
+    cells: np.ndarray,
+    pbc: np.ndarray,
+    layout: Layout,
+    cutoff: float,
+    skin: float,
+    previous: HostNeighbors | None = None,
+    systems: np.ndarray | None = None,
+) -> HostNeighbors:
+    """Build (or, given ``previous`` and ``systems``, partially rebuild) the dense lists.
+
+    ``positions`` (A, 3), ``cells`` (S, 3, 3), ``pbc`` (S, 3) numpy; ``cutoff`` is the
+    potential's cutoff (A) and the list is built at ``cutoff + skin``. Capacity grows (a new
+    shape) only when a row would overflow it.
+    """
+    A = layout.n_padded_atoms
+    S = layout.n_systems
+    todo = range(layout.n_real) if systems is None else [int(k) for k in systems]
+    pieces = []
+    complete = np.zeros(S, bool) if previous is None else previous.complete.copy()
+    for k in todo:
+        rows = layout.atoms_of(k)
+        i, j, shifts, full = _system_pairs(positions[rows], cells[k], pbc[k], cutoff + skin)
+        pieces.append((i + rows.start, j + rows.start, shifts))
+        complete[k] = full
+    if pieces:
+        i = np.concatenate([p[0] for p in pieces])
+        j = np.concatenate([p[1] for p in pieces])
+        shifts = np.concatenate([p[2] for p in pieces])
+    else:
+        i = j = np.zeros(0, np.int64)
+        shifts = np.zeros((0, 3), np.int64)
+    order = np.argsort(i, kind="stable")
+    i, j, shifts = i[order], j[order], shifts[order]
+    counts = np.bincount(i, minlength=A)
+    needed = int(counts.max()) if len(counts) else 0
+
+    big = int(np.abs(shifts).max()) if len(shifts) else 0
+    periodic = bool(np.asarray(pbc)[: layout.n_real].any())
+    shift_dtype = np.int8 if big < 127 else np.int32
+    if previous is not None and systems is not None and needed <= previous.index.shape[1]:
+        index = previous.index.copy()
+        mask = previous.mask.copy()
+        shift = previous.shift.astype(np.promote_types(previous.shift.dtype, shift_dtype))
+        if shift.shape[2] == 0:
+            shift = np.zeros(index.shape + (3,), shift_dtype)
+        ref_positions = previous.ref_positions.copy()
+        ref_cell = previous.ref_cell.copy()
+        for k in todo:
+            rows = layout.atoms_of(k)
+            index[rows] = np.arange(rows.start, rows.stop)[:, None]
+            mask[rows] = False
+            shift[rows] = 0
+    else:
+        if previous is not None and systems is not None:
+            # overflow in a partial rebuild: rebuild everything at a larger capacity
+            return build(positions, cells, pbc, layout, cutoff, skin)
+        capacity = _capacity_for(needed)
+        index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
+        mask = np.zeros((A, capacity), bool)
+        shift = np.zeros((A, capacity, 3), shift_dtype)
+        ref_positions = np.zeros_like(positions)
+        ref_cell = np.zeros_like(cells)
+    if len(i):
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(len(i)) - starts[i]
+        index[i, slot] = j
+        mask[i, slot] = True
+        shift[i, slot] = shifts
+    for k in todo:
+        rows = layout.atoms_of(k)
+        ref_positions[rows] = positions[rows]
+        ref_cell[k] = cells[k]
+    if not periodic:
+        shift = np.zeros(shift.shape[:2] + (0,), bool)  # no periodic system: skip offsets
+    return HostNeighbors(index, shift, mask, ref_positions, ref_cell, complete, cutoff, skin)

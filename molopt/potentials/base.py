@@ -1,0 +1,82 @@
+"""The potential interface: a pure, differentiable energy of a padded batch.
+
+A potential is an Equinox module: its parameters (epsilon, sigma, network weights) are pytree
+leaves, so ``jax.grad`` with respect to them works; configuration is static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from molopt._jax import jax
+from molopt.batch import Batch
+from molopt.neighbors import Neighbors
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-system ``energy`` (S,) eV; per-atom ``forces`` (A, 3) eV/A (exactly zero on padding);
+    ``dE_dstrain`` (S, 3, 3) eV, the derivative of the energy with respect to a homogeneous
+    strain of cell and positions (ASE stress = dE_dstrain / volume), zeros if not computed."""
+
+    energy: jax.Array
+    forces: jax.Array
+    dE_dstrain: jax.Array
+
+
+class Potential(eqx.Module):
+    """Abstract potential. ``elements``: atomic numbers in species order, or ``()`` for a
+    potential that applies to every element (all atoms are species 0). ``cutoff`` in A."""
+
+    elements: tuple[int, ...] = eqx.field(static=True)
+    cutoff: float = eqx.field(static=True)
+
+    def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
+        """Total potential energy per system, (S,) eV. Differentiable in every argument."""
+        raise NotImplementedError
+
+    def species_of(self, numbers) -> dict[int, int]:
+        """Map atomic numbers to species indices; raises KeyError on an uncovered element."""
+        if not self.elements:
+            return {int(z): 0 for z in numbers}
+        table = {z: k for k, z in enumerate(self.elements)}
+        return {int(z): table[int(z)] for z in numbers}
+
+    def covers(self, numbers) -> bool:
+        return not self.elements or set(int(z) for z in numbers) <= set(self.elements)
+
+    def evaluate(self, positions, cell, batch: Batch, nbrs: Neighbors, stress: bool) -> Evaluation:
+        """Energy, forces and (if ``stress``) dE/dstrain by automatic differentiation.
+
+        Subclasses may override with a faster route that gives the same numbers.
+        """
+        return autodiff_evaluate(self, positions, cell, batch, nbrs, stress)
+
+
+def autodiff_evaluate(potential, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
+    """Reference implementation: forces = -dE/dx, dE/dstrain by a symmetric strain."""
+    n_systems = cell.shape[0]
+    eye = jnp.eye(3, dtype=positions.dtype)
+    system_of_atom = jnp.minimum(batch.system_idx, n_systems - 1)
+
+    def total(pos, strain):
+        sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+        pos = pos + jnp.einsum("ax,axy->ay", pos, sym[system_of_atom])
+        strained_cell = jnp.einsum("sxy,syz->sxz", cell, eye + sym)
+        per_system = potential.energy(pos, strained_cell, batch, nbrs)
+        return jnp.sum(per_system), per_system
+
+    zero = jnp.zeros((n_systems, 3, 3), positions.dtype)
+    if stress:
+        (_, energy), (grad_x, grad_strain) = jax.value_and_grad(total, (0, 1), has_aux=True)(
+            positions, zero
+        )
+    else:
+        (_, energy), grad_x = jax.value_and_grad(total, 0, has_aux=True)(positions, zero)
+        grad_strain = zero
+    forces = jnp.where(batch.atom_mask[:, None], -grad_x, 0.0)
+    return Evaluation(energy=energy, forces=forces, dE_dstrain=grad_strain)

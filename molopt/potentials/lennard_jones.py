@@ -1,0 +1,118 @@
+"""Lennard-Jones 12-6 pair potential, E = sum_{i<j} 4 eps [(sig/r)^12 - (sig/r)^6] - e_shift.
+
+With ``shift`` (the default, as ASE's ``LennardJones(smooth=False)``) each pair energy is
+shifted by its value at the cutoff so that it goes to zero there. Per-element parameters are
+combined by the Lorentz-Berthelot rule (sigma arithmetic, epsilon geometric mean) unless a
+pair is given explicitly.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from molopt._jax import jax
+from molopt.batch import system_sum
+from molopt.neighbors import pair_vectors
+from molopt.potentials.base import Evaluation, Potential
+
+
+def _nested_tuple(table) -> tuple:
+    """Static tables must be hashable (they are part of the jit cache key)."""
+    return tuple(tuple(row) for row in np.asarray(table).tolist())
+
+
+class LennardJones(Potential):
+    """Parameters per element: ``epsilon`` (n,) eV, ``sigma`` (n,) A; pair overrides where
+    ``override`` (n, n) is True: ``pair_epsilon``/``pair_sigma`` (n, n). ``pair_cutoff`` (n, n) A
+    (static numpy), ``shift`` static."""
+
+    epsilon: jax.Array
+    sigma: jax.Array
+    pair_epsilon: jax.Array
+    pair_sigma: jax.Array
+    override: tuple = eqx.field(static=True, converter=_nested_tuple)
+    pair_cutoff: tuple = eqx.field(static=True, converter=_nested_tuple)
+    shift: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        n = len(self.elements) or 1
+        if np.shape(self.epsilon) != (n,) or np.shape(self.pair_cutoff) != (n, n):
+            raise ValueError("parameter tables do not match the number of elements")
+
+    @classmethod
+    def single(cls, epsilon: float, sigma: float, cutoff: float, shift: bool = True, elements=()):
+        """One parameter set for every element (or the given ones)."""
+        n = len(elements) or 1
+        return cls(
+            elements=tuple(elements),
+            cutoff=float(cutoff),
+            epsilon=jnp.full((n,), float(epsilon)),
+            sigma=jnp.full((n,), float(sigma)),
+            pair_epsilon=jnp.zeros((n, n)),
+            pair_sigma=jnp.zeros((n, n)),
+            override=np.zeros((n, n), bool),
+            pair_cutoff=np.full((n, n), float(cutoff)),
+            shift=shift,
+        )
+
+    # -- parameter tables ------------------------------------------------------------------
+    def tables(self):
+        """(n, n) epsilon, sigma after mixing and overrides."""
+        eps = jnp.sqrt(self.epsilon[:, None] * self.epsilon[None, :])
+        sig = 0.5 * (self.sigma[:, None] + self.sigma[None, :])
+        override = np.asarray(self.override, bool)
+        eps = jnp.where(override, self.pair_epsilon, eps)
+        sig = jnp.where(override, self.pair_sigma, sig)
+        return eps, sig
+
+    def _pair_parameters(self, species, nbrs, dtype):
+        eps, sig = self.tables()
+        rc = jnp.asarray(self.pair_cutoff, dtype)
+        if eps.shape == (1, 1):  # one parameter set: no gathers
+            return eps[0, 0].astype(dtype), sig[0, 0].astype(dtype), rc[0, 0]
+        s_i = species[:, None]
+        s_j = species[nbrs.index]
+        return eps[s_i, s_j].astype(dtype), sig[s_i, s_j].astype(dtype), rc[s_i, s_j]
+
+    def _pair_terms(self, r2, within, eps, sig, rc):
+        """Pair energy and its derivative with respect to r^2 (zero outside ``within``)."""
+        r2_safe = jnp.where(within, r2, 1.0)  # no inf/NaN from padded or far pairs
+        c6 = (sig * sig / r2_safe) ** 3
+        c12 = c6 * c6
+        energy = 4.0 * eps * (c12 - c6)
+        if self.shift:
+            c6_rc = (sig * sig / (rc * rc)) ** 3
+            energy = energy - 4.0 * eps * (c6_rc * c6_rc - c6_rc)
+        d_energy_d_r2 = -12.0 * eps * (2.0 * c12 - c6) / r2_safe
+        return jnp.where(within, energy, 0.0), jnp.where(within, d_energy_d_r2, 0.0)
+
+    # -- energy (differentiable in everything) --------------------------------------------
+    def energy(self, positions, cell, batch, nbrs):
+        vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
+        r2 = jnp.sum(vectors * vectors, axis=-1)
+        eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
+        within = nbrs.mask & (r2 < rc * rc)
+        pair_energy, _ = self._pair_terms(r2, within, eps, sig, rc)
+        atom_energy = 0.5 * jnp.sum(pair_energy, axis=1)
+        return system_sum(atom_energy, batch.system_idx, cell.shape[0])
+
+    # -- fused energy + forces (+ strain derivative): reductions over K only ---------------
+    def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
+        vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
+        r2 = jnp.sum(vectors * vectors, axis=-1)
+        eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
+        within = nbrs.mask & (r2 < rc * rc)
+        pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
+        # gradient of the pair energy with respect to r_j - r_i; F_i = sum_j of it
+        pair_gradient = (2.0 * d_energy_d_r2)[..., None] * vectors
+        forces = jnp.sum(pair_gradient, axis=1)
+        n_systems = cell.shape[0]
+        energy = system_sum(0.5 * jnp.sum(pair_energy, axis=1), batch.system_idx, n_systems)
+        if stress:
+            atom_strain = 0.5 * jnp.einsum("akx,aky->axy", pair_gradient, vectors)
+            dE_dstrain = system_sum(atom_strain, batch.system_idx, n_systems)
+        else:
+            dE_dstrain = jnp.zeros((n_systems, 3, 3), positions.dtype)
+        return Evaluation(energy=energy, forces=forces, dE_dstrain=dE_dstrain)
