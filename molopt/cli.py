@@ -1,0 +1,280 @@
+"""The ``molopt`` command line: parse, merge settings, call the library, map errors to exit
+codes (0 all converged, 1 some structure failed or did not converge, 2 usage/configuration).
+Diagnostics go to stderr; ``--json`` records to stdout. JAX is imported only by commands
+that compute, so ``molopt --help`` is instant."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import signal
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from molopt import __version__
+from molopt.errors import MoloptError
+
+app = typer.Typer(
+    name="molopt",
+    help="Relax molecules, clusters and crystals with differentiable JAX potentials.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+
+class OptimizerName(str, Enum):
+    fire = "fire"
+    fire2 = "fire2"
+    lbfgs = "lbfgs"
+    gd = "gd"
+
+
+class Precision(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"molopt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+):
+    """molopt: structure optimization with JAX (FIRE, L-BFGS, variable cell), H5MD output."""
+
+
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def relax(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Structure files (any format ASE reads), directories or glob patterns.",
+            show_default=False,
+        ),
+    ],
+    potential: Annotated[
+        str | None,
+        typer.Option(
+            "--potential",
+            "-p",
+            help="Shipped potential name (see `molopt potentials`) or a "
+            "potential file (.toml). Default: a shipped potential covering the input.",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        OptimizerName | None, typer.Option(help="Optimizer (ASE semantics). [default: fire]")
+    ] = None,
+    fmax: Annotated[
+        float | None, typer.Option(help="Converged when max_i |F_i| < fmax (eV/A). [default: 0.05]")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Max optimizer steps per structure. [default: 10000]")
+    ] = None,
+    relax_cell: Annotated[
+        bool | None,
+        typer.Option(
+            "--relax-cell/--fixed-cell",
+            help="Relax the cell too (ASE FrechetCellFilter semantics). [default: fixed]",
+        ),
+    ] = None,
+    pressure: Annotated[
+        float | None, typer.Option(help="External pressure in GPa for --relax-cell. [default: 0]")
+    ] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="Floating-point precision. [default: float64]")
+    ] = None,
+    maxstep: Annotated[
+        float | None, typer.Option(help="Optimizer max step (A); default as in ASE (0.2).")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Settings file (TOML) or preset name from configs/; flags override it.",
+        ),
+    ] = None,
+    json: Annotated[
+        bool | None,
+        typer.Option("--json/--no-json", help="One JSON record per structure on stdout."),
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out-dir", "-o", help="Where outputs go. [default: current directory]"),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="Frames of multi-frame files, ASE index syntax (e.g. -1, ::10). [default: all]"
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Max structures relaxed together in one compiled batch. [default: 1024]"),
+    ] = None,
+    max_batch_atoms: Annotated[
+        int | None,
+        typer.Option(help="Max atoms per batch (bigger structures run alone). [default: 32768]"),
+    ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help="Replace outputs written with different inputs or settings.",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Relax only part I of N (0-based, e.g. 2/8) of the input files."),
+    ] = None,
+    recursive: Annotated[
+        bool | None,
+        typer.Option("--recursive/--no-recursive", help="Search directories recursively."),
+    ] = None,
+    trajectory_interval: Annotated[
+        int | None,
+        typer.Option(
+            "--traj-interval",
+            help="Write every N-th step to the trajectory (0: first and last only). [default: 1]",
+        ),
+    ] = None,
+    skin: Annotated[
+        float | None, typer.Option(help="Neighbour-list skin (A). [default: 1.0]")
+    ] = None,
+    check_hessian: Annotated[
+        bool | None,
+        typer.Option(
+            "--check-hessian/--no-check-hessian",
+            help="Check the lowest Hessian eigenvalue at the end; leave saddle points.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+):
+    """Relax structures to a local energy minimum; write <stem>.h5md and <stem>.extxyz."""
+    from molopt import config as cfg
+    from molopt.run import relax_files
+
+    flags = dict(
+        potential=potential,
+        optimizer=optimizer.value if optimizer else None,
+        fmax=fmax,
+        steps=steps,
+        relax_cell=relax_cell,
+        pressure=pressure,
+        precision=precision.value if precision else None,
+        json=json,
+        out_dir=out_dir,
+        index=index,
+        batch_size=batch_size,
+        max_batch_atoms=max_batch_atoms,
+        overwrite=overwrite,
+        shard=shard,
+        recursive=recursive,
+        trajectory_interval=trajectory_interval,
+        skin=skin,
+        check_hessian=check_hessian,
+    )
+    try:
+        settings = cfg.build(config, **flags)
+        if maxstep is not None:
+            options = dict(settings.optimizer_options, maxstep=maxstep)
+            settings = cfg.validate(
+                {**{k: getattr(settings, k) for k in cfg.FIELDS}, "optimizer_options": options},
+                "command line",
+            )
+    except MoloptError as exc:
+        _fail(str(exc))
+    _sigterm_as_interrupt()
+    from molopt.ui import RelaxReporter
+
+    reporter = RelaxReporter(err, json_out=settings.json, quiet=quiet)
+    try:
+        with reporter:
+            summary = relax_files(
+                inputs,
+                settings,
+                on_record=reporter.record,
+                on_note=reporter.note,
+                progress=reporter.progress,
+            )
+    except MoloptError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("interrupted: completed outputs are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    reporter.summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def potentials(
+    json: Annotated[bool, typer.Option("--json", help="JSON list on stdout.")] = False,
+):
+    """List the shipped potentials."""
+    from rich.table import Table
+
+    from molopt import elements as el
+    from molopt.potentials import registry
+
+    try:
+        specs = registry.shipped()
+    except MoloptError as exc:
+        _fail(str(exc))
+    rows = []
+    for name, spec in sorted(specs.items()):
+        rows.append(
+            {
+                "name": name,
+                "kind": spec.kind,
+                "elements": [el.symbol(z) for z in spec.elements] or ["any"],
+                "cutoff": spec.data.get("cutoff"),
+                "description": spec.description,
+                "path": str(spec.path),
+            }
+        )
+    if json:
+        typer.echo(jsonlib.dumps(rows, indent=1))
+        return
+    table = Table(title="Shipped potentials")
+    for column in ("name", "kind", "elements", "cutoff (A)", "description"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["name"], r["kind"], " ".join(r["elements"]), str(r["cutoff"] or ""), r["description"]
+        )
+    Console().print(table)
+
+
+def main():  # console-script entry point
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command body
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

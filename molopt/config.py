@@ -1,0 +1,189 @@
+"""Run settings: dataclass defaults < ``--config`` file (a path, or the name of a preset in
+``configs/``) < command-line flags. Frozen once built; every value validated with a message
+that names its source."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from molopt.errors import ConfigError
+
+#: 1 GPa in eV/A^3
+GPA = 1.0 / 160.21766208
+
+OPTIMIZER_NAMES = ("fire", "fire2", "lbfgs", "gd")
+OPTIMIZER_OPTIONS = {
+    "fire": {"dt", "maxstep", "dtmax", "n_min", "finc", "fdec", "astart", "fa"},
+    "fire2": {"dt", "maxstep", "dtmax", "dtmin", "n_min", "finc", "fdec", "astart", "fa"},
+    "lbfgs": {"maxstep", "memory", "damping", "alpha"},
+    "gd": {"maxstep", "alpha"},
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything ``molopt relax`` does, in one frozen value (units: eV, A, GPa)."""
+
+    potential: str | None = None
+    optimizer: str = "fire"
+    fmax: float = 0.05
+    steps: int = 10_000
+    relax_cell: bool = False
+    pressure: float = 0.0  # GPa, variable cell only
+    precision: str = "float64"
+    out_dir: str = "."
+    json: bool = False
+    index: str | None = None
+    overwrite: bool = False
+    shard: str | None = None
+    recursive: bool = False
+    batch_size: int = 1024
+    max_batch_atoms: int = 32_768
+    trajectory_interval: int = 1
+    skin: float = 1.0
+    chunk: int = 64
+    check_hessian: bool = False
+    optimizer_options: dict = field(default_factory=dict)
+
+    def result_settings(self) -> dict:
+        """The settings that change results (part of each structure's run identity)."""
+        return {
+            "optimizer": self.optimizer,
+            "optimizer_options": dict(sorted(self.optimizer_options.items())),
+            "fmax": self.fmax,
+            "steps": self.steps,
+            "relax_cell": self.relax_cell,
+            "pressure": self.pressure if self.relax_cell else 0.0,
+            "precision": self.precision,
+            "trajectory_interval": self.trajectory_interval,
+            "check_hessian": self.check_hessian,
+        }
+
+    def shard_pair(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        i, n = self.shard.split("/")
+        return int(i), int(n)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunSettings)}
+
+
+def preset_directories() -> list[Path]:
+    here = Path(__file__).resolve()
+    candidates = [here.parents[1] / "configs", here.parent / "_data" / "configs"]
+    return [c for c in candidates if c.is_dir()]
+
+
+def presets() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in preset_directories():
+        for path in sorted(directory.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def read_config(name_or_path: str) -> dict:
+    """Settings from a TOML file (top level or a [relax] table); ``[optimizer]`` holds
+    optimizer options."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        known = presets()
+        if name_or_path in known:
+            path = known[name_or_path]
+        else:
+            names = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"config {name_or_path}: no such file or preset (presets: {names})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config {path}: not valid TOML ({exc})") from exc
+    if isinstance(data.get("relax"), dict):
+        data = {**{k: v for k, v in data.items() if k != "relax"}, **data["relax"]}
+    values: dict = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name == "optimizer" and isinstance(value, dict):
+            values["optimizer_options"] = dict(value)
+            continue
+        if name not in FIELDS or name == "optimizer_options":
+            if name in ("description", "notes"):
+                continue
+            raise ConfigError(f"config {path}: unknown setting '{key}'")
+        values[name] = value
+    values["_source"] = str(path)
+    return values
+
+
+def build(config: str | None = None, **flags) -> RunSettings:
+    """Merge: defaults < config file < flags (flags that are None are not given)."""
+    values: dict = {}
+    source = "command line"
+    if config:
+        values = read_config(config)
+        source = values.pop("_source")
+    for key, value in flags.items():
+        if value is not None:
+            if key not in FIELDS:
+                raise ConfigError(f"unknown setting '{key}'")
+            values[key] = value
+    return validate(values, source)
+
+
+def _type_check(name, value, source):
+    expected = FIELDS[name].type
+    ok = {
+        "str | None": isinstance(value, str) or value is None,
+        "str": isinstance(value, str),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict),
+    }.get(expected, True)
+    if not ok:
+        raise ConfigError(f"{source}: '{name}' must be {expected} (got {value!r})")
+
+
+def validate(values: dict, source: str = "settings") -> RunSettings:
+    for name, value in values.items():
+        _type_check(name, value, source)
+    settings = RunSettings(**values)
+    s = settings
+    if s.optimizer not in OPTIMIZER_NAMES:
+        raise ConfigError(
+            f"{source}: optimizer must be one of {', '.join(OPTIMIZER_NAMES)} (got {s.optimizer!r})"
+        )
+    unknown = set(s.optimizer_options) - OPTIMIZER_OPTIONS[s.optimizer]
+    if unknown:
+        raise ConfigError(
+            f"{source}: option(s) {', '.join(sorted(unknown))} do not apply to {s.optimizer} "
+            f"(valid: {', '.join(sorted(OPTIMIZER_OPTIONS[s.optimizer]))})"
+        )
+    for key, value in s.optimizer_options.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{source}: optimizer option '{key}' must be a positive number")
+    if not s.fmax > 0:
+        raise ConfigError(f"{source}: fmax must be positive (got {s.fmax})")
+    if s.steps < 0:
+        raise ConfigError(f"{source}: steps must be >= 0 (got {s.steps})")
+    if s.precision not in ("float64", "float32"):
+        raise ConfigError(f"{source}: precision must be float64 or float32 (got {s.precision!r})")
+    if s.batch_size < 1 or s.max_batch_atoms < 1 or s.chunk < 1:
+        raise ConfigError(f"{source}: batch_size, max_batch_atoms and chunk must be >= 1")
+    if s.trajectory_interval < 0:
+        raise ConfigError(f"{source}: trajectory_interval must be >= 0")
+    if not s.skin > 0:
+        raise ConfigError(f"{source}: skin must be positive (got {s.skin})")
+    if s.pressure and not s.relax_cell:
+        raise ConfigError(f"{source}: pressure applies only with relax_cell")
+    if s.shard is not None:
+        try:
+            i, n = (int(p) for p in s.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"{source}: shard must look like I/N, e.g. 0/4 (got {s.shard!r})")
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"{source}: shard I/N needs 0 <= I < N (got {s.shard!r})")
+    return settings

@@ -1,0 +1,243 @@
+"""H5MD 1.1 trajectories (https://www.nongnu.org/h5md/h5md.html), written atomically.
+
+Layout (one relaxation per file; frame k = optimizer step ``step[k]``):
+
+    /h5md                     version [1, 1]; author/, creator/ (molopt + version)
+    /particles/trajectory/
+        box/                  dimension 3, boundary per axis "periodic"/"none";
+                              edges/ {step, time, value (T, 3, 3) Angstrom} if any axis periodic
+        position/             {step, time, value (T, N, 3) Angstrom}
+        force/                {step, time, value (T, N, 3) kJ mol-1 Angstrom-1}  (MDAnalysis)
+        force_ev/             {step, time, value (T, N, 3) eV Angstrom-1}        (ASE units)
+        species               (N,) atomic numbers, time-independent
+    /observables/
+        potential_energy/     {step, time, value (T,) eV}
+        fmax/                 {step, time, value (T,) eV Angstrom-1}
+        stress/, volume/      (T, 3, 3) eV Angstrom-3 and (T,) Angstrom3 with a variable cell
+    /parameters/              run metadata (attributes; ``settings`` and ``potential`` as JSON)
+
+``time`` is the step number in "fs" (a pseudo-time: MDAnalysis requires a time unit it knows;
+a relaxation has no physical time). Forces are stored twice because MDAnalysis knows no
+eV-based force unit: ``force`` in its units, ``force_ev`` in ASE's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+#: 1 eV/A in kJ mol-1 A-1 (CODATA 2018 via ase.units: eV * N_A / 1000)
+EV_TO_KJ_PER_MOL = 96.48533212331002
+
+#: frames are kept in memory up to this many bytes, then streamed to the file
+BUFFER_BYTES = 64 * 1024 * 1024
+
+
+def temporary_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+class TrajectoryWriter:
+    """Collects frames of one relaxation; :meth:`close` writes and renames atomically.
+
+    ``numbers`` (N,), ``pbc`` (3,), ``variable_cell`` whether stress/volume are recorded.
+    """
+
+    def __init__(self, path: Path, numbers, pbc, variable_cell: bool, author: str = "molopt"):
+        self.path = Path(path)
+        self.tmp = temporary_path(self.path)
+        self.numbers = np.asarray(numbers)
+        self.pbc = np.asarray(pbc, bool)
+        self.variable_cell = variable_cell
+        self.author = author
+        self.blocks: list[dict] = []
+        self.buffered = 0
+        self.file: h5py.File | None = None
+        self.n_frames = 0
+
+    # -- frames ------------------------------------------------------------------------------
+    def append(self, block: dict) -> None:
+        """``block``: step (T,), positions/forces (T, N, 3), energy/fmax (T,), and cell
+        (T, 3, 3) when periodic, stress (T, 3, 3) with a variable cell."""
+        self.blocks.append({k: np.asarray(v) for k, v in block.items()})
+        self.buffered += sum(v.nbytes for v in self.blocks[-1].values())
+        if self.buffered > BUFFER_BYTES:
+            self._flush()
+
+    def _joined(self) -> dict:
+        keys = self.blocks[0].keys()
+        return {k: np.concatenate([b[k] for b in self.blocks]) for k in keys}
+
+    def _open(self):
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        self._write_static(self.file)
+
+    def _flush(self) -> None:
+        if not self.blocks:
+            return
+        if self.file is None:
+            self._open()
+        data = self._joined()
+        self.blocks, self.buffered = [], 0
+        for dataset, values in self._series(data):
+            name = dataset
+            if name not in self.file:
+                shape = (None,) + values.shape[1:]
+                self.file.create_dataset(
+                    name,
+                    data=values,
+                    maxshape=shape,
+                    chunks=(max(1, min(64, len(values))),) + values.shape[1:],
+                )
+            else:
+                ds = self.file[name]
+                ds.resize(ds.shape[0] + len(values), axis=0)
+                ds[-len(values) :] = values
+        self.n_frames += len(data["step"])
+
+    # -- layout ------------------------------------------------------------------------------
+    def _series(self, data: dict):
+        """(dataset path, values) of every time series; step/time once per element."""
+        step = data["step"].astype(np.int64)
+        time = step.astype(np.float64)
+        elements = {
+            "particles/trajectory/position": data["positions"],
+            "particles/trajectory/force": data["forces"] * EV_TO_KJ_PER_MOL,
+            "particles/trajectory/force_ev": data["forces"],
+            "observables/potential_energy": data["energy"],
+            "observables/fmax": data["fmax"],
+        }
+        if self.pbc.any():
+            elements["particles/trajectory/box/edges"] = data["cell"]
+        if self.variable_cell:
+            elements["observables/stress"] = data["stress"]
+            elements["observables/volume"] = np.abs(np.linalg.det(data["cell"]))
+        for element, values in elements.items():
+            yield f"{element}/value", np.asarray(values, np.float64)
+            yield f"{element}/step", step
+            yield f"{element}/time", time
+
+    def _write_static(self, f: h5py.File) -> None:
+        from molopt import __version__
+
+        h5md = f.create_group("h5md")
+        h5md.attrs["version"] = np.array([1, 1], np.int32)
+        h5md.create_group("author").attrs["name"] = self.author
+        creator = h5md.create_group("creator")
+        creator.attrs["name"] = "molopt"
+        creator.attrs["version"] = __version__
+        traj = f.create_group("particles/trajectory")
+        box = traj.create_group("box")
+        box.attrs["dimension"] = np.int32(3)
+        box.attrs["boundary"] = np.array(
+            [b"periodic" if p else b"none" for p in self.pbc], dtype="S8"
+        )
+        traj.create_dataset("species", data=self.numbers.astype(np.int32))
+        f.create_group("observables")
+        f.create_group("parameters")
+
+    def _write_units(self, f: h5py.File) -> None:
+        units = {
+            "particles/trajectory/position": "Angstrom",
+            "particles/trajectory/force": "kJ mol-1 Angstrom-1",
+            "particles/trajectory/force_ev": "eV Angstrom-1",
+            "observables/potential_energy": "eV",
+            "observables/fmax": "eV Angstrom-1",
+            "particles/trajectory/box/edges": "Angstrom",
+            "observables/stress": "eV Angstrom-3",
+            "observables/volume": "Angstrom3",
+        }
+        for element, unit in units.items():
+            if f"{element}/value" in f:
+                f[f"{element}/value"].attrs["unit"] = unit
+                f[f"{element}/time"].attrs["unit"] = "fs"
+
+    # -- finish ------------------------------------------------------------------------------
+    def close(self, parameters: dict) -> Path:
+        """Write everything, the ``parameters`` (JSON-able values), then rename into place."""
+        if self.file is None:
+            self._open()
+        self._flush()
+        self._write_units(self.file)
+        group = self.file["parameters"]
+        for key, value in parameters.items():
+            if isinstance(value, dict | list | tuple):
+                group.attrs[key] = json.dumps(value, sort_keys=True)
+            elif value is None:
+                group.attrs[key] = ""
+            else:
+                group.attrs[key] = value
+        self.file.close()
+        self.file = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything; no file is left behind."""
+        if self.file is not None:
+            try:
+                self.file.close()
+            except Exception:  # pragma: no cover - closing a broken file
+                pass
+            self.file = None
+        self.blocks = []
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_parameters(path: Path) -> dict:
+    """The ``/parameters`` attributes of a molopt trajectory (JSON values decoded)."""
+    with h5py.File(path, "r") as f:
+        out = {}
+        for key, value in f["parameters"].attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value[:1] in "{[":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+
+def read(path: Path) -> dict:
+    """Every array of a molopt trajectory, in ASE units: ``numbers`` (N,), ``pbc`` (3,),
+    ``step`` (T,), ``positions``/``forces`` (T, N, 3), ``energy``/``fmax`` (T,), ``cell``
+    (T, 3, 3) (zeros when not periodic), ``stress`` (T, 3, 3) when recorded, ``parameters``."""
+    with h5py.File(path, "r") as f:
+        traj = f["particles/trajectory"]
+        boundary = [
+            b.decode() if isinstance(b, bytes) else str(b) for b in traj["box"].attrs["boundary"]
+        ]
+        pbc = np.array([b == "periodic" for b in boundary])
+        out = {
+            "numbers": traj["species"][()],
+            "pbc": pbc,
+            "step": traj["position/step"][()],
+            "positions": traj["position/value"][()],
+            "forces": traj["force_ev/value"][()],
+            "energy": f["observables/potential_energy/value"][()],
+            "fmax": f["observables/fmax/value"][()],
+        }
+        n_frames = len(out["step"])
+        if "edges" in traj["box"]:
+            out["cell"] = traj["box/edges/value"][()]
+        else:
+            out["cell"] = np.zeros((n_frames, 3, 3))
+        if "stress" in f["observables"]:
+            out["stress"] = f["observables/stress/value"][()]
+    out["parameters"] = read_parameters(path)
+    return out

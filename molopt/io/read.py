@@ -1,0 +1,256 @@
+"""Structure input: the only module that reads structure files (through ASE).
+
+Inputs are files, directories (their structure files, not recursive unless asked) or glob
+patterns. Files ASE cannot identify as structures are not inputs when found in a directory;
+named explicitly, they fail with a reason. Each frame becomes a validated
+:class:`~molopt.structure.Structure`, or an :class:`~molopt.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molopt.errors import ConfigError, InputError
+from molopt.structure import Structure, make_structure
+
+#: Extensions that ASE maps to a format by name but that are never structures in practice
+#: (README.md is not a CASTEP MD file) or are molopt's own outputs.
+NOT_STRUCTURES = {
+    ".md",
+    ".txt",
+    ".rst",
+    ".log",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".ini",
+    ".cfg",
+    ".py",
+    ".sh",
+    ".csv",
+    ".pdf",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".svg",
+    ".ipynb",
+    ".h5md",
+    ".h5",
+    ".hdf5",
+    ".gz",
+    ".zip",
+    ".tar",
+    ".npz",
+    ".npy",
+    ".html",
+    ".tmp",
+}
+
+#: Marker written into molopt's own extxyz outputs so directory scans skip them.
+OUTPUT_MARKER = "molopt_run"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One input frame: the structure, or why it cannot be relaxed."""
+
+    path: Path
+    index: int | None  # frame number in a multi-frame file, None for single-frame files
+    stem: str  # output stem: <file stem> or <file stem>-<index>
+    structure: Structure | None
+    error: str | None = None
+    sha256: str = ""
+
+
+def _is_structure_file(path: Path) -> bool:
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+    if path.name.startswith(".") or path.suffix.lower() in NOT_STRUCTURES:
+        return False
+    try:
+        fmt = filetype(str(path), read=False)
+    except UnknownFileTypeError:
+        fmt = None
+    if fmt in ioformats and ioformats[fmt].can_read:
+        return not _is_molopt_output(path)
+    try:  # no telling extension: look at the content (POSCAR, OUTCAR, ...)
+        fmt = filetype(str(path), read=True, guess=False)
+    except (UnknownFileTypeError, OSError, ValueError, IndexError):
+        return False
+    return fmt in ioformats and ioformats[fmt].can_read and not _is_molopt_output(path)
+
+
+def _is_molopt_output(path: Path) -> bool:
+    if path.suffix.lower() not in (".extxyz", ".xyz"):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return OUTPUT_MARKER.encode() in head
+
+
+def discover(inputs: list[str], recursive: bool = False) -> list[Path]:
+    """Expand INPUT arguments into an ordered, de-duplicated list of files.
+
+    Raises :class:`ConfigError` for a path that does not exist or a pattern matching nothing.
+    """
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found.extend(
+                p for p in sorted(path.glob(pattern)) if p.is_file() and _is_structure_file(p)
+            )
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=recursive))
+            matches = [m for m in matches if m.is_file() and _is_structure_file(m)]
+            if not matches:
+                raise ConfigError(f"{text}: no structure files match this pattern")
+            found.extend(matches)
+        else:
+            raise ConfigError(f"{text}: no such file or directory")
+    unique: dict[str, Path] = {}
+    for p in found:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot be read as a structure ({type(exc).__name__}: {text})"
+
+
+def read_frames(path: Path, index: str | None = None, fmt: str | None = None) -> list[Frame]:
+    """All frames of ``path`` selected by ``index`` (ASE index syntax; default every frame).
+
+    Never raises for a bad file: the error is carried in a single failed :class:`Frame`.
+    """
+    import ase.io
+
+    path = Path(path)
+    stem = path.stem if path.suffix else path.name
+    try:
+        if path.stat().st_size == 0:
+            return [Frame(path, None, stem, None, "file is empty")]
+        sha = file_sha256(path)
+    except OSError as exc:
+        return [Frame(path, None, stem, None, f"cannot be read ({exc.strerror})")]
+    selection = index if index is not None else ":"
+    try:
+        images = ase.io.read(str(path), index=selection, format=fmt)
+    except Exception as exc:  # ASE raises many kinds; each is this file's problem only
+        return [Frame(path, None, stem, None, _reason(exc), sha)]
+    if not isinstance(images, list):
+        images = [images]
+    if not images:
+        return [Frame(path, None, stem, None, "contains no structures", sha)]
+    numbers = _frame_numbers(path, selection, len(images))
+    multi = len(images) > 1 or (index is not None and _selects_many(index))
+    frames = []
+    for k, atoms in zip(numbers, images, strict=True):
+        frame_index = k if multi else None
+        frame_stem = f"{stem}-{k}" if multi else stem
+        try:
+            structure = from_atoms(atoms, str(path), frame_index)
+            frames.append(Frame(path, frame_index, frame_stem, structure, None, sha))
+        except InputError as exc:
+            frames.append(Frame(path, frame_index, frame_stem, None, exc.reason, sha))
+    return frames
+
+
+def _selects_many(index: str) -> bool:
+    return ":" in str(index)
+
+
+def _frame_numbers(path: Path, selection: str, count: int) -> list[int]:
+    """Frame numbers in the file for an ASE index expression (for output names)."""
+    text = str(selection).strip()
+    if ":" not in text:
+        try:
+            k = int(text)
+        except ValueError:
+            return list(range(count))
+        if k < 0:
+            total = _count_frames(path)
+            return [total + k] if total is not None else [k]
+        return [k]
+    parts = [p.strip() for p in text.split(":")]
+    start, stop, step = (parts + ["", ""])[:3]
+    if not start and not stop and not step:
+        return list(range(count))
+    total = _count_frames(path)
+    if total is None:
+        return list(range(count))
+    return list(range(total))[slice(*(int(p) if p else None for p in (start, stop, step)))]
+
+
+def _count_frames(path: Path) -> int | None:
+    import ase.io
+
+    try:
+        return len(ase.io.read(str(path), index=":"))
+    except Exception:
+        return None
+
+
+def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Structure:
+    """An ASE ``Atoms`` as a validated :class:`Structure` (FixAtoms carried over)."""
+    from ase.constraints import FixAtoms
+
+    fixed = np.zeros(len(atoms), bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            fixed[constraint.index] = True
+        else:
+            raise InputError(
+                source,
+                f"constraint {type(constraint).__name__} is not supported (only FixAtoms)",
+                index,
+            )
+    info = {k: v for k, v in atoms.info.items() if isinstance(v, str | int | float | bool)}
+    return make_structure(
+        atoms.numbers,
+        atoms.positions,
+        atoms.cell.array,
+        atoms.pbc,
+        fixed,
+        source=source,
+        index=index,
+        info=info,
+    )
+
+
+def to_atoms(structure: Structure):
+    """A :class:`Structure` as ASE ``Atoms`` (FixAtoms restored)."""
+    from ase import Atoms
+    from ase.constraints import FixAtoms
+
+    atoms = Atoms(
+        numbers=structure.numbers,
+        positions=structure.positions,
+        cell=structure.cell,
+        pbc=structure.pbc,
+    )
+    if structure.fixed.any():
+        atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
+    atoms.info.update(structure.info)
+    return atoms

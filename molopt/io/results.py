@@ -1,0 +1,113 @@
+"""Per-structure outputs beside the trajectory: the relaxed extxyz, JSON records, and the
+bookkeeping that makes reruns skip finished work and refuse to overwrite other runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from molopt.io.read import OUTPUT_MARKER, to_atoms
+
+
+def run_hash(input_sha256: str, index, settings: dict, potential_sha256: str) -> str:
+    """Identity of one structure's relaxation: input bytes + frame + result-affecting
+    settings + potential file(s). Equal hashes mean a rerun would redo identical work."""
+    payload = json.dumps(
+        {
+            "input": input_sha256,
+            "index": index,
+            "settings": settings,
+            "potential": potential_sha256,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
+    return out_dir / f"{stem}.h5md", out_dir / f"{stem}.extxyz"
+
+
+def write_extxyz(path: Path, result, info: dict) -> Path:
+    """The relaxed structure with energy, forces and (periodic) stress, written as ASE writes
+    a calculator's results; ``info`` goes into the comment line. Atomic (temp + rename)."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    atoms = to_atoms(result.structure)
+    results = {"energy": float(result.energy), "forces": np.asarray(result.forces)}
+    if result.stress is not None:
+        results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(result.stress))
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.info = {k: v for k, v in atoms.info.items() if k not in ("energy", "stress")}
+    atoms.info.update(info)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ase.io.write(str(tmp), atoms, format="extxyz")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_marker(path: Path) -> str | None:
+    """The run hash stored in a molopt extxyz output (None if absent or unreadable)."""
+    try:
+        with open(path) as handle:
+            handle.readline()
+            comment = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
+    key = f"{OUTPUT_MARKER}="
+    if key not in comment:
+        return None
+    return comment.split(key, 1)[1].split()[0].strip('"')
+
+
+def previous_run(out_dir: Path, stem: str) -> tuple[str, dict | None]:
+    """('absent' | 'complete' | 'partial', parameters of the finished run or None).
+
+    A run is complete when its trajectory exists (it is renamed into place last)."""
+    from molopt.io.h5md import read_parameters
+
+    h5md_path, xyz_path = output_paths(out_dir, stem)
+    if h5md_path.exists():
+        try:
+            return "complete", read_parameters(h5md_path)
+        except Exception:  # unreadable: treat as a different run, never overwrite silently
+            return "complete", {"run_hash": "<unreadable>"}
+    if xyz_path.exists():
+        return "partial", {"run_hash": read_marker(xyz_path)}
+    return "absent", None
+
+
+def record(
+    *, input, index, output, status, energy=None, fmax=None, steps=None, error=None, **extra
+) -> dict:
+    """One JSON record (SPEC keys first)."""
+
+    def clean(x):
+        if x is None:
+            return None
+        x = float(x)
+        return x if np.isfinite(x) else None
+
+    out = {
+        "input": str(input),
+        "index": index,
+        "output": None if output is None else str(output),
+        "status": status,
+        "energy": clean(energy),
+        "fmax": clean(fmax),
+        "steps": None if steps is None else int(steps),
+        "error": error,
+    }
+    out.update(extra)
+    return out
