@@ -1,5 +1,7 @@
-"""Steepest descent: x += F / alpha, scaled so that no row moves more than maxstep
-(the first step of ASE's L-BFGS, repeated). Robust and simple; slow."""
+"""Steepest descent with Barzilai-Borwein step lengths (Barzilai & Borwein, IMA J. Numer.
+Anal. 8, 141 (1988)): x += eta F with eta = s.s / s.y from the last step, the first step
+eta = 1/alpha, and no row moving more than maxstep. A fixed step diverges wherever the
+curvature exceeds 2/eta; the BB step adapts to it per system."""
 
 from __future__ import annotations
 
@@ -8,15 +10,19 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from molopt.optimizers.rows import Rows
+from molopt.optimizers.rows import Rows, select_state
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class GdState:
-    ROW_FIELDS = ()
+    """Previous coordinates ``x0`` and forces ``f0`` (R, 3); ``started`` (S,)."""
 
-    n_steps: jax.Array
+    ROW_FIELDS = ("x0", "f0")
+
+    x0: jax.Array
+    f0: jax.Array
+    started: jax.Array
 
 
 @dataclass(frozen=True)
@@ -27,14 +33,25 @@ class GradientDescent:
     name = "gd"
 
     def init(self, n_rows: int, n_systems: int, dtype) -> GdState:
-        return GdState(n_steps=jnp.zeros((n_systems,), jnp.int32))
+        return GdState(
+            x0=jnp.zeros((n_rows, 3), dtype),
+            f0=jnp.zeros((n_rows, 3), dtype),
+            started=jnp.zeros((n_systems,), bool),
+        )
 
     def step(self, state: GdState, x, forces, active, rows: Rows):
-        dr = forces / self.alpha
+        s = x - state.x0
+        y = state.f0 - forces
+        ss = rows.dot(s, s)
+        sy = rows.dot(s, y)
+        usable = state.started & (sy > 0)
+        eta = jnp.where(usable, ss / jnp.where(sy > 0, sy, 1.0), 1.0 / self.alpha)
+        dr = forces * rows.expand(eta)
         longest = rows.max_norm(dr)
         scale = jnp.where(
             longest >= self.maxstep, self.maxstep / jnp.where(longest > 0, longest, 1.0), 1.0
         )
         dr = dr * rows.expand(scale)
-        state = GdState(jnp.where(active, state.n_steps + 1, state.n_steps))
-        return state, jnp.where(rows.expand(active), dr, 0.0), jnp.ones_like(active)
+        new = GdState(x0=x, f0=forces, started=jnp.ones_like(state.started))
+        new = select_state(active, new, state, rows)
+        return new, jnp.where(rows.expand(active), dr, 0.0), jnp.ones_like(active)

@@ -1,0 +1,33 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MOLOPT_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".molopt-cache"))
+
+import molopt._jax  # noqa: E402,F401  (x64 on for every test)
+from molopt.structure import make_structure  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "data", "examples")
+
+
+@pytest.fixture(scope="session")
+def argon():
+    from molopt.potentials.registry import load
+
+    return load("argon").potential
+
+
+def structure_from_atoms(atoms):
+    from molopt.io.read import from_atoms
+
+    return from_atoms(atoms)
+
+
+def rattled_cluster(n=13, seed=0, spacing=3.8):
+    """n argon atoms on a jittered cubic grid (no overlaps)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n ** (1 / 3)))
+    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)])
+    pos = grid[:n] * spacing + rng.uniform(-0.3, 0.3, (n, 3))
+    return make_structure([18] * n, pos)

@@ -1,0 +1,136 @@
+"""Optimizers against ASE's own: same steps, same minima (float64), and the engine's rules."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.lj import LennardJones as AseLJ
+from ase.constraints import FixAtoms
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE, FIRE2, LBFGS
+
+from conftest import rattled_cluster, structure_from_atoms
+from molopt.config import GPA
+from molopt.engine import EngineSettings, relax
+from molopt.potentials.lennard_jones import LennardJones
+
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "fire2": FIRE2}
+
+
+def ase_relax(atoms, name, fmax, cell=False, pressure=0.0, steps=5000):
+    atoms = atoms.copy()
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    target = FrechetCellFilter(atoms, scalar_pressure=pressure) if cell else atoms
+    opt = ASE_OPTIMIZERS[name](target, logfile=None)
+    opt.run(fmax=fmax, steps=steps)
+    return atoms, opt.nsteps
+
+
+def molopt_relax(atoms, potential, name, fmax, cell=False, pressure=0.0, steps=5000, **kw):
+    settings = EngineSettings(optimizer=name, fmax=fmax, steps=steps, relax_cell=cell,
+                              pressure=pressure, **kw)
+    (result,) = relax([("x", structure_from_atoms(atoms))], potential, settings)
+    return result
+
+
+def cluster():
+    s = rattled_cluster(22, seed=7)
+    return Atoms(numbers=s.numbers, positions=s.positions)
+
+
+def crystal():
+    atoms = bulk("Ar", "fcc", a=5.0).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=3)
+    strain = np.array([[0.02, 0.01, 0.0], [0.0, -0.01, 0.005], [0.0, 0.0, 0.03]])
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    return atoms
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs", "fire2"])
+@pytest.mark.parametrize("make", [cluster, crystal])
+def test_parity_with_ase_fixed_cell(argon, name, make):
+    atoms = make()
+    ref, ref_steps = ase_relax(atoms, name, fmax=1e-3)
+    result = molopt_relax(atoms, argon, name, fmax=1e-3)
+    assert result.status == "converged"
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+    assert abs(result.steps - ref_steps) <= 3
+    np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+@pytest.mark.parametrize("pressure_gpa", [0.0, 0.5])
+def test_parity_with_ase_frechet_cell_filter(argon, name, pressure_gpa):
+    atoms = crystal()
+    p = pressure_gpa * GPA
+    ref, ref_steps = ase_relax(atoms, name, fmax=1e-4, cell=True, pressure=p)
+    result = molopt_relax(atoms, argon, name, fmax=1e-4, cell=True, pressure=p)
+    assert result.status == "converged"
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+    assert abs(result.steps - ref_steps) <= 3
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-6)
+    # the relaxed stress balances the applied pressure
+    np.testing.assert_allclose(result.stress, -p * np.eye(3), atol=2e-4 / len(atoms) + 1e-6)
+
+
+def test_fix_atoms_parity(argon):
+    atoms = cluster()
+    atoms.set_constraint(FixAtoms(indices=[0, 3, 5]))
+    ref, ref_steps = ase_relax(atoms, "fire", fmax=1e-3)
+    result = molopt_relax(atoms, argon, "fire", fmax=1e-3)
+    np.testing.assert_array_equal(result.structure.positions[[0, 3, 5]], atoms.positions[[0, 3, 5]])
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+    assert abs(result.steps - ref_steps) <= 3
+
+
+def test_lj13_global_minimum_reduced_units():
+    """Wales & Doye, J. Phys. Chem. A 101, 5111 (1997): LJ13 = -44.326801 epsilon."""
+    lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=50.0, shift=False)
+    result = molopt_relax(lj13_start(), lj, "lbfgs", fmax=1e-6)
+    assert result.status == "converged"
+    assert result.energy == pytest.approx(-44.326801, abs=5e-7)
+
+
+def test_max_steps_gives_not_converged(argon):
+    result = molopt_relax(cluster(), argon, "fire", fmax=1e-6, steps=7)
+    assert result.status == "not_converged"
+    assert result.steps == 7
+
+
+def test_already_converged_takes_zero_steps(argon):
+    atoms = cluster()
+    ref, _ = ase_relax(atoms, "lbfgs", fmax=1e-5)
+    result = molopt_relax(ref, argon, "fire", fmax=1e-3)
+    assert result.status == "converged" and result.steps == 0
+
+
+def lj13_start():
+    from ase.cluster import Icosahedron
+
+    atoms = Icosahedron("Ar", 2, latticeconstant=2 ** (1 / 6) * np.sqrt(2))
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+@pytest.mark.parametrize("name", ["fire", "fire2", "lbfgs", "gd"])
+def test_float32_reaches_the_minimum(name):
+    lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=50.0, shift=False)
+    steps = 20000 if name == "gd" else 3000
+    result = molopt_relax(lj13_start(), lj, name, fmax=1e-3, precision="float32", steps=steps)
+    assert result.status == "converged"
+    assert result.fmax < 1e-3
+    assert result.energy == pytest.approx(-44.326801, abs=1e-4)
+
+
+def test_batch_relaxes_each_system_as_if_alone(argon):
+    a, b, c = cluster(), crystal(), bulk("Ar", "fcc", a=5.3).repeat(2)
+    c.rattle(0.05, seed=9)
+    settings = EngineSettings(optimizer="fire", fmax=1e-3)
+    items = [(k, structure_from_atoms(x)) for k, x in enumerate((a, b, c))]
+    together = {r.key: r for r in relax(items, argon, settings)}
+    for key, s in items:
+        (alone,) = relax([(key, s)], argon, settings)
+        assert together[key].steps == alone.steps
+        assert together[key].energy == pytest.approx(alone.energy, abs=1e-10)
+        np.testing.assert_allclose(together[key].structure.positions, alone.structure.positions,
+                                   atol=1e-9)
