@@ -1,0 +1,218 @@
+"""The command line, end to end through Typer's CliRunner."""
+
+import json
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES, rattled_cluster
+from molopt.cli import app
+
+runner = CliRunner()
+KEYS = ["input", "index", "output", "status", "energy", "fmax", "steps", "error"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def records(result):
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def write_cluster(path, n=13, seed=0):
+    s = rattled_cluster(n, seed=seed)
+    ase.io.write(path, Atoms(numbers=s.numbers, positions=s.positions))
+    return path
+
+
+def test_relax_one_file(tmp_path):
+    src = write_cluster(tmp_path / "ar13.xyz")
+    result = invoke("relax", src, "--out-dir", tmp_path / "out", "--json", "--fmax", "0.01")
+    assert result.exit_code == 0, result.output
+    (rec,) = records(result)
+    assert list(rec)[: len(KEYS)] == KEYS
+    assert rec["status"] == "converged" and rec["fmax"] < 0.01 and rec["index"] is None
+    assert Path(rec["output"]) == tmp_path / "out" / "ar13.h5md"
+    relaxed = ase.io.read(tmp_path / "out" / "ar13.extxyz")
+    assert relaxed.get_potential_energy() == pytest.approx(rec["energy"])
+    assert np.abs(relaxed.get_forces()).max() < 0.01
+    assert "using potential 'argon'" in result.stderr
+
+
+def test_shipped_example_relaxes(tmp_path):
+    result = invoke("relax", Path(EXAMPLES) / "ar108-fcc.extxyz", "-o", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    (rec,) = records(result)
+    relaxed = ase.io.read(tmp_path / "ar108-fcc.extxyz")
+    assert relaxed.get_stress().shape == (6,)  # periodic: stress written
+
+
+def test_missing_file_and_bad_options_exit_2(tmp_path):
+    result = invoke("relax", tmp_path / "nope.xyz")
+    assert result.exit_code == 2
+    assert "nope.xyz" in result.stderr and "Traceback" not in result.output
+    src = write_cluster(tmp_path / "a.xyz")
+    assert invoke("relax", src, "--optimizer", "newton").exit_code == 2
+    assert invoke("relax", src, "--fmax", "abc").exit_code == 2
+    assert invoke("relax", src, "--fmax", "-1").exit_code == 2
+    assert invoke("relax", src, "--shard", "3/2").exit_code == 2
+    result = invoke("relax", src, "--potential", "unobtainium")
+    assert result.exit_code == 2 and "argon" in result.stderr  # lists what is available
+
+
+def test_no_potential_covers_input(tmp_path):
+    ase.io.write(tmp_path / "h2o.xyz", Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0],
+                                                               [-0.24, 0.93, 0]]))
+    result = invoke("relax", tmp_path / "h2o.xyz", "-o", tmp_path)
+    assert result.exit_code == 2
+    assert "no shipped potential covers" in result.stderr and "argon" in result.stderr
+
+
+def test_not_converged_exit_1(tmp_path):
+    src = write_cluster(tmp_path / "a.xyz")
+    result = invoke("relax", src, "-o", tmp_path / "o", "--steps", "2", "--fmax", "1e-6", "--json")
+    assert result.exit_code == 1
+    (rec,) = records(result)
+    assert rec["status"] == "not_converged" and rec["steps"] == 2
+
+
+def test_directory_with_bad_inputs(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_cluster(d / "good1.xyz", seed=1)
+    write_cluster(d / "good2.xyz", seed=2)
+    (d / "empty.xyz").write_text("")
+    (d / "nan.xyz").write_text("2\n\nAr 0 0 0\nAr nan 0 0\n")
+    (d / "overlap.xyz").write_text("2\n\nAr 0 0 0\nAr 0 0 0.01\n")
+    (d / "kr.xyz").write_text("2\n\nKr 0 0 0\nAr 4 0 0\n")
+    (d / "notes.txt").write_text("ignored")
+    result = invoke("relax", d, "-o", tmp_path / "out", "--json", "--potential", "argon")
+    assert result.exit_code == 1
+    by_name = {Path(r["input"]).name: r for r in records(result)}
+    assert set(by_name) == {"good1.xyz", "good2.xyz", "empty.xyz", "nan.xyz", "overlap.xyz",
+                            "kr.xyz"}
+    assert by_name["good1.xyz"]["status"] == by_name["good2.xyz"]["status"] == "converged"
+    reasons = {"empty.xyz": "empty", "nan.xyz": "non-finite", "overlap.xyz": "on top of each",
+               "kr.xyz": "Kr not covered"}
+    for name, reason in reasons.items():
+        assert by_name[name]["status"] == "failed"
+        assert name in by_name[name]["error"] and reason in by_name[name]["error"]
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs == ["good1.extxyz", "good1.h5md", "good2.extxyz", "good2.h5md"]
+
+
+def test_rerun_skips_and_changed_settings_refuse(tmp_path):
+    src = write_cluster(tmp_path / "a.xyz")
+    out = tmp_path / "o"
+    first = invoke("relax", src, "-o", out, "--json", "--fmax", "0.01")
+    assert first.exit_code == 0
+    again = invoke("relax", src, "-o", out, "--json", "--fmax", "0.01")
+    assert again.exit_code == 0
+    (rec,) = records(again)
+    assert rec["status"] == "skipped" and rec["energy"] == records(first)[0]["energy"]
+    changed = invoke("relax", src, "-o", out, "--fmax", "0.001")
+    assert changed.exit_code == 2 and "--overwrite" in changed.stderr
+    forced = invoke("relax", src, "-o", out, "--fmax", "0.001", "--overwrite", "--json")
+    assert forced.exit_code == 0 and records(forced)[0]["fmax"] < 0.001
+
+
+def test_duplicate_stems_are_an_error_before_work(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    write_cluster(tmp_path / "x" / "same.xyz")
+    write_cluster(tmp_path / "y" / "same.xyz", seed=3)
+    result = invoke("relax", tmp_path / "x", tmp_path / "y", "-o", tmp_path / "o")
+    assert result.exit_code == 2 and "same.h5md" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_multi_frame_outputs(tmp_path):
+    images = []
+    for seed in range(3):
+        s = rattled_cluster(8, seed=seed)
+        images.append(Atoms(numbers=s.numbers, positions=s.positions))
+    ase.io.write(tmp_path / "many.extxyz", images)
+    result = invoke("relax", tmp_path / "many.extxyz", "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0
+    assert [r["index"] for r in records(result)] == [0, 1, 2] or sorted(
+        r["index"] for r in records(result)) == [0, 1, 2]
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == [f"many-{k}.{ext}" for k in range(3) for ext in ("extxyz", "h5md")]
+    result = invoke("relax", tmp_path / "many.extxyz", "-o", tmp_path / "o2", "--index", "-1",
+                    "--json")
+    assert [r["index"] for r in records(result)] == [None]
+    assert (tmp_path / "o2" / "many.h5md").exists()
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    src = write_cluster(tmp_path / "a.xyz")
+    config = tmp_path / "c.toml"
+    config.write_text('optimizer = "lbfgs"\nfmax = 0.002\nsteps = 3\n')
+    result = invoke("relax", src, "-o", tmp_path / "o", "--config", config, "--steps", "500",
+                    "--json")
+    (rec,) = records(result)
+    assert rec["status"] == "converged" and rec["fmax"] < 0.002
+    from molopt.io.h5md import read_parameters
+
+    params = read_parameters(tmp_path / "o" / "a.h5md")
+    assert params["optimizer"] == "lbfgs" and params["max_steps"] == 500
+    bad = tmp_path / "bad.toml"
+    bad.write_text("fmaks = 0.1\n")
+    result = invoke("relax", src, "--config", bad)
+    assert result.exit_code == 2 and "fmaks" in result.stderr
+
+
+def test_default_preset_matches_built_in_defaults():
+    from molopt.config import RunSettings, read_config
+
+    values = read_config("default")
+    values.pop("_source")
+    assert RunSettings(**values) == RunSettings()
+
+
+def test_relax_cell_and_pressure(tmp_path):
+    atoms = bulk("Ar", "fcc", a=5.0, cubic=True)
+    ase.io.write(tmp_path / "ar.extxyz", atoms)
+    ase.io.write(tmp_path / "cl.xyz", Atoms("Ar2", positions=[[0, 0, 0], [3.9, 0, 0]]))
+    result = invoke("relax", tmp_path / "ar.extxyz", tmp_path / "cl.xyz", "-o", tmp_path / "o",
+                    "--relax-cell", "--fmax", "1e-4", "--json")
+    by_name = {Path(r["input"]).name: r for r in records(result)}
+    assert by_name["cl.xyz"]["status"] == "failed" and "periodic" in by_name["cl.xyz"]["error"]
+    assert by_name["ar.extxyz"]["status"] == "converged"
+    relaxed = ase.io.read(tmp_path / "o" / "ar.extxyz")
+    # zero-pressure LJ fcc lattice constant with this cutoff: larger than the 5.0 A start
+    assert relaxed.cell.lengths()[0] > 5.2
+    assert np.abs(relaxed.get_stress()).max() < 1e-5
+
+
+def test_shards_split_without_overlap(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(5):
+        write_cluster(d / f"s{k}.xyz", n=6, seed=k)
+    seen = []
+    for i in range(2):
+        result = invoke("relax", d, "-o", tmp_path / "o", "--shard", f"{i}/2", "--json")
+        seen.extend(Path(r["input"]).name for r in records(result))
+    assert sorted(seen) == [f"s{k}.xyz" for k in range(5)]
+
+
+def test_potentials_command():
+    result = invoke("potentials")
+    assert result.exit_code == 0 and "argon" in result.stdout
+    listing = json.loads(invoke("potentials", "--json").stdout)
+    names = {p["name"] for p in listing}
+    assert {"argon", "lj-reduced", "noble-gases"} <= names
+
+
+def test_help_and_version():
+    assert invoke("--help").exit_code == 0
+    assert "molopt" in invoke("--version").stdout
+
+

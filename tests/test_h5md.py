@@ -1,0 +1,129 @@
+"""H5MD trajectories: layout, round trip through h5py, MDAnalysis, atomic writes."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from conftest import rattled_cluster, structure_from_atoms
+from molopt.engine import EngineSettings, relax
+from molopt.io import h5md
+
+
+class Collect:
+    def __init__(self, directory, variable_cell=False):
+        self.directory = directory
+        self.variable_cell = variable_cell
+        self.writers = {}
+        self.results = {}
+
+    def begin(self, key, structure):
+        self.writers[key] = h5md.TrajectoryWriter(self.directory / f"{key}.h5md",
+                                                  structure.numbers, structure.pbc,
+                                                  self.variable_cell)
+
+    def frames(self, key, block):
+        self.writers[key].append(block)
+
+    def end(self, key, result):
+        self.results[key] = result
+        self.writers.pop(key).close({"status": result.status, "settings": {"fmax": 1e-3}})
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory, argon):
+    directory = tmp_path_factory.mktemp("h5md")
+    crystal = bulk("Ar", "fcc", a=5.1, cubic=True).repeat(2)
+    crystal.rattle(0.1, seed=1)
+    fixed = Collect(directory)
+    relax([("cluster", rattled_cluster(13)), ("crystal", structure_from_atoms(crystal))],
+          argon, EngineSettings(fmax=1e-3), fixed)
+    cell = Collect(directory, variable_cell=True)
+    relax([("cellrelax", structure_from_atoms(crystal))], argon,
+          EngineSettings(fmax=1e-3, relax_cell=True), cell)
+    return directory, {**fixed.results, **cell.results}
+
+
+def test_layout_and_units(trajectories):
+    directory, _ = trajectories
+    with h5py.File(directory / "crystal.h5md") as f:
+        assert list(f["h5md"].attrs["version"]) == [1, 1]
+        assert f["h5md/creator"].attrs["name"] == "molopt"
+        box = f["particles/trajectory/box"]
+        assert box.attrs["dimension"] == 3
+        assert [b.decode() for b in box.attrs["boundary"]] == ["periodic"] * 3
+        n_frames = f["particles/trajectory/position/value"].shape[0]
+        assert box["edges/value"].shape == (n_frames, 3, 3)
+        assert f["particles/trajectory/position/value"].attrs["unit"] == "Angstrom"
+        assert f["particles/trajectory/position/time"].attrs["unit"] == "fs"
+        assert f["particles/trajectory/force/value"].attrs["unit"] == "kJ mol-1 Angstrom-1"
+        assert f["particles/trajectory/force_ev/value"].attrs["unit"] == "eV Angstrom-1"
+        assert f["observables/potential_energy/value"].attrs["unit"] == "eV"
+        assert f["observables/fmax/value"].shape == (n_frames,)
+        assert f["particles/trajectory/species"].shape == (32,)
+    with h5py.File(directory / "cluster.h5md") as f:
+        box = f["particles/trajectory/box"]
+        assert [b.decode() for b in box.attrs["boundary"]] == ["none"] * 3
+        assert "edges" not in box
+
+
+def test_round_trip_matches_results(trajectories):
+    directory, results = trajectories
+    for key in ("cluster", "crystal", "cellrelax"):
+        data = h5md.read(directory / f"{key}.h5md")
+        result = results[key]
+        assert data["step"][0] == 0 and data["step"][-1] == result.steps
+        assert len(data["step"]) == result.steps + 1
+        np.testing.assert_allclose(data["positions"][-1], result.structure.positions, atol=1e-12)
+        np.testing.assert_allclose(data["forces"][-1], result.forces, atol=1e-12)
+        assert data["energy"][-1] == pytest.approx(result.energy, abs=1e-12)
+        assert data["fmax"][-1] < 1e-3 <= data["fmax"][0]
+        assert data["parameters"]["settings"] == {"fmax": 1e-3}
+    cell = h5md.read(directory / "cellrelax.h5md")
+    np.testing.assert_allclose(cell["cell"][-1], results["cellrelax"].structure.cell, atol=1e-12)
+    assert cell["stress"].shape == (len(cell["step"]), 3, 3)
+    with h5py.File(directory / "cellrelax.h5md") as f:
+        volume = f["observables/volume/value"][()]
+    np.testing.assert_allclose(volume, np.abs(np.linalg.det(cell["cell"])))
+
+
+def test_mdanalysis_opens_with_defaults(trajectories):
+    mda = pytest.importorskip("MDAnalysis")
+    directory, results = trajectories
+    for key in ("cluster", "crystal", "cellrelax"):
+        with pytest.warns(UserWarning):  # MDAnalysis: no atom types to guess masses from
+            universe = mda.Universe(str(directory / f"{key}.h5md"))
+        trajectory = universe.trajectory
+        assert len(trajectory) == results[key].steps + 1
+        trajectory[-1]
+        np.testing.assert_allclose(universe.atoms.positions, results[key].structure.positions,
+                                   atol=1e-4)
+        # forces in MDAnalysis units (kJ/mol/A) are the eV/A forces times 96.485
+        np.testing.assert_allclose(trajectory.ts.forces / h5md.EV_TO_KJ_PER_MOL,
+                                   results[key].forces, atol=1e-5)
+        assert trajectory.ts.data["potential_energy"] == pytest.approx(results[key].energy)
+        if key != "cluster":
+            np.testing.assert_allclose(trajectory.ts.dimensions[:3],
+                                       np.linalg.norm(results[key].structure.cell, axis=1),
+                                       rtol=1e-5)
+
+
+def test_abort_leaves_nothing(tmp_path):
+    writer = h5md.TrajectoryWriter(tmp_path / "x.h5md", [18], [False] * 3, False)
+    writer.append({"step": np.array([0]), "positions": np.zeros((1, 1, 3)),
+                   "forces": np.zeros((1, 1, 3)), "energy": np.zeros(1), "fmax": np.zeros(1)})
+    writer._flush()  # force a temporary file on disk
+    assert any(tmp_path.iterdir())
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parameters_are_json(tmp_path):
+    writer = h5md.TrajectoryWriter(tmp_path / "x.h5md", [18], [False] * 3, False)
+    writer.append({"step": np.array([0]), "positions": np.zeros((1, 1, 3)),
+                   "forces": np.zeros((1, 1, 3)), "energy": np.zeros(1), "fmax": np.zeros(1)})
+    writer.close({"potential_spec": {"kind": "lennard-jones", "sigma": 3.4}, "status": "x"})
+    with h5py.File(tmp_path / "x.h5md") as f:
+        assert json.loads(f["parameters"].attrs["potential_spec"])["sigma"] == 3.4
