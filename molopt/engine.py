@@ -503,7 +503,7 @@ class Engine:
             live.layout.n_padded_atoms,
             live.layout.n_systems,
             live.nbrs.capacity,
-            live.nbrs.shift.shape[-1],
+            live.nbrs.shift.shape[0],
         )
         if key not in self.shapes_seen:
             self.shapes_seen.add(key)

@@ -1,9 +1,11 @@
 """Neighbour lists: built on the host (linear-scaling cell lists from vesin), used in jit.
 
-Layout: a dense per-atom list of fixed capacity K, ``index`` (A, K) into the flat batch and
-``shift`` (A, K, 3) integer periodic images, so the pair vector is
-``positions[index] - positions[i] + shift @ cell``. It is a *full* list (each pair appears from
-both ends): forces then need only a reduction over K, no scatter-add.
+Layout: a dense list of fixed capacity K per atom, stored neighbour-slot-major: ``index``
+(K, A) into the flat batch and ``shift`` (3, K, A) integer periodic images, so the pair vector
+is ``positions[index] - positions[i] + shift . cell`` with each Cartesian component a (K, A)
+array (vectorizes along atoms on CPU; measured 1.5-2x faster than (A, K, 3)). It is a *full*
+list (each pair appears from both ends): forces then need only a reduction over K, no
+scatter-add.
 
 The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
 the cutoff; :func:`stale_systems` is the jittable test (Verlet 1967), exact for any cell
@@ -27,8 +29,8 @@ ALL_PAIRS_MAX_ATOMS = 96
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Neighbors:
-    """``index`` (A, K) int32; ``shift`` (A, K, 3) integer images (int8/int32); ``mask`` (A, K)
-    bool; ``ref_positions`` (A, 3) and ``ref_cell`` (S, 3, 3) at build time (A); ``complete``
+    """``index`` (K, A) int32; ``shift`` (3, K, A) integer images (int8/int32; shape (0, K, A)
+    when no system is periodic); ``mask`` (K, A) bool; ``ref_positions`` (A, 3) and ``ref_cell`` (S, 3, 3) at build time (A); ``complete``
     (S,) bool (all pairs listed, never stale); ``cutoff``/``skin`` scalars (A)."""
 
     index: jax.Array
@@ -42,17 +44,29 @@ class Neighbors:
 
     @property
     def capacity(self) -> int:
-        return int(self.index.shape[1])
+        return int(self.index.shape[0])
 
 
 def pair_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
-    """Vectors r_j - r_i (+ image shift) to each listed neighbour, (A, K, 3), Angstrom."""
-    vectors = positions[nbrs.index] - positions[:, None, :]
-    if nbrs.shift.shape[-1] == 3:
-        cell_of_atom = cell[jnp.minimum(system_idx, cell.shape[0] - 1)]
-        offsets = jnp.einsum("akx,axy->aky", nbrs.shift.astype(positions.dtype), cell_of_atom)
-        vectors = vectors + offsets
-    return vectors
+    """Components (dx, dy, dz), each (K, A), of r_j - r_i (+ image shift) to each listed
+    neighbour j of atom i, Angstrom. Differentiable in ``positions`` and ``cell``."""
+    components = []
+    periodic = nbrs.shift.shape[0] == 3
+    if periodic:
+        shifts = [nbrs.shift[k].astype(positions.dtype) for k in range(3)]
+        if cell.shape[0] == 1:
+            cell_rows = [[cell[0, k, c] for k in range(3)] for c in range(3)]
+        else:
+            cell_of_atom = cell[jnp.minimum(system_idx, cell.shape[0] - 1)]  # (A, 3, 3)
+            cell_rows = [[cell_of_atom[None, :, k, c] for k in range(3)] for c in range(3)]
+    for c in range(3):
+        column = positions[:, c]
+        d = column[nbrs.index] - column[None, :]
+        if periodic:
+            rows = cell_rows[c]
+            d = d + shifts[0] * rows[0] + shifts[1] * rows[1] + shifts[2] * rows[2]
+        components.append(d)
+    return tuple(components)
 
 
 def stale_systems(
@@ -101,6 +115,10 @@ class HostNeighbors:
     cutoff: float
     skin: float
 
+    @property
+    def capacity(self) -> int:
+        return int(self.index.shape[0])
+
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
         return Neighbors(
@@ -132,8 +150,11 @@ def _system_pairs(positions, cell, pbc, cutoff):
 
 
 def _capacity_for(count: int) -> int:
-    # headroom so that lists rebuilt during a relaxation rarely need a new capacity
-    return bucket(int(np.ceil(count * 1.08)) + 1, minimum=8)
+    """Capacity K for ``count`` neighbours: 8% headroom (lists rebuilt during a relaxation
+    rarely need a new shape), rounded up to a multiple of 8 (then of 32 above 256)."""
+    wanted = int(np.ceil(count * 1.08)) + 1
+    step = 8 if wanted <= 256 else 32
+    return max(8, -(-wanted // step) * step)
 
 
 def build(
@@ -177,10 +198,13 @@ def build(
     big = int(np.abs(shifts).max()) if len(shifts) else 0
     periodic = bool(np.asarray(pbc)[: layout.n_real].any())
     shift_dtype = np.int8 if big < 127 else np.int32
-    if previous is not None and systems is not None and needed <= previous.index.shape[1]:
-        index = previous.index.copy()
-        mask = previous.mask.copy()
-        shift = previous.shift.astype(np.promote_types(previous.shift.dtype, shift_dtype))
+    if previous is not None and systems is not None and needed <= previous.capacity:
+        # work in (A, K) / (A, K, 3) here; stored transposed
+        index = previous.index.T.copy()
+        mask = previous.mask.T.copy()
+        shift = np.transpose(previous.shift, (2, 1, 0)).astype(
+            np.promote_types(previous.shift.dtype, shift_dtype)
+        )
         if shift.shape[2] == 0:
             shift = np.zeros(index.shape + (3,), shift_dtype)
         ref_positions = previous.ref_positions.copy()
@@ -211,5 +235,10 @@ def build(
         ref_positions[rows] = positions[rows]
         ref_cell[k] = cells[k]
     if not periodic:
-        shift = np.zeros(shift.shape[:2] + (0,), bool)  # no periodic system: skip offsets
-    return HostNeighbors(index, shift, mask, ref_positions, ref_cell, complete, cutoff, skin)
+        shift = np.zeros(shift.shape[:2] + (0,), np.int8)  # no periodic system: no offsets
+    return HostNeighbors(
+        np.ascontiguousarray(index.T),
+        np.ascontiguousarray(np.transpose(shift, (2, 1, 0))),
+        np.ascontiguousarray(mask.T),
+        ref_positions, ref_cell, complete, cutoff, skin,
+    )

@@ -72,7 +72,7 @@ class LennardJones(Potential):
         rc = jnp.asarray(self.pair_cutoff, dtype)
         if eps.shape == (1, 1):  # one parameter set: no gathers
             return eps[0, 0].astype(dtype), sig[0, 0].astype(dtype), rc[0, 0]
-        s_i = species[:, None]
+        s_i = species[None, :]
         s_j = species[nbrs.index]
         return eps[s_i, s_j].astype(dtype), sig[s_i, s_j].astype(dtype), rc[s_i, s_j]
 
@@ -90,28 +90,34 @@ class LennardJones(Potential):
 
     # -- energy (differentiable in everything) --------------------------------------------
     def energy(self, positions, cell, batch, nbrs):
-        vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
-        r2 = jnp.sum(vectors * vectors, axis=-1)
+        dx, dy, dz = pair_vectors(positions, cell, batch.system_idx, nbrs)
+        r2 = dx * dx + dy * dy + dz * dz
         eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
         within = nbrs.mask & (r2 < rc * rc)
         pair_energy, _ = self._pair_terms(r2, within, eps, sig, rc)
-        atom_energy = 0.5 * jnp.sum(pair_energy, axis=1)
+        atom_energy = 0.5 * jnp.sum(pair_energy, axis=0)
         return system_sum(atom_energy, batch.system_idx, cell.shape[0])
 
     # -- fused energy + forces (+ strain derivative): reductions over K only ---------------
     def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
         vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
-        r2 = jnp.sum(vectors * vectors, axis=-1)
+        dx, dy, dz = vectors
+        r2 = dx * dx + dy * dy + dz * dz
         eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
         within = nbrs.mask & (r2 < rc * rc)
         pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
-        # gradient of the pair energy with respect to r_j - r_i; F_i = sum_j of it
-        pair_gradient = (2.0 * d_energy_d_r2)[..., None] * vectors
-        forces = jnp.sum(pair_gradient, axis=1)
+        # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
+        # F_i is its sum over the neighbours j (full list)
+        scale = 2.0 * d_energy_d_r2
+        forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
         n_systems = cell.shape[0]
-        energy = system_sum(0.5 * jnp.sum(pair_energy, axis=1), batch.system_idx, n_systems)
+        energy = system_sum(0.5 * jnp.sum(pair_energy, axis=0), batch.system_idx, n_systems)
         if stress:
-            atom_strain = 0.5 * jnp.einsum("akx,aky->axy", pair_gradient, vectors)
+            half = 0.5 * scale
+            atom_strain = jnp.stack(
+                [jnp.stack([jnp.sum(half * a * b, axis=0) for b in vectors], axis=1)
+                 for a in vectors], axis=1,
+            )  # (A, 3, 3)
             dE_dstrain = system_sum(atom_strain, batch.system_idx, n_systems)
         else:
             dE_dstrain = jnp.zeros((n_systems, 3, 3), positions.dtype)
