@@ -68,18 +68,16 @@ class Batch:
 
 
 def system_sum(values: jax.Array, system_idx: jax.Array, n_systems: int) -> jax.Array:
-    """Sum per-row values (R, ...) into (S, ...); rows with index S are dropped."""
-    if n_systems == 1:
-        keep = (system_idx == 0).reshape((-1,) + (1,) * (values.ndim - 1))
-        return jnp.sum(jnp.where(keep, values, 0), axis=0, keepdims=True)
+    """Sum per-row values (R, ...) into (S, ...); rows with index S are dropped.
+
+    Always a segment sum (never a tree reduction, even for one system): each system's sum
+    then has the same rounding whatever else is in the batch, so a structure relaxed in a
+    batch follows bit for bit the path it follows alone."""
     return jax.ops.segment_sum(values, system_idx, num_segments=n_systems, indices_are_sorted=False)
 
 
 def system_max(values: jax.Array, system_idx: jax.Array, n_systems: int, empty=0.0) -> jax.Array:
     """Max of per-row values (R,) per system; ``empty`` where a system has no rows."""
-    if n_systems == 1:
-        keep = system_idx == 0
-        return jnp.max(jnp.where(keep, values, empty), keepdims=True)
     out = jax.ops.segment_max(values, system_idx, num_segments=n_systems)
     return jnp.maximum(out, empty)
 

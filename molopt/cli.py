@@ -8,7 +8,7 @@ from __future__ import annotations
 import json as jsonlib
 import signal
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -27,14 +27,14 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(StrEnum):
     fire = "fire"
     fire2 = "fire2"
     lbfgs = "lbfgs"
     gd = "gd"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     float64 = "float64"
     float32 = "float32"
 

@@ -29,7 +29,7 @@ from molopt._jax import jax
 from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
-from molopt.optimizers.rows import Rows
+from molopt.optimizers.rows import Rows, field_axis
 from molopt.potentials.base import Potential
 from molopt.structure import Structure
 
@@ -236,65 +236,92 @@ def _empty_frames(state: RelaxState, k: int) -> Frames:
 
 @partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
 def advance(state: RelaxState, batch, nbrs, potential, reference, targets, program: Program):
-    """Run up to ``program.chunk`` steps. Returns (state, frames, n_frames, stale (S,))."""
+    """Run up to ``program.chunk`` steps. Returns (state, frames, n_frames, stale (S,)).
+
+    Each iteration moves every running system, then evaluates. When a system's neighbour
+    list went stale with that move, the evaluation is discarded, the state is left
+    ``pending`` and the loop stops: the host rebuilds the list and the next call evaluates
+    first. No ``cond`` carries the big buffers (XLA would copy them every step).
+    """
     rows = _rows(batch, program)
     movable = _movable(batch, program)[:, None]
+    evaluated_fields = (
+        "positions",
+        "cell",
+        "forces",
+        "generalized",
+        "energy",
+        "dE_dstrain",
+        "fmax",
+        "n_steps",
+        "status",
+        "pending",
+    )
 
-    def move(s: RelaxState) -> RelaxState:
+    def record(frames: Frames, n, s: RelaxState, counted) -> Frames:
+        values = dict(
+            positions=s.positions,
+            forces=s.forces,
+            energy=s.energy,
+            fmax=s.fmax,
+            step=s.n_steps,
+            cell=s.cell,
+            dE_dstrain=s.dE_dstrain,
+            recorded=counted,
+        )
+        return Frames(**{k: getattr(frames, k).at[n].set(v) for k, v in values.items()})
+
+    def finish_pending(args):
+        s, frames = args
+        s, counted = _evaluate(s, batch, nbrs, potential, program, reference, targets)
+        return s, record(frames, 0, s, counted), jnp.asarray(1)
+
+    def nothing_pending(args):
+        s, frames = args
+        return s, frames, jnp.asarray(0)
+
+    def body(carry):
+        s, frames, n, _ = carry
         active = (s.status == RUNNING) & batch.system_mask
         opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active, rows)
-        return dataclasses.replace(
+        moved = dataclasses.replace(
             s,
             x=s.x + jnp.where(movable, dx, 0.0),
             opt=opt,
             pending=jnp.asarray(True),
             completes=completes,
         )
-
-    def body(carry):
-        s, frames, n_frames, iteration, _ = carry
-        s = jax.lax.cond(s.pending, lambda s: s, move, s)
-        positions, cell, _ = _physical(s.x, s.cell, batch, program, reference)
-        active = (s.status == RUNNING) & batch.system_mask
+        positions, cell, _ = _physical(moved.x, s.cell, batch, program, reference)
         stale = (
             nl.stale_systems(
                 positions, cell, batch.system_idx, batch.system_mask, nbrs, program.variable_cell
             )
             & active
         )
-
-        def evaluate(args):
-            s, frames, n_frames = args
-            s, counted = _evaluate(s, batch, nbrs, potential, program, reference, targets)
-            values = dict(
-                positions=s.positions,
-                forces=s.forces,
-                energy=s.energy,
-                fmax=s.fmax,
-                step=s.n_steps,
-                cell=s.cell,
-                dE_dstrain=s.dE_dstrain,
-                recorded=counted,
-            )
-            frames = Frames(
-                **{k: getattr(frames, k).at[n_frames].set(v) for k, v in values.items()}
-            )
-            return s, frames, n_frames + 1
-
-        s, frames, n_frames = jax.lax.cond(
-            jnp.any(stale), lambda a: a, evaluate, (s, frames, n_frames)
+        ok = ~jnp.any(stale)
+        evaluated, counted = _evaluate(moved, batch, nbrs, potential, program, reference, targets)
+        s = dataclasses.replace(
+            moved,
+            **{
+                name: jnp.where(ok, getattr(evaluated, name), getattr(moved, name))
+                for name in evaluated_fields
+            },
         )
-        return s, frames, n_frames, iteration + 1, stale
+        frames = record(frames, n, s, counted & ok)
+        return s, frames, n + ok.astype(n.dtype), stale
 
     def keep_going(carry):
-        s, _, n_frames, iteration, stale = carry
+        s, _, n, stale = carry
         running = jnp.any((s.status == RUNNING) & batch.system_mask)
-        return (n_frames < program.chunk) & running & ~jnp.any(stale)
+        return (n < program.chunk) & running & ~jnp.any(stale)
 
-    stale0 = jnp.zeros((batch.n_systems,), bool)
     frames = _empty_frames(state, program.chunk)
-    state, frames, n_frames, _, stale = jax.lax.while_loop(
-        keep_going, body, (state, frames, jnp.asarray(0), jnp.asarray(0), stale0)
+    state, frames, n0 = jax.lax.cond(
+        state.pending, finish_pending, nothing_pending, (state, frames)
+    )
+    stale0 = jnp.zeros((batch.n_systems,), bool)
+    state, frames, n_frames, stale = jax.lax.while_loop(
+        keep_going, body, (state, frames, n0, stale0)
     )
     return state, frames, n_frames, stale
 
@@ -579,12 +606,19 @@ class Engine:
             out["state"][name] = getattr(st, name)[k]
         opt = st.opt
         out["opt"] = {}
+        cell_index = np.arange(cell_rows.start, cell_rows.stop)
         for f in dataclasses.fields(opt):
             a = getattr(opt, f.name)
-            if f.name in type(opt).ROW_FIELDS:
-                out["opt"][f.name] = (a[rows], a[cell_rows] if self.program.variable_cell else None)
+            kind, axis = field_axis(type(opt), f.name)
+            if kind == "row":
+                atoms = np.take(a, np.arange(rows.start, rows.stop), axis=axis)
+                cells = np.take(a, cell_index, axis=axis) if self.program.variable_cell else None
+                out["opt"][f.name] = (atoms, cells)
             else:
-                out["opt"][f.name] = a[k]
+                out["opt"][f.name] = np.take(a, k, axis=axis)
+        canonical = getattr(self.program.optimizer, "canonical", None)
+        if canonical is not None:  # e.g. rotate L-BFGS's ring to the start of a new batch
+            out["opt"] = canonical(out["opt"])
         return out
 
     def _restore(self, state: RelaxState, items, layout: Layout, carry: dict) -> RelaxState:
@@ -612,12 +646,14 @@ class Engine:
                 else:
                     fields[name][k] = value
             for name, value in saved["opt"].items():
-                if name in type(st.opt).ROW_FIELDS:
-                    opt_fields[name][rows] = value[0]
+                kind, axis = field_axis(type(st.opt), name)
+                target = np.moveaxis(opt_fields[name], axis, 0)  # a view: writes go through
+                if kind == "row":
+                    target[rows] = np.moveaxis(value[0], axis, 0)
                     if value[1] is not None:
-                        opt_fields[name][cell_rows] = value[1]
+                        target[cell_rows] = np.moveaxis(value[1], axis, 0)
                 else:
-                    opt_fields[name][k] = value
+                    target[k] = value
         opt = type(st.opt)(**{k: jnp.asarray(v) for k, v in opt_fields.items()})
         return RelaxState(
             **{k: jnp.asarray(v) for k, v in fields.items()}, pending=jnp.asarray(False), opt=opt
@@ -827,8 +863,13 @@ def chunk_for(n_atoms: int, requested: int) -> int:
     return int(max(1, min(requested, 2 ** math.floor(math.log2(max(1, 2**28 // per_step))))))
 
 
-def evaluate(structures: Sequence[Structure], potential: Potential, stress: bool = True,
-             precision: str = "float64", skin: float = 0.0):
+def evaluate(
+    structures: Sequence[Structure],
+    potential: Potential,
+    stress: bool = True,
+    precision: str = "float64",
+    skin: float = 0.0,
+):
     """Energy (eV), forces (n, 3) eV/A and stress (3, 3) eV/A^3 (None unless periodic in all
     directions) of each structure, evaluated together in one padded batch."""
     dtype = np.float64 if precision == "float64" else np.float32
@@ -837,12 +878,21 @@ def evaluate(structures: Sequence[Structure], potential: Potential, stress: bool
     for st in structures:
         species.update(potential.species_of(st.numbers))
     batch, positions, cells, layout = pack(list(structures), species, dtype)
-    host = nl.build(np.asarray(positions, np.float64), np.asarray(cells, np.float64),
-                    np.asarray(batch.pbc), layout, potential.cutoff, max(skin, 1e-9))
+    host = nl.build(
+        np.asarray(positions, np.float64),
+        np.asarray(cells, np.float64),
+        np.asarray(batch.pbc),
+        layout,
+        potential.cutoff,
+        max(skin, 1e-9),
+    )
     host.ref_positions = host.ref_positions.astype(dtype)
     host.ref_cell = host.ref_cell.astype(dtype)
-    ev = jax.device_get(evaluate_once(jnp.asarray(positions), jnp.asarray(cells), batch,
-                                      host.to_device(), potential, stress))
+    ev = jax.device_get(
+        evaluate_once(
+            jnp.asarray(positions), jnp.asarray(cells), batch, host.to_device(), potential, stress
+        )
+    )
     out = []
     for k, st in enumerate(structures):
         rows = layout.atoms_of(k)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molopt._jax import jax
-from molopt.batch import Layout, bucket, system_max
+from molopt.batch import Layout, system_max
 
 #: Non-periodic systems up to this many atoms list all pairs (no rebuilds, ever).
 ALL_PAIRS_MAX_ATOMS = 96
@@ -240,5 +240,9 @@ def build(
         np.ascontiguousarray(index.T),
         np.ascontiguousarray(np.transpose(shift, (2, 1, 0))),
         np.ascontiguousarray(mask.T),
-        ref_positions, ref_cell, complete, cutoff, skin,
+        ref_positions,
+        ref_cell,
+        complete,
+        cutoff,
+        skin,
     )

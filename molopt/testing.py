@@ -21,8 +21,9 @@ def energy(structure: Structure, potential) -> float:
     return _evaluate([structure], potential, stress=False)[0][0]
 
 
-def finite_difference_forces(structure: Structure, potential, delta: float = 1e-4,
-                             atoms=None) -> float:
+def finite_difference_forces(
+    structure: Structure, potential, delta: float = 1e-4, atoms=None
+) -> float:
     """Max |F_analytic + dE/dx (central difference)| over the chosen atoms (default all)."""
     _, forces, _ = _evaluate([structure], potential, stress=False)[0]
     atoms = range(structure.n_atoms) if atoms is None else atoms
@@ -59,9 +60,12 @@ def finite_difference_stress(structure: Structure, potential, delta: float = 1e-
                     structure.with_positions(structure.positions @ deform, structure.cell @ deform)
                 )
     energies = [e for e, _, _ in _evaluate(strained, potential, stress=False)]
-    numeric = np.array(
-        [(energies[2 * k] - energies[2 * k + 1]) / (2 * delta) for k in range(9)]
-    ).reshape(3, 3) / structure.volume
+    numeric = (
+        np.array([(energies[2 * k] - energies[2 * k + 1]) / (2 * delta) for k in range(9)]).reshape(
+            3, 3
+        )
+        / structure.volume
+    )
     return float(np.abs(numeric - stress).max())
 
 
@@ -85,8 +89,14 @@ def invariance(structure: Structure, potential, seed: int = 0) -> dict[str, floa
         structure,
         structure.with_positions(structure.positions + shift),
         structure.with_positions(structure.positions @ rot.T, structure.cell @ rot.T),
-        Structure(structure.numbers[perm], structure.positions[perm], structure.cell,
-                  structure.pbc, structure.fixed[perm], structure.source),
+        Structure(
+            structure.numbers[perm],
+            structure.positions[perm],
+            structure.cell,
+            structure.pbc,
+            structure.fixed[perm],
+            structure.source,
+        ),
     ]
     (e0, f0, _), (e1, f1, _), (e2, f2, _), (e3, f3, _) = _evaluate(variants, potential, False)
     return {

@@ -3,7 +3,9 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("MOLOPT_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".molopt-cache"))
+os.environ.setdefault(
+    "MOLOPT_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".molopt-cache")
+)
 
 import molopt._jax  # noqa: E402,F401  (x64 on for every test)
 from molopt.structure import make_structure  # noqa: E402

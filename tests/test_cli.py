@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
+from conftest import EXAMPLES, rattled_cluster
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, rattled_cluster
 from molopt.cli import app
 
 runner = CliRunner()
@@ -67,8 +67,9 @@ def test_missing_file_and_bad_options_exit_2(tmp_path):
 
 
 def test_no_potential_covers_input(tmp_path):
-    ase.io.write(tmp_path / "h2o.xyz", Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0],
-                                                               [-0.24, 0.93, 0]]))
+    ase.io.write(
+        tmp_path / "h2o.xyz", Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    )
     result = invoke("relax", tmp_path / "h2o.xyz", "-o", tmp_path)
     assert result.exit_code == 2
     assert "no shipped potential covers" in result.stderr and "argon" in result.stderr
@@ -95,11 +96,21 @@ def test_directory_with_bad_inputs(tmp_path):
     result = invoke("relax", d, "-o", tmp_path / "out", "--json", "--potential", "argon")
     assert result.exit_code == 1
     by_name = {Path(r["input"]).name: r for r in records(result)}
-    assert set(by_name) == {"good1.xyz", "good2.xyz", "empty.xyz", "nan.xyz", "overlap.xyz",
-                            "kr.xyz"}
+    assert set(by_name) == {
+        "good1.xyz",
+        "good2.xyz",
+        "empty.xyz",
+        "nan.xyz",
+        "overlap.xyz",
+        "kr.xyz",
+    }
     assert by_name["good1.xyz"]["status"] == by_name["good2.xyz"]["status"] == "converged"
-    reasons = {"empty.xyz": "empty", "nan.xyz": "non-finite", "overlap.xyz": "on top of each",
-               "kr.xyz": "Kr not covered"}
+    reasons = {
+        "empty.xyz": "empty",
+        "nan.xyz": "non-finite",
+        "overlap.xyz": "on top of each",
+        "kr.xyz": "Kr not covered",
+    }
     for name, reason in reasons.items():
         assert by_name[name]["status"] == "failed"
         assert name in by_name[name]["error"] and reason in by_name[name]["error"]
@@ -141,11 +152,13 @@ def test_multi_frame_outputs(tmp_path):
     result = invoke("relax", tmp_path / "many.extxyz", "-o", tmp_path / "o", "--json")
     assert result.exit_code == 0
     assert [r["index"] for r in records(result)] == [0, 1, 2] or sorted(
-        r["index"] for r in records(result)) == [0, 1, 2]
+        r["index"] for r in records(result)
+    ) == [0, 1, 2]
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert names == [f"many-{k}.{ext}" for k in range(3) for ext in ("extxyz", "h5md")]
-    result = invoke("relax", tmp_path / "many.extxyz", "-o", tmp_path / "o2", "--index", "-1",
-                    "--json")
+    result = invoke(
+        "relax", tmp_path / "many.extxyz", "-o", tmp_path / "o2", "--index", "-1", "--json"
+    )
     assert [r["index"] for r in records(result)] == [None]
     assert (tmp_path / "o2" / "many.h5md").exists()
 
@@ -154,8 +167,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     src = write_cluster(tmp_path / "a.xyz")
     config = tmp_path / "c.toml"
     config.write_text('optimizer = "lbfgs"\nfmax = 0.002\nsteps = 3\n')
-    result = invoke("relax", src, "-o", tmp_path / "o", "--config", config, "--steps", "500",
-                    "--json")
+    result = invoke(
+        "relax", src, "-o", tmp_path / "o", "--config", config, "--steps", "500", "--json"
+    )
     (rec,) = records(result)
     assert rec["status"] == "converged" and rec["fmax"] < 0.002
     from molopt.io.h5md import read_parameters
@@ -180,8 +194,17 @@ def test_relax_cell_and_pressure(tmp_path):
     atoms = bulk("Ar", "fcc", a=5.0, cubic=True)
     ase.io.write(tmp_path / "ar.extxyz", atoms)
     ase.io.write(tmp_path / "cl.xyz", Atoms("Ar2", positions=[[0, 0, 0], [3.9, 0, 0]]))
-    result = invoke("relax", tmp_path / "ar.extxyz", tmp_path / "cl.xyz", "-o", tmp_path / "o",
-                    "--relax-cell", "--fmax", "1e-4", "--json")
+    result = invoke(
+        "relax",
+        tmp_path / "ar.extxyz",
+        tmp_path / "cl.xyz",
+        "-o",
+        tmp_path / "o",
+        "--relax-cell",
+        "--fmax",
+        "1e-4",
+        "--json",
+    )
     by_name = {Path(r["input"]).name: r for r in records(result)}
     assert by_name["cl.xyz"]["status"] == "failed" and "periodic" in by_name["cl.xyz"]["error"]
     assert by_name["ar.extxyz"]["status"] == "converged"
@@ -214,5 +237,3 @@ def test_potentials_command():
 def test_help_and_version():
     assert invoke("--help").exit_code == 0
     assert "molopt" in invoke("--version").stdout
-
-

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 from ase.build import bulk
-
 from conftest import rattled_cluster, structure_from_atoms
+
 from molopt.engine import EngineSettings, relax
 from molopt.io import h5md
 
@@ -20,9 +20,9 @@ class Collect:
         self.results = {}
 
     def begin(self, key, structure):
-        self.writers[key] = h5md.TrajectoryWriter(self.directory / f"{key}.h5md",
-                                                  structure.numbers, structure.pbc,
-                                                  self.variable_cell)
+        self.writers[key] = h5md.TrajectoryWriter(
+            self.directory / f"{key}.h5md", structure.numbers, structure.pbc, self.variable_cell
+        )
 
     def frames(self, key, block):
         self.writers[key].append(block)
@@ -38,11 +38,19 @@ def trajectories(tmp_path_factory, argon):
     crystal = bulk("Ar", "fcc", a=5.1, cubic=True).repeat(2)
     crystal.rattle(0.1, seed=1)
     fixed = Collect(directory)
-    relax([("cluster", rattled_cluster(13)), ("crystal", structure_from_atoms(crystal))],
-          argon, EngineSettings(fmax=1e-3), fixed)
+    relax(
+        [("cluster", rattled_cluster(13)), ("crystal", structure_from_atoms(crystal))],
+        argon,
+        EngineSettings(fmax=1e-3),
+        fixed,
+    )
     cell = Collect(directory, variable_cell=True)
-    relax([("cellrelax", structure_from_atoms(crystal))], argon,
-          EngineSettings(fmax=1e-3, relax_cell=True), cell)
+    relax(
+        [("cellrelax", structure_from_atoms(crystal))],
+        argon,
+        EngineSettings(fmax=1e-3, relax_cell=True),
+        cell,
+    )
     return directory, {**fixed.results, **cell.results}
 
 
@@ -98,22 +106,33 @@ def test_mdanalysis_opens_with_defaults(trajectories):
         trajectory = universe.trajectory
         assert len(trajectory) == results[key].steps + 1
         trajectory[-1]
-        np.testing.assert_allclose(universe.atoms.positions, results[key].structure.positions,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            universe.atoms.positions, results[key].structure.positions, atol=1e-4
+        )
         # forces in MDAnalysis units (kJ/mol/A) are the eV/A forces times 96.485
-        np.testing.assert_allclose(trajectory.ts.forces / h5md.EV_TO_KJ_PER_MOL,
-                                   results[key].forces, atol=1e-5)
+        np.testing.assert_allclose(
+            trajectory.ts.forces / h5md.EV_TO_KJ_PER_MOL, results[key].forces, atol=1e-5
+        )
         assert trajectory.ts.data["potential_energy"] == pytest.approx(results[key].energy)
         if key != "cluster":
-            np.testing.assert_allclose(trajectory.ts.dimensions[:3],
-                                       np.linalg.norm(results[key].structure.cell, axis=1),
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                trajectory.ts.dimensions[:3],
+                np.linalg.norm(results[key].structure.cell, axis=1),
+                rtol=1e-5,
+            )
 
 
 def test_abort_leaves_nothing(tmp_path):
     writer = h5md.TrajectoryWriter(tmp_path / "x.h5md", [18], [False] * 3, False)
-    writer.append({"step": np.array([0]), "positions": np.zeros((1, 1, 3)),
-                   "forces": np.zeros((1, 1, 3)), "energy": np.zeros(1), "fmax": np.zeros(1)})
+    writer.append(
+        {
+            "step": np.array([0]),
+            "positions": np.zeros((1, 1, 3)),
+            "forces": np.zeros((1, 1, 3)),
+            "energy": np.zeros(1),
+            "fmax": np.zeros(1),
+        }
+    )
     writer._flush()  # force a temporary file on disk
     assert any(tmp_path.iterdir())
     writer.abort()
@@ -122,8 +141,15 @@ def test_abort_leaves_nothing(tmp_path):
 
 def test_parameters_are_json(tmp_path):
     writer = h5md.TrajectoryWriter(tmp_path / "x.h5md", [18], [False] * 3, False)
-    writer.append({"step": np.array([0]), "positions": np.zeros((1, 1, 3)),
-                   "forces": np.zeros((1, 1, 3)), "energy": np.zeros(1), "fmax": np.zeros(1)})
+    writer.append(
+        {
+            "step": np.array([0]),
+            "positions": np.zeros((1, 1, 3)),
+            "forces": np.zeros((1, 1, 3)),
+            "energy": np.zeros(1),
+            "fmax": np.zeros(1),
+        }
+    )
     writer.close({"potential_spec": {"kind": "lennard-jones", "sigma": 3.4}, "status": "x"})
     with h5py.File(tmp_path / "x.h5md") as f:
         assert json.loads(f["parameters"].attrs["potential_spec"])["sigma"] == 3.4

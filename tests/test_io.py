@@ -1,11 +1,11 @@
 """Reading structures: formats, frames, constraints, and every kind of bad input."""
 
+import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms, FixBondLength
-import ase.io
 
 from molopt.errors import ConfigError
 from molopt.io.read import discover, read_frames
@@ -15,9 +15,18 @@ def argon_pair():
     return Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]])
 
 
-@pytest.mark.parametrize("name,fmt", [("a.xyz", None), ("a.extxyz", None), ("a.cif", None),
-                                      ("POSCAR", "vasp"), ("a.traj", None), ("a.pdb", None),
-                                      ("a.json", None)])
+@pytest.mark.parametrize(
+    "name,fmt",
+    [
+        ("a.xyz", None),
+        ("a.extxyz", None),
+        ("a.cif", None),
+        ("POSCAR", "vasp"),
+        ("a.traj", None),
+        ("a.pdb", None),
+        ("a.json", None),
+    ],
+)
 def test_reads_common_formats(tmp_path, name, fmt):
     atoms = bulk("Ar", "fcc", a=5.26, cubic=True)
     path = tmp_path / name

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111
 from ase.calculators.lj import LennardJones as AseLJ
-
 from conftest import rattled_cluster, structure_from_atoms
+
 from molopt import testing
 from molopt.engine import evaluate
 from molopt.potentials.lennard_jones import LennardJones
@@ -43,7 +43,7 @@ def cluster_atoms():
 def test_matches_ase_calculator(argon, make):
     atoms = make()
     e_ref, f_ref, s_ref = ase_reference(atoms)
-    (energy, forces, stress), = evaluate([structure_from_atoms(atoms)], argon)
+    ((energy, forces, stress),) = evaluate([structure_from_atoms(atoms)], argon)
     assert energy == pytest.approx(e_ref, abs=1e-12)
     np.testing.assert_allclose(forces, f_ref, atol=1e-12)
     if s_ref is not None:
@@ -51,9 +51,11 @@ def test_matches_ase_calculator(argon, make):
 
 
 def test_fused_path_equals_autodiff(argon):
-    from molopt.potentials.base import autodiff_evaluate
-    from molopt import batch as B, neighbors as N
     import jax.numpy as jnp
+
+    from molopt import batch as B
+    from molopt import neighbors as N
+    from molopt.potentials.base import autodiff_evaluate
 
     s = structure_from_atoms(triclinic_small_cell())
     batch, pos, cells, layout = B.pack([s], argon.species_of(s.numbers), np.float64)
@@ -83,26 +85,26 @@ def test_invariances(argon, make):
 
 
 def test_forces_sum_to_zero(argon):
-    (_, forces, _), = evaluate([structure_from_atoms(triclinic_small_cell())], argon)
+    ((_, forces, _),) = evaluate([structure_from_atoms(triclinic_small_cell())], argon)
     assert np.abs(forces.sum(axis=0)).max() < 1e-12
 
 
 def test_dimer_minimum_at_two_to_one_sixth_sigma():
     lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=5.0, shift=False)
     r_min = 2 ** (1 / 6)
-    (e, f, _), = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], lj)
+    ((e, f, _),) = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], lj)
     assert e == pytest.approx(-1.0, abs=1e-14)
     assert np.abs(f).max() < 1e-12
     # shifted: same minimum position, energy raised by -E(rc)
     shifted = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=2.5, shift=True)
-    (e2, f2, _), = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], shifted)
+    ((e2, f2, _),) = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], shifted)
     assert e2 == pytest.approx(-1.0 - 4 * (2.5**-12 - 2.5**-6), abs=1e-14)
     assert np.abs(f2).max() < 1e-12
 
 
 def test_beyond_cutoff_is_zero_and_shift_continuous(argon):
-    (e_out, f_out, _), = evaluate([make_structure([18, 18], [[0, 0, 0], [8.51, 0, 0]])], argon)
-    (e_in, _, _), = evaluate([make_structure([18, 18], [[0, 0, 0], [8.4999999, 0, 0]])], argon)
+    ((e_out, f_out, _),) = evaluate([make_structure([18, 18], [[0, 0, 0], [8.51, 0, 0]])], argon)
+    ((e_in, _, _),) = evaluate([make_structure([18, 18], [[0, 0, 0], [8.4999999, 0, 0]])], argon)
     assert e_out == 0.0 and np.abs(f_out).max() == 0.0
     assert abs(e_in) < 1e-9
 
@@ -138,14 +140,15 @@ def test_lorentz_berthelot_mixing_and_pair_override(tmp_path):
 def test_padding_atoms_get_exactly_zero_force(argon):
     import jax.numpy as jnp
 
-    from molopt import batch as B, neighbors as N
+    from molopt import batch as B
+    from molopt import neighbors as N
 
     s = rattled_cluster(13)
     batch, pos, cells, layout = B.pack([s], argon.species_of(s.numbers), np.float64)
     assert layout.n_padded_atoms > s.n_atoms
     nbrs = N.build(pos, cells, np.asarray(batch.pbc), layout, argon.cutoff, 1.0).to_device()
     ev = argon.evaluate(jnp.asarray(pos), jnp.asarray(cells), batch, nbrs, True)
-    assert np.all(np.asarray(ev.forces)[s.n_atoms:] == 0.0)
+    assert np.all(np.asarray(ev.forces)[s.n_atoms :] == 0.0)
 
 
 def test_batch_equals_single(argon):
@@ -160,7 +163,7 @@ def test_batch_equals_single(argon):
 
 def test_float32_close_to_float64(argon):
     s = structure_from_atoms(triclinic_small_cell())
-    (e64, f64, _), = evaluate([s], argon, precision="float64")
-    (e32, f32, _), = evaluate([s], argon, precision="float32")
+    ((e64, f64, _),) = evaluate([s], argon, precision="float64")
+    ((e32, f32, _),) = evaluate([s], argon, precision="float32")
     assert e32 == pytest.approx(e64, rel=1e-5)
     assert np.abs(f32 - f64).max() < 1e-5

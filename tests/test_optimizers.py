@@ -8,8 +8,8 @@ from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE, FIRE2, LBFGS
-
 from conftest import rattled_cluster, structure_from_atoms
+
 from molopt.config import GPA
 from molopt.engine import EngineSettings, relax
 from molopt.potentials.lennard_jones import LennardJones
@@ -27,8 +27,9 @@ def ase_relax(atoms, name, fmax, cell=False, pressure=0.0, steps=5000):
 
 
 def molopt_relax(atoms, potential, name, fmax, cell=False, pressure=0.0, steps=5000, **kw):
-    settings = EngineSettings(optimizer=name, fmax=fmax, steps=steps, relax_cell=cell,
-                              pressure=pressure, **kw)
+    settings = EngineSettings(
+        optimizer=name, fmax=fmax, steps=steps, relax_cell=cell, pressure=pressure, **kw
+    )
     (result,) = relax([("x", structure_from_atoms(atoms))], potential, settings)
     return result
 
@@ -132,5 +133,6 @@ def test_batch_relaxes_each_system_as_if_alone(argon):
         (alone,) = relax([(key, s)], argon, settings)
         assert together[key].steps == alone.steps
         assert together[key].energy == pytest.approx(alone.energy, abs=1e-10)
-        np.testing.assert_allclose(together[key].structure.positions, alone.structure.positions,
-                                   atol=1e-9)
+        np.testing.assert_allclose(
+            together[key].structure.positions, alone.structure.positions, atol=1e-9
+        )

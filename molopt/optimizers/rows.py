@@ -31,17 +31,24 @@ class Rows:
         return per_system[index][:, None]
 
 
+def field_axis(state_type, name: str) -> tuple[str, int]:
+    """('row' | 'system', axis) of a state field: fields named in ``ROW_FIELDS`` are indexed
+    by rows, the others by systems, along axis 0 unless ``ROW_AXIS``/``SYSTEM_AXIS`` say."""
+    if name in state_type.ROW_FIELDS:
+        return "row", getattr(state_type, "ROW_AXIS", {}).get(name, 0)
+    return "system", getattr(state_type, "SYSTEM_AXIS", {}).get(name, 0)
+
+
 def select_state(active, new, old, rows: Rows):
-    """Per-field ``where(active, new, old)``: fields named in ``ROW_FIELDS`` are row-indexed
-    (leading axis R), every other field is system-indexed (leading axis S)."""
-    row_fields = type(new).ROW_FIELDS
+    """Per-field ``where(active, new, old)`` for an optimizer state (see :func:`field_axis`)."""
     values = {}
     for f in dataclasses.fields(new):
         n, o = getattr(new, f.name), getattr(old, f.name)
-        if f.name in row_fields:
-            mask = jnp.minimum(rows.system_idx, rows.n_systems - 1)
-            mask = active[mask].reshape((-1,) + (1,) * (n.ndim - 1))
-        else:
-            mask = active.reshape((-1,) + (1,) * (n.ndim - 1))
-        values[f.name] = jnp.where(mask, n, o)
+        kind, axis = field_axis(type(new), f.name)
+        mask = active
+        if kind == "row":
+            mask = active[jnp.minimum(rows.system_idx, rows.n_systems - 1)]
+        shape = [1] * n.ndim
+        shape[axis] = mask.shape[0]
+        values[f.name] = jnp.where(mask.reshape(shape), n, o)
     return type(new)(**values)

@@ -115,8 +115,11 @@ class LennardJones(Potential):
         if stress:
             half = 0.5 * scale
             atom_strain = jnp.stack(
-                [jnp.stack([jnp.sum(half * a * b, axis=0) for b in vectors], axis=1)
-                 for a in vectors], axis=1,
+                [
+                    jnp.stack([jnp.sum(half * a * b, axis=0) for b in vectors], axis=1)
+                    for a in vectors
+                ],
+                axis=1,
             )  # (A, 3, 3)
             dE_dstrain = system_sum(atom_strain, batch.system_idx, n_systems)
         else:

@@ -1,0 +1,99 @@
+"""Interruption and resumption of a real `molopt relax` process; the compilation cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ase.io
+import h5py
+import pytest
+from ase import Atoms
+from conftest import rattled_cluster
+
+N_FILES = 24
+
+
+def make_inputs(directory):
+    directory.mkdir()
+    for k in range(N_FILES):
+        s = rattled_cluster(8 + k % 5, seed=k)
+        ase.io.write(directory / f"s{k:02d}.xyz", Atoms(numbers=s.numbers, positions=s.positions))
+
+
+def command(inputs, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "molopt.cli",
+        "relax",
+        str(inputs),
+        "-o",
+        str(out),
+        "--json",
+        "--potential",
+        "argon",
+        "--fmax",
+        "1e-3",
+        *extra,
+    ]
+
+
+def complete_outputs(out):
+    done = []
+    for path in sorted(out.glob("*.h5md")):
+        with h5py.File(path) as f:
+            assert f["parameters"].attrs["status"] in ("converged", "not_converged")
+        assert path.with_suffix(".extxyz").exists()
+        done.append(path.stem)
+    return done
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume(tmp_path, sig):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(inputs)
+    proc = subprocess.Popen(
+        command(inputs, out, "--batch-size", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.h5md"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "rerun" in stderr
+    finished = complete_outputs(out)
+    assert 3 <= len(finished) < N_FILES
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+    first = [json.loads(line) for line in stdout.splitlines()]
+    assert {r["status"] for r in first} == {"converged"}
+
+    rerun = subprocess.run(command(inputs, out), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    records = [json.loads(line) for line in rerun.stdout.splitlines()]
+    skipped = sorted(
+        os.path.basename(r["output"])[:-5] for r in records if r["status"] == "skipped"
+    )
+    assert skipped == finished
+    assert len(records) == N_FILES
+    assert len(complete_outputs(out)) == N_FILES
+
+
+def test_second_run_compiles_nothing(tmp_path):
+    inputs, cache = tmp_path / "in", tmp_path / "cache"
+    make_inputs(inputs)
+    env = dict(os.environ, MOLOPT_CACHE_DIR=str(cache))
+    first = subprocess.run(command(inputs, tmp_path / "a"), capture_output=True, env=env)
+    assert first.returncode == 0
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert entries
+    second = subprocess.run(command(inputs, tmp_path / "b"), capture_output=True, env=env)
+    assert second.returncode == 0
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries
