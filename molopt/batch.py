@@ -139,14 +139,14 @@ def pack(
         system_mask[k] = True
         n_atoms[k] = s.n_atoms
     batch = Batch(
-        species=jnp.asarray(species),
-        numbers=jnp.asarray(numbers),
-        system_idx=jnp.asarray(system_idx),
-        atom_mask=jnp.asarray(atom_mask),
-        fixed=jnp.asarray(fixed),
-        pbc=jnp.asarray(pbc),
-        system_mask=jnp.asarray(system_mask),
-        n_atoms=jnp.asarray(n_atoms),
+        species=jax.device_put(species),
+        numbers=jax.device_put(numbers),
+        system_idx=jax.device_put(system_idx),
+        atom_mask=jax.device_put(atom_mask),
+        fixed=jax.device_put(fixed),
+        pbc=jax.device_put(pbc),
+        system_mask=jax.device_put(system_mask),
+        n_atoms=jax.device_put(n_atoms),
         n_systems=S,
     )
     return batch, positions, cells, layout

@@ -9,6 +9,7 @@ import json as jsonlib
 import signal
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -265,6 +266,144 @@ def potentials(
     for r in rows:
         table.add_row(
             r["name"], r["kind"], " ".join(r["elements"]), str(r["cutoff"] or ""), r["description"]
+        )
+    Console().print(table)
+
+
+@app.command()
+def train(
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Labelled configurations (any ASE format with energy and forces: extxyz, OUTCAR).",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", "-c", help="Training settings (TOML), e.g. configs/train-emt-metals.toml."
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")],
+    valid: Annotated[
+        list[str] | None, typer.Option(help="Validation data (default: a random split of DATA).")
+    ] = None,
+    test: Annotated[
+        list[str] | None,
+        typer.Option(help="Held-out test data: errors on it go into the model card."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override the config's epochs.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """Train a PaiNN potential; writes OUT/<name>.toml and OUT/<name>.eqx with a model card."""
+    import dataclasses
+
+    from molopt.training.data import read_labelled
+    from molopt.training.train import TrainConfig, Trainer
+    from molopt.ui_train import TrainDisplay
+
+    try:
+        settings = TrainConfig.from_toml(config)
+        if epochs is not None:
+            settings = dataclasses.replace(settings, epochs=epochs)
+        labelled = read_labelled(data)
+        valid_data = read_labelled(valid) if valid else None
+        trainer = Trainer(settings, labelled, Path(out), valid=valid_data, sources=data)
+    except MoloptError as exc:
+        _fail(str(exc))
+    _sigterm_as_interrupt()
+    try:
+        with TrainDisplay(err, settings.epochs, quiet) as display:
+            trainer.run(resume=resume, progress=display.update)
+    except MoloptError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("interrupted: the last checkpoint is kept; continue with --resume")
+        raise typer.Exit(130) from None
+    errors = {}
+    if test:
+        from molopt.training.evaluate import errors as measure
+
+        result = measure(trainer.best, read_labelled(test))
+        result.pop("_parity")
+        errors = {"test_data": [str(t) for t in test], **result}
+    path = trainer.write_potential(errors)
+    err.print(
+        f"wrote {path} (best epoch {trainer.state['best_epoch'] + 1}, "
+        f"stopped by {trainer.state['stopped']})"
+    )
+
+
+@app.command()
+def evaluate(
+    potential: Annotated[str, typer.Argument(help="Potential name or file.")],
+    data: Annotated[list[str], typer.Argument(help="Labelled configurations.")],
+    json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    plot: Annotated[str | None, typer.Option(help="Write a parity plot (PNG/PDF).")] = None,
+    precision: Annotated[Precision, typer.Option()] = Precision.float64,
+):
+    """Energy/force/stress errors (MAE, RMSE; forces per element) of POTENTIAL on DATA."""
+    from rich.table import Table
+
+    from molopt.potentials import registry
+    from molopt.training.data import read_labelled
+    from molopt.training.evaluate import errors, parity_plot
+
+    try:
+        spec = registry.load(potential)
+        labelled = read_labelled(data)
+        missing = {int(z) for d in labelled for z in d.structure.numbers} - set(spec.elements or ())
+        if spec.elements and missing:
+            from molopt import elements as el
+
+            _fail(
+                "element(s) "
+                + ", ".join(el.symbol(z) for z in sorted(missing))
+                + f" in the data are not covered by potential '{spec.name}'"
+            )
+        result = errors(spec.potential, labelled, precision.value)
+    except MoloptError as exc:
+        _fail(str(exc))
+    if plot:
+        try:
+            parity_plot(result, plot, title=f"{spec.name} on {len(labelled)} configurations")
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install 'molopt[plot]'")
+    result.pop("_parity")
+    if json:
+        typer.echo(jsonlib.dumps(result, indent=1))
+        return
+    table = Table(
+        title=f"{spec.name}: {result['n_configurations']} configurations, "
+        f"{result['n_atoms']} atoms",
+        title_justify="left",
+    )
+    table.add_column("quantity")
+    table.add_column("MAE", justify="right")
+    table.add_column("RMSE", justify="right")
+    table.add_row(
+        "energy (meV/atom)",
+        f"{result['energy_mae_meV_per_atom']:.2f}",
+        f"{result['energy_rmse_meV_per_atom']:.2f}",
+    )
+    table.add_row(
+        "forces (meV/A)",
+        f"{result['force_mae_meV_per_A']:.1f}",
+        f"{result['force_rmse_meV_per_A']:.1f}",
+    )
+    for symbol, row in result["per_element"].items():
+        table.add_row(
+            f"  forces on {symbol}",
+            f"{row['force_mae_meV_per_A']:.1f}",
+            f"{row['force_rmse_meV_per_A']:.1f}",
+        )
+    if "stress_mae_meV_per_A3" in result:
+        table.add_row(
+            "stress (meV/A^3)",
+            f"{result['stress_mae_meV_per_A3']:.3f}",
+            f"{result['stress_rmse_meV_per_A3']:.3f}",
         )
     Console().print(table)
 

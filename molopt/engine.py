@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import jax.numpy as jnp
@@ -90,6 +91,7 @@ class Program:
     variable_cell: bool = False
     stress: bool = False
     chunk: int = 50
+    record: bool = True  # keep every step's frame (else only the state: first/last frames)
 
 
 def _rows(batch: Batch, program: Program) -> Rows:
@@ -259,6 +261,8 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     )
 
     def record(frames: Frames, n, s: RelaxState, counted) -> Frames:
+        if not program.record:
+            return frames
         values = dict(
             positions=s.positions,
             forces=s.forces,
@@ -315,7 +319,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         running = jnp.any((s.status == RUNNING) & batch.system_mask)
         return (n < program.chunk) & running & ~jnp.any(stale)
 
-    frames = _empty_frames(state, program.chunk)
+    frames = _empty_frames(state, program.chunk if program.record else 1)
     state, frames, n0 = jax.lax.cond(
         state.pending, finish_pending, nothing_pending, (state, frames)
     )
@@ -433,7 +437,7 @@ class _Live:
 def _cast_potential(potential: Potential, dtype):
     def cast(a):
         if isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating):
-            return jnp.asarray(a, dtype)
+            return jax.device_put(np.asarray(a, dtype))
         return a
 
     return jax.tree.map(cast, potential)
@@ -462,8 +466,8 @@ class Engine:
             chunk=settings.chunk,
         )
         self.targets = Targets(
-            fmax=jnp.asarray(settings.fmax, self.dtype),
-            max_steps=jnp.asarray(settings.steps, jnp.int32),
+            fmax=jax.device_put(np.asarray(settings.fmax, self.dtype)),
+            max_steps=jax.device_put(np.asarray(settings.steps, np.int32)),
         )
         self.compiles = 0
         self.shapes_seen: set = set()
@@ -515,9 +519,9 @@ class Engine:
         factor = np.ones(layout.n_systems, self.dtype)
         factor[: layout.n_real] = np.diff(layout.offsets)
         return cellfilter.CellReference(
-            cell=jnp.asarray(cells, self.dtype),
-            factor=jnp.asarray(factor),
-            pressure=jnp.asarray(self.settings.pressure, self.dtype),
+            cell=jax.device_put(np.asarray(cells, self.dtype)),
+            factor=jax.device_put(factor),
+            pressure=jax.device_put(np.asarray(self.settings.pressure, self.dtype)),
         )
 
     def _coordinates(self, positions, layout):
@@ -563,11 +567,13 @@ class Engine:
                     base = layout.n_padded_atoms + 3 * k
                     x[base : base + 3] = carry[it.key]["x_cell"]
         program = dataclasses.replace(
-            self.program, chunk=chunk_for(layout.n_padded_atoms, self.settings.chunk)
+            self.program,
+            chunk=chunk_for(layout.n_padded_atoms, self.settings.chunk),
+            record=self.settings.trajectory_interval != 0,
         )
         state = start(
-            jnp.asarray(x),
-            jnp.asarray(cells),
+            jax.device_put(x),
+            jax.device_put(cells),
             batch,
             nbrs,
             self.potential,
@@ -582,9 +588,9 @@ class Engine:
         return live
 
     # -- state transplant for continuing systems --------------------------------------------
-    def _extract(self, live: _Live, k: int) -> dict:
-        """Host copy of everything system ``k`` of ``live`` carries into another batch."""
-        st = jax.device_get(live.state)
+    def _extract(self, live: _Live, k: int, st: RelaxState) -> dict:
+        """Host copy of everything system ``k`` of ``live`` carries into another batch
+        (``st``: the batch's state, already on the host)."""
         layout = live.layout
         rows = layout.atoms_of(k)
         A = layout.n_padded_atoms
@@ -654,9 +660,11 @@ class Engine:
                         target[cell_rows] = np.moveaxis(value[1], axis, 0)
                 else:
                     target[k] = value
-        opt = type(st.opt)(**{k: jnp.asarray(v) for k, v in opt_fields.items()})
+        opt = type(st.opt)(**{k: jax.device_put(v) for k, v in opt_fields.items()})
         return RelaxState(
-            **{k: jnp.asarray(v) for k, v in fields.items()}, pending=jnp.asarray(False), opt=opt
+            **{k: jax.device_put(v) for k, v in fields.items()},
+            pending=jax.device_put(np.asarray(False)),
+            opt=opt,
         )
 
     # -- results -----------------------------------------------------------------------------
@@ -695,10 +703,30 @@ class Engine:
         if keep.any():
             self.sink.frames(item.key, {k: v[keep] for k, v in block.items()})
             item.last_written_step = int(steps[keep][-1])
-        item.last_frame = {k: v[-1:] for k, v in block.items()}
+
+    @staticmethod
+    def _snapshot(live: _Live):
+        """The evaluated quantities of every system, on the host (not the optimizer state)."""
+        st = live.state
+        names = ("positions", "forces", "energy", "fmax", "n_steps", "status", "cell", "dE_dstrain")
+        values = jax.device_get(tuple(getattr(st, n) for n in names))
+        return SimpleNamespace(**dict(zip(names, values, strict=True)))
+
+    def _state_block(self, live: _Live, st, k: int) -> dict:
+        frames = {
+            "positions": st.positions[None],
+            "forces": st.forces[None],
+            "energy": st.energy[None],
+            "fmax": st.fmax[None],
+            "step": st.n_steps[None],
+            "cell": st.cell[None],
+            "dE_dstrain": st.dE_dstrain[None],
+            "recorded": np.ones((1, live.layout.n_systems), bool),
+        }
+        return self._system_block(live, frames, 1, k)
 
     def _initial_frames(self, live: _Live, fresh: set):
-        st = jax.device_get(live.state)
+        st = self._snapshot(live)
         frames = {
             "positions": st.positions[None],
             "forces": st.forces[None],
@@ -781,20 +809,17 @@ class Engine:
         s = self.settings
         done: set = set()
         while True:
-            st = jax.device_get((live.state.status, live.state.n_steps))
-            status = st[0]
+            status = np.asarray(jax.device_get(live.state.status))
             finished = [
                 k for k in range(live.layout.n_real) if status[k] != RUNNING and k not in done
             ]
             if finished:
-                full = jax.device_get(live.state)
+                snapshot = self._snapshot(live)
                 for k in finished:
                     item = live.items[k]
-                    if item.last_frame is not None and item.last_written_step < int(
-                        full.n_steps[k]
-                    ):
-                        self._emit(item, item.last_frame, final=True)
-                    result = self._finish(live, k, full)
+                    # the final frame is always written (from the state, not the frame buffer)
+                    self._emit(item, self._state_block(live, snapshot, k), final=True)
+                    result = self._finish(live, k, snapshot)
                     self.sink.end(item.key, result)
                     results.append(result)
                     done.add(k)
@@ -805,8 +830,9 @@ class Engine:
             running = [k for k in range(live.layout.n_real) if status[k] == RUNNING]
             if not running:
                 return [], {}
-            if finished and self._should_repack(live, running, queue):
-                carry = {live.items[k].key: self._extract(live, k) for k in running}
+            if finished and self._should_repack(live, running, queue, done):
+                host_state = jax.device_get(live.state)
+                carry = {live.items[k].key: self._extract(live, k, host_state) for k in running}
                 return [live.items[k] for k in running], carry
             state, frames, n_frames, stale = advance(
                 live.state,
@@ -819,7 +845,7 @@ class Engine:
             )
             live.state = state
             n = int(n_frames)
-            if n:
+            if n and live.program.record:
                 host_frames = jax.device_get(dataclasses.asdict(frames))
                 host_frames = {k: v[:n] for k, v in host_frames.items()}
                 final_status = jax.device_get(state.status)
@@ -831,11 +857,15 @@ class Engine:
             if stale.any():
                 self._rebuild(live, np.nonzero(stale)[0])
 
-    def _should_repack(self, live: _Live, running: list, queue: deque) -> bool:
-        if queue:
-            return True
+    def _should_repack(self, live: _Live, running: list, queue: deque, done: set) -> bool:
+        """Refill when a quarter of the batch is free and structures wait; compact (a smaller
+        bucket, compiled once per size) when three quarters are idle."""
+        A = live.layout.n_padded_atoms
         atoms = sum(live.items[k].structure.n_atoms for k in running)
-        return bucket(atoms) < live.layout.n_padded_atoms // 2 or (
+        if queue:
+            free_atoms = A - atoms
+            return free_atoms >= A // 4 or len(done) >= max(1, live.layout.n_systems // 4)
+        return bucket(atoms) <= A // 4 or (
             len(running) <= live.layout.n_systems // 4 and live.layout.n_systems > 4
         )
 
@@ -890,7 +920,12 @@ def evaluate(
     host.ref_cell = host.ref_cell.astype(dtype)
     ev = jax.device_get(
         evaluate_once(
-            jnp.asarray(positions), jnp.asarray(cells), batch, host.to_device(), potential, stress
+            jax.device_put(positions),
+            jax.device_put(cells),
+            batch,
+            host.to_device(),
+            potential,
+            stress,
         )
     )
     out = []

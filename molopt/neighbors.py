@@ -122,14 +122,14 @@ class HostNeighbors:
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
         return Neighbors(
-            index=jnp.asarray(self.index),
-            shift=jnp.asarray(self.shift),
-            mask=jnp.asarray(self.mask),
-            ref_positions=jnp.asarray(self.ref_positions),
-            ref_cell=jnp.asarray(self.ref_cell),
-            complete=jnp.asarray(self.complete),
-            cutoff=jnp.asarray(self.cutoff, dtype),
-            skin=jnp.asarray(self.skin, dtype),
+            index=jax.device_put(self.index),
+            shift=jax.device_put(self.shift),
+            mask=jax.device_put(self.mask),
+            ref_positions=jax.device_put(self.ref_positions),
+            ref_cell=jax.device_put(self.ref_cell),
+            complete=jax.device_put(self.complete),
+            cutoff=jax.device_put(np.asarray(self.cutoff, dtype)),
+            skin=jax.device_put(np.asarray(self.skin, dtype)),
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class OutputSink:
         self.writers: dict = {}
         self.out_dir = Path(settings.out_dir)
         self.common = None
+        # finished structures are written by one background thread, while the engine computes
+        # (JAX releases the GIL); their order is kept
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molopt-writer")
+        self.pending: list = []
+        self.in_flight: set = set()
 
     def _common(self) -> dict:
         if self.common is None:
@@ -120,8 +126,36 @@ class OutputSink:
         self.writers[key].append(block)
 
     def end(self, key, result):
-        frame = self.frame_of[key]
+        self._common()  # on the main thread (it asks JAX for the device)
         writer = self.writers.pop(key)
+        self.in_flight.add(writer)
+        self.pending.append(self.pool.submit(self._finish, key, writer, result))
+        self._reap()
+
+    def _reap(self):
+        """Raise an error of a finished background write; forget finished futures."""
+        still = []
+        for future in self.pending:
+            if future.done():
+                future.result()
+            else:
+                still.append(future)
+        self.pending = still
+
+    def flush(self):
+        """Wait for every write; re-raise the first error."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def _finish(self, key, writer, result):
+        try:
+            self._write(key, writer, result)
+        finally:
+            self.in_flight.discard(writer)
+
+    def _write(self, key, writer, result):
+        frame = self.frame_of[key]
         h5md_path, xyz_path = out.output_paths(self.out_dir, frame.stem)
         if result.status == "failed":
             writer.abort()
@@ -185,9 +219,15 @@ class OutputSink:
         )
 
     def abort_all(self):
-        for writer in self.writers.values():
+        """After an interruption: finish the write in progress, drop queued ones, and leave
+        no temporary file behind."""
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for writer in list(self.writers.values()) + list(self.in_flight):
             writer.abort()
         self.writers.clear()
+        self.in_flight.clear()
 
 
 def frame_run_hash(frame, settings: RunSettings, spec) -> str:
@@ -359,6 +399,7 @@ def relax_files(
             engine = HessianCheckingEngine(engine)
         try:
             engine.relax(engine_items)
+            sink.flush()
         finally:
             sink.abort_all()
         summary.compiles = getattr(engine, "compiles", 0)

@@ -106,19 +106,32 @@ def _few(indices, limit: int = 5) -> str:
 
 def _check_separation(structure: Structure) -> None:
     """Fail on atoms closer than MIN_SEPARATION (periodic images included)."""
-    import vesin
-
-    if structure.n_atoms < 2 and not structure.pbc.any():
+    n = structure.n_atoms
+    if n < 2 and not structure.pbc.any():
         return
-    box = structure.cell if structure.pbc.any() else np.zeros((3, 3))
-    i, j, d = vesin.NeighborList(cutoff=MIN_SEPARATION, full_list=False).compute(
-        structure.positions, box, structure.pbc, "ijd"
-    )
-    if len(i):
-        k = int(np.argmin(d))
+    if not structure.pbc.any() and n <= 512:
+        diff = structure.positions[:, None, :] - structure.positions[None, :, :]
+        d2 = np.einsum("ijk,ijk->ij", diff, diff)
+        d2[np.diag_indices(n)] = np.inf
+        k = int(np.argmin(d2))
+        i, j, d = k // n, k % n, float(np.sqrt(d2.flat[k]))
+    else:
+        import vesin
+
+        box = structure.cell if structure.pbc.any() else np.zeros((3, 3))
+        # a cell-list search at a tiny cutoff makes a huge grid of cells: search at 3 A and
+        # keep the closest pair
+        ii, jj, dd = vesin.NeighborList(cutoff=3.0, full_list=False).compute(
+            structure.positions, box, structure.pbc, "ijd"
+        )
+        if not len(ii):
+            return
+        k = int(np.argmin(dd))
+        i, j, d = int(ii[k]), int(jj[k]), float(dd[k])
+    if d < MIN_SEPARATION:
         raise InputError(
             structure.source,
-            f"atoms {int(i[k])} and {int(j[k])} are on top of each other "
-            f"({float(d[k]):.3f} A apart; minimum {MIN_SEPARATION} A)",
+            f"atoms {min(i, j)} and {max(i, j)} are on top of each other "
+            f"({d:.3f} A apart; minimum {MIN_SEPARATION} A)",
             structure.index,
         )

@@ -74,35 +74,56 @@ class TrajectoryWriter:
 
     def _open(self):
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
+        self.file = h5py.File(self.tmp, "w", libver="latest")
         self._write_static(self.file)
 
     def _flush(self) -> None:
+        """Append buffered frames to the (resizable) datasets of the temporary file."""
         if not self.blocks:
             return
         if self.file is None:
             self._open()
         data = self._joined()
         self.blocks, self.buffered = [], 0
-        for dataset, values in self._series(data):
-            name = dataset
-            if name not in self.file:
-                shape = (None,) + values.shape[1:]
-                self.file.create_dataset(
-                    name,
+        for element, values, step, time in self._series(data):
+            group = self.file.require_group(element)
+            if "value" not in group:
+                group.create_dataset(
+                    "value",
                     data=values,
-                    maxshape=shape,
+                    maxshape=(None,) + values.shape[1:],
                     chunks=(max(1, min(64, len(values))),) + values.shape[1:],
                 )
+                group.create_dataset("step", data=step, maxshape=(None,), chunks=(256,))
+                group.create_dataset("time", data=time, maxshape=(None,), chunks=(256,))
             else:
-                ds = self.file[name]
-                ds.resize(ds.shape[0] + len(values), axis=0)
-                ds[-len(values) :] = values
+                for name, array in (("value", values), ("step", step), ("time", time)):
+                    ds = group[name]
+                    ds.resize(ds.shape[0] + len(array), axis=0)
+                    ds[-len(array) :] = array
+        self.n_frames += len(data["step"])
+
+    def _write_all(self, f: h5py.File) -> None:
+        """One-shot write of everything buffered (the common case: small trajectories).
+        ``step``/``time`` are written once and hard-linked into every element."""
+        data = self._joined()
+        self.blocks, self.buffered = [], 0
+        shared = None
+        for element, values, step, time in self._series(data):
+            group = f.create_group(element)
+            group.create_dataset("value", data=values)
+            if shared is None:
+                shared = (
+                    group.create_dataset("step", data=step),
+                    group.create_dataset("time", data=time),
+                )
+            else:
+                group["step"], group["time"] = shared
         self.n_frames += len(data["step"])
 
     # -- layout ------------------------------------------------------------------------------
     def _series(self, data: dict):
-        """(dataset path, values) of every time series; step/time once per element."""
+        """(element path, values, step, time) of every time series."""
         step = data["step"].astype(np.int64)
         time = step.astype(np.float64)
         elements = {
@@ -118,9 +139,7 @@ class TrajectoryWriter:
             elements["observables/stress"] = data["stress"]
             elements["observables/volume"] = np.abs(np.linalg.det(data["cell"]))
         for element, values in elements.items():
-            yield f"{element}/value", np.asarray(values, np.float64)
-            yield f"{element}/step", step
-            yield f"{element}/time", time
+            yield element, np.asarray(values, np.float64), step, time
 
     def _write_static(self, f: h5py.File) -> None:
         from molopt import __version__
@@ -132,7 +151,8 @@ class TrajectoryWriter:
         creator.attrs["name"] = "molopt"
         creator.attrs["version"] = __version__
         traj = f.create_group("particles/trajectory")
-        box = traj.create_group("box")
+        f.create_group("particles/trajectory/box")
+        box = traj["box"]
         box.attrs["dimension"] = np.int32(3)
         box.attrs["boundary"] = np.array(
             [b"periodic" if p else b"none" for p in self.pbc], dtype="S8"
@@ -153,15 +173,26 @@ class TrajectoryWriter:
             "observables/volume": "Angstrom3",
         }
         for element, unit in units.items():
-            if f"{element}/value" in f:
-                f[f"{element}/value"].attrs["unit"] = unit
-                f[f"{element}/time"].attrs["unit"] = "fs"
+            if element.startswith("observables/stress") and not self.variable_cell:
+                continue
+            if element.startswith("observables/volume") and not self.variable_cell:
+                continue
+            if element.endswith("box/edges") and not self.pbc.any():
+                continue
+            f[f"{element}/value"].attrs["unit"] = unit
+        f["particles/trajectory/position/time"].attrs["unit"] = "fs"  # shared by all elements
+        for element in units:
+            time = f.get(f"{element}/time")
+            if time is not None and "unit" not in time.attrs:
+                time.attrs["unit"] = "fs"
 
     # -- finish ------------------------------------------------------------------------------
     def close(self, parameters: dict) -> Path:
         """Write everything, the ``parameters`` (JSON-able values), then rename into place."""
         if self.file is None:
             self._open()
+            if self.blocks:
+                self._write_all(self.file)
         self._flush()
         self._write_units(self.file)
         group = self.file["parameters"]

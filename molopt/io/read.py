@@ -68,11 +68,34 @@ class Frame:
     sha256: str = ""
 
 
+def _readable_extensions() -> dict:
+    """Extension -> ASE format for formats ASE can read (computed once)."""
+    global _EXTENSIONS
+    if _EXTENSIONS is None:
+        from ase.io.formats import extension2format, ioformats
+
+        table = {}
+        for name, fmt in ioformats.items():
+            if fmt.can_read:
+                for ext in fmt.extensions:
+                    table["." + ext.lower()] = name
+        for ext, fmt in extension2format.items():
+            if getattr(fmt, "can_read", False):
+                table["." + ext.lower()] = fmt.name
+        _EXTENSIONS = table
+    return _EXTENSIONS
+
+
+_EXTENSIONS = None
+
+
 def _is_structure_file(path: Path) -> bool:
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     if path.name.startswith(".") or path.suffix.lower() in NOT_STRUCTURES:
         return False
+    if path.suffix.lower() in _readable_extensions():
+        return not _is_molopt_output(path)
     try:
         fmt = filetype(str(path), read=False)
     except UnknownFileTypeError:

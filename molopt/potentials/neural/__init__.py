@@ -1,0 +1,1 @@
+"""Learned interatomic potentials (PaiNN) and their weight files."""

@@ -1,0 +1,1 @@
+"""Training and evaluating neural potentials on labelled configurations."""

@@ -1,0 +1,243 @@
+"""Labelled configurations (energy, forces, optional stress) and fixed-shape padded batches.
+
+Neighbour pairs of every configuration are found once (vesin) and stored per structure; a
+batch only concatenates them, so shuffling every epoch costs milliseconds. Every batch of a
+dataset has the same padded shapes (atoms, systems, neighbour capacity): one compilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molopt._jax import jax
+from molopt.errors import InputError
+from molopt.structure import Structure
+
+
+@dataclass
+class Labelled:
+    structure: Structure
+    energy: float  # eV
+    forces: np.ndarray  # (n, 3) eV/A
+    stress: np.ndarray | None = None  # (3, 3) eV/A^3, ASE sign convention
+    source: str = ""
+
+
+def read_labelled(paths, index: str = ":") -> list[Labelled]:
+    """Every frame of ``paths`` (any ASE format with a calculator's energy and forces: extxyz,
+    VASP OUTCAR, ASE traj/db, ...). Raises :class:`InputError` naming the file and reason."""
+    import ase.io
+
+    from molopt.io.read import from_atoms
+
+    out = []
+    for path in paths:
+        path = Path(path)
+        try:
+            images = ase.io.read(str(path), index=index)
+        except Exception as exc:
+            raise InputError(str(path), f"cannot be read ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(images, list):
+            images = [images]
+        for k, atoms in enumerate(images):
+            try:
+                energy = atoms.get_potential_energy()
+                forces = atoms.get_forces()
+            except Exception as exc:
+                raise InputError(
+                    str(path), "frame has no energy and forces to learn from", k
+                ) from exc
+            stress = None
+            try:
+                if atoms.pbc.all():
+                    stress = atoms.get_stress(voigt=False)
+            except Exception:
+                stress = None
+            atoms.set_constraint()
+            structure = from_atoms(atoms, str(path), k)
+            out.append(
+                Labelled(structure, float(energy), np.asarray(forces, float), stress, f"{path}:{k}")
+            )
+    if not out:
+        raise InputError(", ".join(str(p) for p in paths), "no labelled configurations")
+    return out
+
+
+def split(data: list[Labelled], valid_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data))
+    n_valid = max(1, int(round(valid_fraction * len(data)))) if len(data) > 1 else 0
+    valid = [data[k] for k in order[:n_valid]]
+    train = [data[k] for k in order[n_valid:]]
+    return train, valid
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Batch:
+    """One padded batch: engine ``batch``, ``positions`` (A, 3), ``cells`` (S, 3, 3),
+    ``nbrs`` (device Neighbors), targets ``energy`` (S,), ``forces`` (A, 3), ``stress``
+    (S, 3, 3), ``has_stress`` (S,), ``n_atoms`` (S,)."""
+
+    batch: object
+    positions: object
+    cells: object
+    nbrs: object
+    energy: object
+    forces: object
+    stress: object
+    has_stress: object
+    n_atoms: object
+
+
+class Batcher:
+    """Packs labelled configurations into fixed-shape batches of at most ``batch_atoms`` atoms
+    and ``batch_structures`` structures."""
+
+    def __init__(
+        self,
+        data: list[Labelled],
+        elements,
+        cutoff: float,
+        batch_atoms: int,
+        batch_structures: int,
+        dtype=np.float32,
+    ):
+        import vesin
+
+        self.data = data
+        self.species = {int(z): k for k, z in enumerate(elements)}
+        self.cutoff = cutoff
+        self.dtype = dtype
+        largest = max(d.structure.n_atoms for d in data)
+        self.batch_atoms = max(batch_atoms, largest)
+        self.batch_structures = batch_structures
+        self.pairs = []
+        capacity = 1
+        for d in data:
+            s = d.structure
+            missing = set(int(z) for z in s.numbers) - set(self.species)
+            if missing:
+                from molopt import elements as el
+
+                raise InputError(
+                    d.source,
+                    "element(s) "
+                    + ", ".join(el.symbol(z) for z in sorted(missing))
+                    + " not among the potential's elements",
+                )
+            box = s.cell if s.pbc.any() else np.zeros((3, 3))
+            i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
+                s.positions, box, s.pbc, "ijS"
+            )
+            order = np.argsort(i, kind="stable")
+            i, j, shifts = i[order], j[order], shifts[order]
+            counts = np.bincount(i, minlength=s.n_atoms)
+            capacity = max(capacity, int(counts.max()) if len(counts) else 1)
+            self.pairs.append(
+                (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int8), counts)
+            )
+        self.capacity = -(-capacity // 8) * 8
+        self.periodic = any(d.structure.pbc.any() for d in data)
+
+    def plan(self, rng: np.random.Generator | None) -> list[list[int]]:
+        order = np.arange(len(self.data)) if rng is None else rng.permutation(len(self.data))
+        batches, current, atoms = [], [], 0
+        for k in order:
+            n = self.data[k].structure.n_atoms
+            if current and (atoms + n > self.batch_atoms or len(current) >= self.batch_structures):
+                batches.append(current)
+                current, atoms = [], 0
+            current.append(int(k))
+            atoms += n
+        if current:
+            batches.append(current)
+        return batches
+
+    def make(self, members: list[int]) -> Batch:
+
+        from molopt.batch import Batch as EngineBatch
+        from molopt.neighbors import Neighbors
+
+        A, S, K = self.batch_atoms, self.batch_structures, self.capacity
+        dtype = self.dtype
+        positions = np.zeros((A, 3), dtype)
+        cells = np.zeros((S, 3, 3), dtype)
+        species = np.zeros(A, np.int32)
+        numbers = np.zeros(A, np.int32)
+        system_idx = np.full(A, S, np.int32)
+        atom_mask = np.zeros(A, bool)
+        pbc = np.zeros((S, 3), bool)
+        system_mask = np.zeros(S, bool)
+        n_atoms = np.zeros(S, np.int32)
+        energy = np.zeros(S, dtype)
+        forces = np.zeros((A, 3), dtype)
+        stress = np.zeros((S, 3, 3), dtype)
+        has_stress = np.zeros(S, bool)
+        index = np.repeat(np.arange(A, dtype=np.int32)[None, :], K, axis=0)
+        mask = np.zeros((K, A), bool)
+        shift = np.zeros((3 if self.periodic else 0, K, A), np.int8)
+        start = 0
+        for slot, k in enumerate(members):
+            d = self.data[k]
+            s = d.structure
+            n = s.n_atoms
+            rows = slice(start, start + n)
+            positions[rows] = s.positions
+            species[rows] = [self.species[int(z)] for z in s.numbers]
+            numbers[rows] = s.numbers
+            system_idx[rows] = slot
+            atom_mask[rows] = True
+            cells[slot] = s.cell
+            pbc[slot] = s.pbc
+            system_mask[slot] = True
+            n_atoms[slot] = n
+            energy[slot] = d.energy
+            forces[rows] = d.forces
+            if d.stress is not None:
+                stress[slot] = d.stress
+                has_stress[slot] = True
+            i, j, shifts, counts = self.pairs[k]
+            if len(i):
+                starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                position = np.arange(len(i)) - starts[i]
+                index[position, i + start] = j + start
+                mask[position, i + start] = True
+                if self.periodic:
+                    shift[:, position, i + start] = shifts.T
+            start += n
+        batch = EngineBatch(
+            species=jax.device_put(species),
+            numbers=jax.device_put(numbers),
+            system_idx=jax.device_put(system_idx),
+            atom_mask=jax.device_put(atom_mask),
+            fixed=jax.device_put(np.zeros(A, bool)),
+            pbc=jax.device_put(pbc),
+            system_mask=jax.device_put(system_mask),
+            n_atoms=jax.device_put(n_atoms),
+            n_systems=S,
+        )
+        nbrs = Neighbors(
+            index=jax.device_put(index),
+            shift=jax.device_put(shift),
+            mask=jax.device_put(mask),
+            ref_positions=jax.device_put(positions),
+            ref_cell=jax.device_put(cells),
+            complete=jax.device_put(np.ones(S, bool)),
+            cutoff=jax.device_put(np.asarray(self.cutoff, dtype)),
+            skin=jax.device_put(np.asarray(0.0, dtype)),
+        )
+        return Batch(
+            batch,
+            jax.device_put(positions),
+            jax.device_put(cells),
+            nbrs,
+            jax.device_put(energy),
+            jax.device_put(forces),
+            jax.device_put(stress),
+            jax.device_put(has_stress),
+            jax.device_put(n_atoms),
+        )

@@ -1,0 +1,411 @@
+"""Training a PaiNN potential: per-element reference energies by least squares, then Adam
+(optax) on a weighted energy/force/stress loss with a warm-up + cosine learning-rate schedule,
+early stopping on the validation loss, checkpoints every few epochs (and ``resume``), and the
+best model written as a potential file with its model card. Seeded and reproducible for a
+given machine and JAX version: batches, initial weights and splits all come from ``seed``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from molopt.errors import ConfigError
+from molopt.training.data import Batcher, Labelled, split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "nn-potential"
+    reference_method: str = "unknown"
+    elements: tuple = ()  # symbols; default: every element in the data
+    cutoff: float = 5.0
+    n_features: int = 64
+    n_radial: int = 20
+    n_layers: int = 3
+    epochs: int = 200
+    max_time_s: float = 3600.0
+    time_budget_s: float = 0.0  # >0: after epoch 1, cut epochs to fit this budget
+    batch_atoms: int = 256
+    batch_structures: int = 16
+    learning_rate: float = 2e-3
+    final_learning_rate: float = 2e-5
+    warmup_steps: int = 200
+    energy_weight: float = 1.0  # on (eV/atom)^2
+    force_weight: float = 50.0  # on (eV/A)^2
+    stress_weight: float = 0.0  # on (eV/A^3)^2
+    gradient_clip: float = 10.0
+    valid_fraction: float = 0.1
+    patience: int = 40  # epochs without validation improvement
+    checkpoint_every: int = 5
+    seed: int = 0
+    precision: str = "float32"
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, path) -> TrainConfig:
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"training config {path}: {exc}") from exc
+        data = data.get("train", data)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known - {"description"})
+        if unknown:
+            raise ConfigError(f"training config {path}: unknown setting(s) {', '.join(unknown)}")
+        values = {k: v for k, v in data.items() if k in known}
+        if "elements" in values:
+            values["elements"] = tuple(values["elements"])
+        return cls(**values)
+
+
+def reference_energies(data: list[Labelled], elements) -> np.ndarray:
+    """Per-element energies E_Z minimising sum (E - sum_Z n_Z E_Z)^2 (eV/atom)."""
+    index = {z: k for k, z in enumerate(elements)}
+    counts = np.zeros((len(data), len(elements)))
+    for row, d in enumerate(data):
+        for z in d.structure.numbers:
+            counts[row, index[int(z)]] += 1
+    energies = np.array([d.energy for d in data])
+    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return solution
+
+
+def make_loss(config: TrainConfig):
+    import jax
+    import jax.numpy as jnp
+
+    def predict(model, b):
+        def total(positions, strain):
+            eye = jnp.eye(3, dtype=positions.dtype)
+            sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+            atom_system = jnp.minimum(b.batch.system_idx, b.cells.shape[0] - 1)
+            pos = positions + jnp.einsum("ax,axy->ay", positions, sym[atom_system])
+            cells = jnp.einsum("sxy,syz->sxz", b.cells, eye + sym)
+            energy = model.energy(pos, cells, b.batch, b.nbrs)
+            return jnp.sum(energy), energy
+
+        zero = jnp.zeros_like(b.cells)
+        need_stress = config.stress_weight > 0
+        argnums = (0, 1) if need_stress else 0
+        (_, energy), grads = jax.value_and_grad(total, argnums, has_aux=True)(b.positions, zero)
+        if need_stress:
+            grad_x, grad_strain = grads
+            volume = jnp.abs(jnp.linalg.det(b.cells))
+            stress = grad_strain / jnp.where(volume > 0, volume, 1.0)[:, None, None]
+        else:
+            grad_x, stress = grads, jnp.zeros_like(b.cells)
+        forces = jnp.where(b.batch.atom_mask[:, None], -grad_x, 0.0)
+        return energy, forces, stress
+
+    def errors(model, b):
+        energy, forces, stress = predict(model, b)
+        n = jnp.maximum(b.n_atoms, 1).astype(energy.dtype)
+        mask = b.batch.system_mask
+        de = jnp.where(mask, (energy - b.energy) / n, 0.0)
+        df = jnp.where(b.batch.atom_mask[:, None], forces - b.forces, 0.0)
+        ds = jnp.where((mask & b.has_stress)[:, None, None], stress - b.stress, 0.0)
+        return de, df, ds
+
+    def loss(model, b):
+        de, df, ds = errors(model, b)
+        n_systems = jnp.maximum(jnp.sum(b.batch.system_mask), 1)
+        n_atoms = jnp.maximum(jnp.sum(b.batch.atom_mask), 1)
+        n_stress = jnp.maximum(jnp.sum(b.has_stress & b.batch.system_mask), 1)
+        value = (
+            config.energy_weight * jnp.sum(de**2) / n_systems
+            + config.force_weight * jnp.sum(df**2) / (3 * n_atoms)
+            + config.stress_weight * jnp.sum(ds**2) / (9 * n_stress)
+        )
+        return value, (de, df, ds)
+
+    return loss, errors
+
+
+class Trainer:
+    """Train on ``train`` (validate on ``valid``) into ``out_dir``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: list[Labelled],
+        out_dir: Path,
+        valid: list[Labelled] | None = None,
+        sources=(),
+    ):
+        from molopt import elements as el
+
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.sources = list(sources)
+        if valid is None:
+            data, valid = split(data, config.valid_fraction, config.seed)
+        self.train_data, self.valid_data = data, valid
+        numbers = sorted({int(z) for d in data + valid for z in d.structure.numbers})
+        if config.elements:
+            declared = [el.number(s) for s in config.elements]
+            missing = set(numbers) - set(declared)
+            if missing:
+                raise ConfigError(
+                    "training data contains element(s) "
+                    + ", ".join(el.symbol(z) for z in sorted(missing))
+                    + " not in the config's elements"
+                )
+            numbers = declared
+        self.elements = tuple(numbers)
+        dtype = np.float64 if config.precision == "float64" else np.float32
+        self.dtype = dtype
+        self.train_batches = Batcher(
+            data, self.elements, config.cutoff, config.batch_atoms, config.batch_structures, dtype
+        )
+        self.valid_batches = Batcher(
+            valid, self.elements, config.cutoff, config.batch_atoms, config.batch_structures, dtype
+        )
+        # both batchers must share shapes so one compiled step serves both
+        capacity = max(self.train_batches.capacity, self.valid_batches.capacity)
+        atoms = max(self.train_batches.batch_atoms, self.valid_batches.batch_atoms)
+        for b in (self.train_batches, self.valid_batches):
+            b.capacity, b.batch_atoms = capacity, atoms
+            b.periodic = self.train_batches.periodic or self.valid_batches.periodic
+
+    # -- model and optimizer ------------------------------------------------------------------
+    def initial_model(self):
+        import jax
+
+        from molopt.potentials.neural.painn import PaiNN
+
+        reference = reference_energies(self.train_data, self.elements)
+        forces = np.concatenate([d.forces.ravel() for d in self.train_data])
+        scale = float(np.sqrt(np.mean(forces**2))) or 1.0
+        c = self.config
+        model = PaiNN(
+            self.elements,
+            cutoff=c.cutoff,
+            n_features=c.n_features,
+            n_radial=c.n_radial,
+            n_layers=c.n_layers,
+            key=jax.random.PRNGKey(c.seed),
+            reference=reference,
+            scale=scale,
+        )
+        return _cast(model, self.dtype)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_batches.plan(None))
+
+    def warmup_steps(self) -> int:
+        c = self.config
+        # with a time budget epoch 1 is all warm-up, so the total (fixed after epoch 1)
+        # never changes a learning rate already used: rerunning with that many epochs and no
+        # budget reproduces the run
+        return max(c.warmup_steps, self.steps_per_epoch() if c.time_budget_s > 0 else 0)
+
+    def optimizer(self):
+        """Gradient clipping + Adam (optax); the learning rate is applied in the step."""
+        import optax
+
+        c = self.config
+        return optax.chain(optax.clip_by_global_norm(c.gradient_clip), optax.scale_by_adam())
+
+    def learning_rate(self, step, total_steps):
+        """Linear warm-up from lr/100, then cosine decay to ``final_learning_rate`` at
+        ``total_steps`` (arrays allowed: the total may be set after epoch 1)."""
+        import jax.numpy as jnp
+
+        c = self.config
+        warm = self.warmup_steps()
+        step = jnp.asarray(step, jnp.float32)
+        rise = c.learning_rate / 100 + (c.learning_rate - c.learning_rate / 100) * step / warm
+        progress = jnp.clip((step - warm) / jnp.maximum(total_steps - warm, 1), 0.0, 1.0)
+        cosine = c.final_learning_rate + 0.5 * (c.learning_rate - c.final_learning_rate) * (
+            1 + jnp.cos(jnp.pi * progress)
+        )
+        return jnp.where(step < warm, rise, cosine)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: Callable | None = None) -> dict:
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+
+        c = self.config
+        loss_fn, errors_fn = make_loss(c)
+        optimizer = self.optimizer()
+        steps_per_epoch = self.steps_per_epoch()
+        model = self.initial_model()
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        state = {
+            "epoch": 0,
+            "step": 0,
+            "best_valid": float("inf"),
+            "best_epoch": -1,
+            "history": [],
+            "elapsed_s": 0.0,
+            "epochs": c.epochs,
+        }
+        checkpoints = self.out_dir / "checkpoints"
+        if resume:
+            if not (checkpoints / "state.json").exists():
+                raise ConfigError(f"nothing to resume in {checkpoints}")
+            state = json.loads((checkpoints / "state.json").read_text())
+            if c.time_budget_s <= 0:
+                state["epochs"] = c.epochs  # resuming may extend (or shorten) the run
+            model = eqx.tree_deserialise_leaves(checkpoints / "model.eqx", model)
+            opt_state = eqx.tree_deserialise_leaves(checkpoints / "optimizer.eqx", opt_state)
+        best = model
+        if (checkpoints / "best.eqx").exists() and resume:
+            best = eqx.tree_deserialise_leaves(checkpoints / "best.eqx", model)
+
+        @eqx.filter_jit
+        def train_step(model, opt_state, b, step, total_steps):
+            (value, _), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, b)
+            updates, opt_state = optimizer.update(
+                grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
+            )
+            rate = self.learning_rate(step, total_steps)
+            updates = jax.tree.map(lambda u: -rate * u, updates)
+            return eqx.apply_updates(model, updates), opt_state, value
+
+        @eqx.filter_jit
+        def valid_step(model, b):
+            de, df, ds = errors_fn(model, b)
+            return (
+                jnp.sum(jnp.abs(de)),
+                jnp.sum(de**2),
+                jnp.sum(jnp.abs(df)),
+                jnp.sum(df**2),
+                jnp.sum(b.batch.system_mask),
+                3 * jnp.sum(b.batch.atom_mask),
+            )
+
+        valid_batches = [self.valid_batches.make(m) for m in self.valid_batches.plan(None)]
+        started = time.perf_counter() - state["elapsed_s"]
+        stale_epochs = state["epoch"] - state["best_epoch"] - 1 if state["best_epoch"] >= 0 else 0
+        while state["epoch"] < state["epochs"]:
+            epoch = state["epoch"]
+            rng = np.random.default_rng([c.seed, epoch])
+            losses = []
+            epoch_started = time.perf_counter()
+            total_steps = jnp.asarray(state["epochs"] * steps_per_epoch, jnp.float32)
+            for k, members in enumerate(self.train_batches.plan(rng)):
+                b = self.train_batches.make(members)
+                model, opt_state, value = train_step(
+                    model, opt_state, b, jnp.asarray(state["step"]), total_steps
+                )
+                losses.append(value)
+                state["step"] += 1
+                if k == 0:
+                    jax.block_until_ready(value)
+                    compiled_at = time.perf_counter()  # exclude the first (compiling) step
+            if epoch == 0 and c.time_budget_s > 0:
+                per_step = (time.perf_counter() - compiled_at) / max(1, len(losses) - 1)
+                affordable = (
+                    int(
+                        (c.time_budget_s - (time.perf_counter() - started))
+                        / (per_step * steps_per_epoch * 1.15)
+                    )
+                    + 1
+                )
+                state["epochs"] = int(max(2, min(c.epochs, affordable)))
+            del epoch_started
+            train_loss = float(np.mean(jax.device_get(losses)))
+            sums = np.zeros(6)
+            for b in valid_batches:
+                sums += np.array([float(x) for x in valid_step(model, b)])
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "valid_energy_mae_meV_per_atom": 1000 * sums[0] / sums[4],
+                "valid_energy_rmse_meV_per_atom": 1000 * np.sqrt(sums[1] / sums[4]),
+                "valid_force_mae_meV_per_A": 1000 * sums[2] / sums[5],
+                "valid_force_rmse_meV_per_A": 1000 * np.sqrt(sums[3] / sums[5]),
+                "learning_rate": float(
+                    self.learning_rate(state["step"], state["epochs"] * steps_per_epoch)
+                ),
+            }
+            valid_loss = c.energy_weight * sums[1] / sums[4] + c.force_weight * sums[3] / sums[5]
+            metrics["valid_loss"] = float(valid_loss)
+            state["history"].append(metrics)
+            state["epoch"] = epoch + 1
+            state["elapsed_s"] = time.perf_counter() - started
+            if valid_loss < state["best_valid"]:
+                state["best_valid"] = float(valid_loss)
+                state["best_epoch"] = epoch
+                best = model
+                stale_epochs = 0
+            else:
+                stale_epochs += 1
+            if progress:
+                progress(metrics, state)
+            stop = stale_epochs >= c.patience or state["elapsed_s"] > c.max_time_s
+            if (
+                state["epoch"] % c.checkpoint_every == 0
+                or stop
+                or state["epoch"] == state["epochs"]
+            ):
+                self._checkpoint(checkpoints, model, best, opt_state, state)
+            if stop:
+                break
+        state["stopped"] = (
+            "patience"
+            if stale_epochs >= c.patience
+            else "time"
+            if state["elapsed_s"] > c.max_time_s
+            else "epochs"
+        )
+        self.best = best
+        self.state = state
+        return state
+
+    def _checkpoint(self, directory: Path, model, best, opt_state, state):
+        import equinox as eqx
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, tree in (("model", model), ("best", best), ("optimizer", opt_state)):
+            tmp = directory / f".{name}.eqx.tmp"
+            eqx.tree_serialise_leaves(tmp, tree)
+            os.replace(tmp, directory / f"{name}.eqx")
+        tmp = directory / ".state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, directory / "state.json")
+
+    def write_potential(self, errors: dict | None = None) -> Path:
+        """The best model as ``<name>.toml`` + ``<name>.eqx`` with its model card."""
+        from molopt.io.read import file_sha256
+        from molopt.potentials.neural.io import save_neural
+
+        c = self.config
+        card = {
+            "description": f"PaiNN trained on {c.reference_method} data "
+            f"({len(self.train_data)} configurations)",
+            "reference_method": c.reference_method,
+            "training": {
+                "data": [{"path": str(p), "sha256": file_sha256(Path(p))} for p in self.sources],
+                "n_train": len(self.train_data),
+                "n_valid": len(self.valid_data),
+                "epochs": self.state["epoch"],
+                "best_epoch": self.state["best_epoch"] + 1,
+                "stopped": self.state["stopped"],
+                "wall_time_s": round(self.state["elapsed_s"], 1),
+                "config": {
+                    k: v for k, v in asdict(c).items() if k not in ("extra",) and v not in ((), "")
+                },
+            },
+            "errors": errors or {},
+        }
+        best = _cast(self.best, np.float32)
+        return save_neural(best, self.out_dir, c.name, card)
+
+
+def _cast(model, dtype):
+    from molopt.potentials.neural.painn import cast_floats
+
+    return cast_floats(model, dtype)
