@@ -71,7 +71,9 @@ def write(out_dir: Path, names) -> dict[str, Path]:
                     ase.io.write(path, atoms)
             paths[name] = target
         else:
-            path = out_dir / f"{name}.extxyz"
+            # big crystals as ASE trajectories (binary: fast to write and read)
+            suffix = "traj" if name in ("W4", "W1M") else "extxyz"
+            path = out_dir / f"{name}.{suffix}"
             if not path.exists():
                 ase.io.write(path, WORKLOADS[name]())
             paths[name] = path

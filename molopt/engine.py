@@ -566,10 +566,12 @@ class Engine:
                     x[rows] = carry[it.key]["x_atoms"]
                     base = layout.n_padded_atoms + 3 * k
                     x[base : base + 3] = carry[it.key]["x_cell"]
+        record = self.settings.trajectory_interval != 0
         program = dataclasses.replace(
             self.program,
-            chunk=chunk_for(layout.n_padded_atoms, self.settings.chunk),
-            record=self.settings.trajectory_interval != 0,
+            chunk=(chunk_for(layout.n_padded_atoms, self.settings.chunk) if record
+                   else self.settings.chunk),
+            record=record,
         )
         state = start(
             jax.device_put(x),

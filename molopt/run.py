@@ -214,6 +214,7 @@ class OutputSink:
                 steps=result.steps,
                 error=None,
                 initial_energy=result.initial_energy,
+                relax_time_s=round(result.wall_time, 4),
                 **extra,
             )
         )

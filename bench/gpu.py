@@ -1,0 +1,79 @@
+"""GPU benchmark: molopt on big crystals (W2 32k, W4 100k, W1M 1M atoms) and W3 (256
+clusters) on the machine's accelerator, cold (empty compilation cache) and warm.
+
+    bash bench/gpu.sh            # prints a table; JSON to bench/out/gpu.json (or $OUT)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from workloads import write  # noqa: E402
+
+
+def relax(path: Path, cache: Path, optimizer: str = "fire") -> dict:
+    out = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    env = dict(os.environ, MOLOPT_CACHE_DIR=str(cache))
+    cmd = [sys.executable, "-m", "molopt.cli", "relax", str(path), "-p", "argon", "--fmax",
+           "1e-3", "--optimizer", optimizer, "-o", str(out), "--json", "-q", "--traj-interval",
+           "0"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    records = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    if not records:
+        return {"error": proc.stderr[-1500:]}
+    return {
+        "wall_s": wall,
+        "relax_s": max(r.get("relax_time_s") or 0 for r in records),
+        "steps": sum(r["steps"] or 0 for r in records),
+        "energy": records[0]["energy"] if len(records) == 1 else None,
+        "n": len(records),
+        "statuses": sorted({r["status"] for r in records}),
+    }
+
+
+def main():
+    names = sys.argv[1:] or ["W2", "W4", "W1M", "W3"]
+    out_dir = Path(os.environ.get("OUT", HERE / "out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    paths = write(HERE / "out" / "workloads", names)
+    print(f"workloads ready in {time.perf_counter() - t:.1f} s", flush=True)
+    results = {}
+    for name in names:
+        cache = Path(tempfile.mkdtemp(prefix="molopt-cache-"))
+        cold = relax(paths[name], cache)
+        warm = relax(paths[name], cache) if name != "W1M" else cold
+        results[name] = {"cold": cold, "warm": warm}
+        print(name, json.dumps(results[name]), flush=True)
+    (out_dir / "gpu.json").write_text(json.dumps(results, indent=1))
+    import jax
+
+    print(f"\ndevice: {jax.devices()[0].device_kind}")
+    print("| workload | atoms | steps | relax (s, warm) | whole process (s, warm) | cold (s) | "
+          "atom-steps/s |")
+    print("|---|---|---|---|---|---|---|")
+    atoms = {"W2": 32000, "W4": 100920, "W1M": 1000188, "W3": 9841}
+    for name, r in results.items():
+        w, c = r["warm"], r["cold"]
+        if "error" in w:
+            print(f"| {name} | | failed: {w['error'][-200:]!r} | | | | |")
+            continue
+        rate = atoms[name] * w["steps"] / w["relax_s"] if name != "W3" else float("nan")
+        print(f"| {name} | {atoms[name]} | {w['steps']} | {w['relax_s']:.2f} | {w['wall_s']:.2f} "
+              f"| {c['wall_s']:.2f} | {rate:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
