@@ -43,6 +43,9 @@ def relax(path: Path, cache: Path, optimizer: str = "fire") -> dict:
     }
 
 
+WARM = set(os.environ.get("WARM", "W2 W4 W3").split())
+
+
 def main():
     names = sys.argv[1:] or ["W2", "W4", "W1M", "W3"]
     out_dir = Path(os.environ.get("OUT", HERE / "out"))
@@ -54,9 +57,10 @@ def main():
     for name in names:
         cache = Path(tempfile.mkdtemp(prefix="molopt-cache-"))
         cold = relax(paths[name], cache)
-        warm = relax(paths[name], cache) if name != "W1M" else cold
+        warm = relax(paths[name], cache) if name in WARM else cold
         results[name] = {"cold": cold, "warm": warm}
         print(name, json.dumps(results[name]), flush=True)
+        (out_dir / "gpu.json").write_text(json.dumps(results, indent=1))
     (out_dir / "gpu.json").write_text(json.dumps(results, indent=1))
     import jax
 
