@@ -74,6 +74,11 @@ def save_neural(model, directory: Path, name: str, card: dict) -> Path:
 
     import equinox as eqx
 
+    import numpy as np
+
+    from molopt.potentials.neural.painn import cast_floats
+
+    model = cast_floats(model, np.float32)  # weights are stored in float32
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.eqx"

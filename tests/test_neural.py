@@ -1,0 +1,218 @@
+"""Neural potentials: derivatives, invariances, padding, files, training, shipped models."""
+
+import json
+import shutil
+from pathlib import Path
+
+import ase.io
+import jax
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111
+from ase.cluster import Icosahedron
+from typer.testing import CliRunner
+
+from conftest import structure_from_atoms
+from molopt import testing
+from molopt.cli import app
+from molopt.engine import evaluate
+from molopt.errors import PotentialError
+from molopt.potentials.neural.io import save_neural
+from molopt.potentials.neural.painn import PaiNN
+from molopt.potentials.registry import load
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return PaiNN([29, 79], cutoff=4.5, n_features=16, n_radial=8, n_layers=2,
+                 key=jax.random.PRNGKey(3), reference=[-0.1, -0.2], scale=0.5)
+
+
+def alloy_cell():
+    atoms = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))
+    atoms.numbers[[1, 2]] = 79
+    atoms.rattle(0.1, seed=1)
+    return structure_from_atoms(atoms)
+
+
+def cluster():
+    atoms = Icosahedron("Cu", 2, latticeconstant=3.6)
+    atoms.numbers[:4] = 79
+    atoms.rattle(0.1, seed=2)
+    return structure_from_atoms(atoms)
+
+
+@pytest.mark.parametrize("make", [alloy_cell, cluster])
+def test_finite_difference_forces(small_model, make):
+    assert testing.finite_difference_forces(make(), small_model, atoms=range(3)) < 1e-7
+
+
+def test_finite_difference_stress(small_model):
+    assert testing.finite_difference_stress(alloy_cell(), small_model) < 1e-8
+
+
+@pytest.mark.parametrize("make", [alloy_cell, cluster])
+def test_invariances(small_model, make):
+    assert max(testing.invariance(make(), small_model).values()) < 1e-10
+
+
+def test_batch_equals_single_and_padding(small_model):
+    structures = [alloy_cell(), cluster(), alloy_cell()]
+    assert testing.batch_versus_single(structures, small_model) < 1e-11
+    import jax.numpy as jnp
+
+    from molopt import batch as B
+    from molopt import neighbors as N
+
+    s = cluster()
+    batch, pos, cells, layout = B.pack([s], small_model.species_of(s.numbers), np.float64)
+    assert layout.n_padded_atoms > s.n_atoms
+    nbrs = N.build(pos, cells, np.asarray(batch.pbc), layout, small_model.cutoff, 0.5)
+    ev = small_model.evaluate(jnp.asarray(pos), jnp.asarray(cells), batch, nbrs.to_device(), True)
+    assert np.all(np.asarray(ev.forces)[s.n_atoms:] == 0.0)
+    atomic = small_model.atomic_energies(jnp.asarray(pos), jnp.asarray(cells), batch,
+                                         nbrs.to_device())
+    assert np.all(np.asarray(atomic)[s.n_atoms:] == 0.0)
+
+
+def test_save_load_round_trip_and_tampering(small_model, tmp_path):
+    path = save_neural(small_model, tmp_path, "tiny", {"description": "test"})
+    loaded = load(path).potential
+    s = alloy_cell()
+    (e1, f1, _), = evaluate([s], small_model)
+    (e2, f2, _), = evaluate([s], loaded)
+    assert e2 == pytest.approx(e1, abs=1e-5)  # weights are stored in float32
+    np.testing.assert_allclose(f2, f1, atol=1e-5)
+    weights = tmp_path / "tiny.eqx"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PotentialError, match="corrupt or modified"):
+        load(path).potential
+    weights.unlink()
+    with pytest.raises(PotentialError, match="missing"):
+        load(path).potential
+
+
+def test_shipped_emt_potential_matches_emt_and_refuses_argon(tmp_path):
+    from ase.calculators.emt import EMT
+
+    spec = load("nn-emt-metals")
+    assert spec.kind == "neural" and spec.data["errors"]["force_mae_meV_per_A"] <= 30
+    slab = fcc111("Cu", size=(2, 2, 3), a=3.61, vacuum=6.0)
+    slab.numbers[-1] = 79
+    slab.rattle(0.05, seed=3)
+    (energy, forces, _), = evaluate([structure_from_atoms(slab)], spec.potential)
+    slab.calc = EMT()
+    assert np.abs(forces - slab.get_forces()).mean() < 0.03
+    assert testing.finite_difference_forces(structure_from_atoms(slab), spec.potential,
+                                            atoms=[0, 11]) < 1e-6
+    ase.io.write(tmp_path / "ar.xyz", bulk("Ar", "fcc", a=5.26).repeat((2, 1, 1)))
+    result = runner.invoke(app, ["relax", str(tmp_path / "ar.xyz"), "-p", "nn-emt-metals",
+                                 "-o", str(tmp_path / "o"), "--json"])
+    rec = json.loads(result.stdout.splitlines()[0])
+    assert rec["status"] == "failed" and "Ar not covered" in rec["error"]
+
+
+def test_relax_slab_and_cluster_with_shipped_potential(tmp_path):
+    slab = fcc111("Pt", size=(2, 2, 3), a=3.92, vacuum=6.0)
+    slab.rattle(0.05, seed=4)
+    ase.io.write(tmp_path / "slab.extxyz", slab)
+    cl = Icosahedron("Ag", 2, latticeconstant=4.09)
+    cl.rattle(0.05, seed=5)
+    ase.io.write(tmp_path / "cluster.xyz", cl)
+    result = runner.invoke(app, ["relax", str(tmp_path / "slab.extxyz"),
+                                 str(tmp_path / "cluster.xyz"), "-p", "nn-emt-metals",
+                                 "-o", str(tmp_path / "o"), "--json", "--fmax", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert {json.loads(x)["status"] for x in result.stdout.splitlines()} == {"converged"}
+
+
+def test_potential_chosen_automatically_for_metals(tmp_path):
+    cl = Icosahedron("Cu", 2, latticeconstant=3.61)
+    ase.io.write(tmp_path / "cu13.xyz", cl)
+    result = runner.invoke(app, ["relax", str(tmp_path / "cu13.xyz"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0 and "nn-emt-metals" in result.stderr
+
+
+def test_validation_table_recomputed_on_a_subset():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "data" / "neural"))
+    import validate
+
+    shipped = json.loads((ROOT / "potentials" / "nn-emt-metals.validation.json").read_text())
+    assert shipped["n_structures"] >= 20
+    assert shipped["median_rmsd_A"] <= 0.02 and shipped["median_abs_dE_meV_per_atom"] <= 1.0
+    subset = validate.main("nn-emt-metals", limit=2, write=False)
+    for got, expected in zip(subset["structures"], shipped["structures"], strict=False):
+        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=2e-3)
+        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.05)
+
+
+def test_train_resume_evaluate_cli(tmp_path):
+    images = []
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    for seed in range(12):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.numbers[0] = 79
+        atoms.rattle(0.1, seed=seed)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                   "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        images.append(atoms)
+    ase.io.write(tmp_path / "data.extxyz", images)
+    config = tmp_path / "t.toml"
+    config.write_text('name = "tiny-cuau"\nreference_method = "EMT"\ncutoff = 4.0\n'
+                      "n_features = 8\nn_radial = 6\nn_layers = 1\nepochs = 2\n"
+                      "batch_atoms = 16\nbatch_structures = 4\ncheckpoint_every = 1\n")
+    out = tmp_path / "model"
+    args = ["train", str(tmp_path / "data.extxyz"), "-c", str(config), "-o", str(out)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    card = (out / "tiny-cuau.toml").read_text()
+    assert "weights_sha256" in card and "reference_method" in card
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0
+    assert (out / "tiny-cuau.eqx").read_bytes() == (out / "tiny-cuau.eqx").read_bytes()
+    resumed = runner.invoke(app, args + ["--resume", "--epochs", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 3
+    evaluated = runner.invoke(app, ["evaluate", str(out / "tiny-cuau.toml"),
+                                    str(tmp_path / "data.extxyz"), "--json",
+                                    "--plot", str(tmp_path / "parity.png")])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout)
+    assert set(metrics["per_element"]) == {"Cu", "Au"} and metrics["force_mae_meV_per_A"] > 0
+    assert (tmp_path / "parity.png").stat().st_size > 1000
+    shutil.rmtree(out)
+
+
+def test_training_is_reproducible(tmp_path):
+    from molopt.training.data import Labelled
+    from molopt.training.train import TrainConfig, Trainer
+
+    data = []
+    from ase.calculators.emt import EMT
+
+    for seed in range(6):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.1, seed=seed)
+        atoms.calc = EMT()
+        data.append(Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(),
+                             atoms.get_forces()))
+    config = TrainConfig(cutoff=4.0, n_features=8, n_radial=6, n_layers=1, epochs=2,
+                         batch_atoms=8, batch_structures=2)
+    runs = []
+    for k in range(2):
+        trainer = Trainer(config, data, tmp_path / f"r{k}")
+        trainer.run()
+        runs.append(trainer.state["history"][-1]["train_loss"])
+    assert runs[0] == runs[1]
