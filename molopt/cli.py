@@ -408,6 +408,131 @@ def evaluate(
     Console().print(table)
 
 
+def _trajectories(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.h5md")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            _fail(f"{text}: no such file or directory")
+    if not files:
+        _fail("no .h5md trajectories found in " + ", ".join(paths))
+    return files
+
+
+@app.command()
+def info(
+    paths: Annotated[list[str], typer.Argument(help="Trajectories (.h5md) or directories.")],
+    json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+):
+    """What is inside molopt trajectories; a directory is summarised by status."""
+    from rich.table import Table
+
+    from molopt.io.h5md import summary
+
+    rows = []
+    for path in _trajectories(paths):
+        try:
+            rows.append(summary(path))
+        except (OSError, KeyError) as exc:
+            rows.append({"file": str(path), "status": "unreadable", "error": str(exc)})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("status") or "unknown"] = counts.get(r.get("status") or "unknown", 0) + 1
+    if json:
+        typer.echo(jsonlib.dumps({"trajectories": rows, "counts": counts}, indent=1))
+        return
+    readable = [r for r in rows if r.get("status") != "unreadable"]
+    used = sorted({f"{r['potential']}/{r['optimizer']}" for r in readable})
+    table = Table(title=f"{len(rows)} trajectories ({', '.join(used)})", title_justify="left")
+    for column in ("file", "structure", "atoms", "frames", "status", "steps", "E0 (eV)",
+                   "E (eV)", "fmax (eV/A)"):
+        table.add_column(column, justify="left" if column in ("file", "status") else "right")
+    for r in rows:
+        if r.get("status") == "unreadable":
+            table.add_row(r["file"], "", "", "", "unreadable", "", "", "", "")
+            continue
+        table.add_row(
+            Path(r["file"]).name, r["formula"], str(r["n_atoms"]), str(r["n_frames"]),
+            str(r["status"]), str(r["steps"]), f"{r['initial_energy']:.5f}",
+            f"{r['final_energy']:.5f}", f"{r['final_fmax']:.1e}",
+        )
+    console = Console()
+    console.print(table)
+    if len(rows) > 1:
+        console.print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+def convert(
+    trajectory: Annotated[str, typer.Argument(help="A molopt trajectory (.h5md).")],
+    output: Annotated[str, typer.Argument(help="Output file; format from its extension.")],
+    frames: Annotated[str, typer.Option(help="ASE index syntax: -1, ::10, :")] = ":",
+    format: Annotated[str | None, typer.Option(help="ASE format name (default: guess).")] = None,
+):
+    """Write trajectory frames in any format ASE writes (energies/forces where it can)."""
+    import ase.io
+
+    from molopt.api import read_trajectory
+
+    path = Path(trajectory)
+    if not path.is_file():
+        _fail(f"{trajectory}: no such file")
+    try:
+        images = read_trajectory(path, frames)
+    except (OSError, KeyError) as exc:
+        _fail(f"{trajectory}: not a molopt trajectory ({exc})")
+    except (IndexError, ValueError) as exc:
+        _fail(f"--frames {frames}: {exc}")
+    try:
+        ase.io.write(output, images if len(images) > 1 else images[0], format=format)
+    except Exception as exc:  # ASE raises many kinds for formats it cannot write
+        _fail(f"cannot write {output}: {exc}")
+    err.print(f"wrote {len(images)} frame(s) to {output}")
+
+
+@app.command()
+def plot(
+    trajectories: Annotated[list[str], typer.Argument(help="Trajectories or directories.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Image file (png, pdf, svg).")],
+    relative: Annotated[bool, typer.Option(help="Energies relative to each final energy.")] = True,
+):
+    """Energy and fmax (log scale) against optimizer step, one line per trajectory."""
+    from molopt.api import read_trajectory
+
+    files = _trajectories(trajectories)
+    try:
+        import matplotlib
+    except ImportError:
+        _fail("molopt plot needs matplotlib: pip install 'molopt[plot]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_f) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True,
+                                     constrained_layout=True)
+    for path in files:
+        data = read_trajectory(path, as_atoms=False)
+        energy = data["energy"] - (data["energy"][-1] if relative else 0.0)
+        label = path.stem if len(files) <= 12 else None
+        ax_e.plot(data["step"], energy, lw=1.2, label=label)
+        ax_f.semilogy(data["step"], data["fmax"], lw=1.2, label=label)
+        target = data["parameters"].get("fmax_target")
+    if target:
+        ax_f.axhline(float(target), color="k", ls="--", lw=0.8, label="fmax target")
+    ax_e.set_ylabel("E - E(final) (eV)" if relative else "energy (eV)")
+    ax_f.set_ylabel("fmax (eV/\u00c5)")
+    ax_f.set_xlabel("optimizer step")
+    for ax in (ax_e, ax_f):
+        ax.grid(alpha=0.3, which="both")
+    if len(files) <= 12:
+        ax_f.legend(fontsize=8, frameon=False)
+    fig.savefig(output, dpi=200)
+    err.print(f"wrote {output}")
+
+
 def main():  # console-script entry point
     try:
         app()

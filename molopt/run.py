@@ -296,13 +296,20 @@ def relax_files(
                 "rename one or relax them in separate --out-dir directories"
             )
         stems[f.stem] = f.path
+    out_dir = Path(settings.out_dir)
+    for f in frames:
+        for target in out.output_paths(out_dir, f.stem):
+            if target.exists() and target.resolve() == f.path.resolve():
+                raise ConfigError(
+                    f"the output {target} would overwrite the input {f.path}; "
+                    "choose another --out-dir"
+                )
     spec, chosen = resolve_potential(settings, frames)
     if chosen:
         note(chosen)
     if spec is not None:
         summary.potential = spec.name
         summary.potential_note = chosen
-    out_dir = Path(settings.out_dir)
 
     todo = []
     conflicts = []

@@ -272,3 +272,33 @@ def read(path: Path) -> dict:
             out["stress"] = f["observables/stress/value"][()]
     out["parameters"] = read_parameters(path)
     return out
+
+
+def summary(path: Path) -> dict:
+    """What a molopt trajectory holds, without reading the frames: formula, atoms, frames,
+    potential, optimizer, status, first/last energy, last fmax, steps."""
+    from molopt.elements import formula
+
+    with h5py.File(path, "r") as f:
+        traj = f["particles/trajectory"]
+        energy = f["observables/potential_energy/value"]
+        fmax = f["observables/fmax/value"]
+        steps = traj["position/step"]
+        n_frames = energy.shape[0]
+        params = read_parameters(path)
+        numbers = traj["species"][()]
+        return {
+            "file": str(path),
+            "formula": formula(numbers),
+            "n_atoms": int(len(numbers)),
+            "n_frames": int(n_frames),
+            "potential": params.get("potential_name"),
+            "optimizer": params.get("optimizer"),
+            "status": params.get("status"),
+            "steps": int(steps[-1]) if n_frames else 0,
+            "initial_energy": float(energy[0]) if n_frames else None,
+            "final_energy": float(energy[-1]) if n_frames else None,
+            "final_fmax": float(fmax[-1]) if n_frames else None,
+            "input": params.get("input"),
+            "relax_cell": bool(params.get("relax_cell", False)),
+        }

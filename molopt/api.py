@@ -1,0 +1,121 @@
+"""The Python API: relax ASE ``Atoms`` in-process, read trajectories, load potentials.
+
+    import molopt
+    relaxed = molopt.relax(atoms, potential="argon", optimizer="fire", fmax=0.01)
+    relaxed.get_potential_energy(), relaxed.info["molopt_status"]
+    frames = molopt.read_trajectory("results/x.h5md")        # list of Atoms
+    arrays = molopt.read_trajectory("results/x.h5md", as_atoms=False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from molopt.config import GPA, OPTIMIZER_NAMES
+from molopt.errors import ConfigError, InputError
+
+
+def load_potential(name_or_path):
+    """A molopt potential (JAX pytree) by shipped name or file path. Passing a potential
+    object returns it unchanged."""
+    if hasattr(name_or_path, "evaluate"):
+        return name_or_path
+    from molopt.potentials.registry import load
+
+    return load(name_or_path).potential
+
+
+def relax(atoms_or_list, potential="argon", optimizer: str = "fire", fmax: float = 0.05,
+          steps: int = 10_000, relax_cell: bool = False, pressure: float = 0.0,
+          precision: str = "float64", **optimizer_options):
+    """Relax one ASE ``Atoms`` (returns ``Atoms``) or a list (returns a list, same order), all
+    in one batch. ``pressure`` in GPa (with ``relax_cell``). The inputs are not modified;
+    the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
+    ``info['molopt_status']``, ``info['molopt_steps']``, ``info['molopt_fmax']``. Raises
+    :class:`~molopt.errors.InputError` for an invalid structure."""
+    from molopt.engine import EngineSettings
+    from molopt.engine import relax as engine_relax
+    from molopt.io.read import from_atoms
+
+    single = not isinstance(atoms_or_list, Sequence)
+    images = [atoms_or_list] if single else list(atoms_or_list)
+    if optimizer not in OPTIMIZER_NAMES:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
+    pot = load_potential(potential)
+    structures = [from_atoms(a, f"<atoms {k}>") for k, a in enumerate(images)]
+    for k, s in enumerate(structures):
+        if not pot.covers(s.numbers):
+            raise InputError(f"<atoms {k}>", "elements not covered by the potential")
+    settings = EngineSettings(
+        optimizer=optimizer, optimizer_options=tuple(sorted(optimizer_options.items())),
+        fmax=fmax, steps=steps, relax_cell=relax_cell, pressure=pressure * GPA,
+        precision=precision, trajectory_interval=0,
+    )
+    results = {r.key: r for r in engine_relax(list(enumerate(structures)), pot, settings)}
+    out = [_result_atoms(images[k], results[k]) for k in range(len(images))]
+    return out[0] if single else out
+
+
+def _result_atoms(original, result):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    atoms = original.copy()
+    atoms.positions = result.structure.positions
+    atoms.cell = result.structure.cell
+    values = {"energy": result.energy, "forces": result.forces}
+    if result.stress is not None:
+        values["stress"] = full_3x3_to_voigt_6_stress(result.stress)
+    atoms.calc = SinglePointCalculator(atoms, **values)
+    atoms.info.update(molopt_status=result.status, molopt_steps=result.steps,
+                      molopt_fmax=result.fmax)
+    return atoms
+
+
+def read_trajectory(path, frames=":", as_atoms: bool = True):
+    """Frames of a molopt H5MD trajectory: a list of ASE ``Atoms`` with energy and forces
+    (eV, eV/A; stress with a variable cell), or with ``as_atoms=False`` the arrays (see
+    :func:`molopt.io.h5md.read`) for the selected frames."""
+    from molopt.io.h5md import read
+
+    data = read(Path(path))
+    index = _frame_index(frames, len(data["step"]))
+    if not as_atoms:
+        out = dict(data)
+        for key in ("step", "positions", "forces", "energy", "fmax", "cell", "stress"):
+            if key in out:
+                out[key] = out[key][index]
+        return out
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    images = []
+    for t in np.atleast_1d(np.arange(len(data["step"]))[index]):
+        atoms = Atoms(numbers=data["numbers"], positions=data["positions"][t],
+                      cell=data["cell"][t], pbc=data["pbc"])
+        values = {"energy": float(data["energy"][t]), "forces": data["forces"][t]}
+        if "stress" in data:
+            values["stress"] = full_3x3_to_voigt_6_stress(data["stress"][t])
+        atoms.calc = SinglePointCalculator(atoms, **values)
+        atoms.info.update(step=int(data["step"][t]), fmax=float(data["fmax"][t]))
+        images.append(atoms)
+    return images
+
+
+def _frame_index(frames, n: int):
+    """ASE-style frame selection: an int, a slice, or a string such as '-1', '::10', ':'."""
+    if isinstance(frames, int | slice):
+        selection = frames
+    else:
+        from ase.io.formats import string2index
+
+        selection = string2index(str(frames))
+    if isinstance(selection, int):
+        if not -n <= selection < n:
+            raise IndexError(f"frame {selection} out of range ({n} frames)")
+        return [selection % n]
+    return np.arange(n)[selection]
