@@ -1,10 +1,10 @@
 """The Python API: relax ASE ``Atoms`` in-process, read trajectories, load potentials.
 
-    import molopt
-    relaxed = molopt.relax(atoms, potential="argon", optimizer="fire", fmax=0.01)
-    relaxed.get_potential_energy(), relaxed.info["molopt_status"]
-    frames = molopt.read_trajectory("results/x.h5md")        # list of Atoms
-    arrays = molopt.read_trajectory("results/x.h5md", as_atoms=False)
+import molopt
+relaxed = molopt.relax(atoms, potential="argon", optimizer="fire", fmax=0.01)
+relaxed.get_potential_energy(), relaxed.info["molopt_status"]
+frames = molopt.read_trajectory("results/x.h5md")        # list of Atoms
+arrays = molopt.read_trajectory("results/x.h5md", as_atoms=False)
 """
 
 from __future__ import annotations
@@ -28,9 +28,17 @@ def load_potential(name_or_path):
     return load(name_or_path).potential
 
 
-def relax(atoms_or_list, potential="argon", optimizer: str = "fire", fmax: float = 0.05,
-          steps: int = 10_000, relax_cell: bool = False, pressure: float = 0.0,
-          precision: str = "float64", **optimizer_options):
+def relax(
+    atoms_or_list,
+    potential="argon",
+    optimizer: str = "fire",
+    fmax: float = 0.05,
+    steps: int = 10_000,
+    relax_cell: bool = False,
+    pressure: float = 0.0,
+    precision: str = "float64",
+    **optimizer_options,
+):
     """Relax one ASE ``Atoms`` (returns ``Atoms``) or a list (returns a list, same order), all
     in one batch. ``pressure`` in GPa (with ``relax_cell``). The inputs are not modified;
     the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
@@ -50,9 +58,14 @@ def relax(atoms_or_list, potential="argon", optimizer: str = "fire", fmax: float
         if not pot.covers(s.numbers):
             raise InputError(f"<atoms {k}>", "elements not covered by the potential")
     settings = EngineSettings(
-        optimizer=optimizer, optimizer_options=tuple(sorted(optimizer_options.items())),
-        fmax=fmax, steps=steps, relax_cell=relax_cell, pressure=pressure * GPA,
-        precision=precision, trajectory_interval=0,
+        optimizer=optimizer,
+        optimizer_options=tuple(sorted(optimizer_options.items())),
+        fmax=fmax,
+        steps=steps,
+        relax_cell=relax_cell,
+        pressure=pressure * GPA,
+        precision=precision,
+        trajectory_interval=0,
     )
     results = {r.key: r for r in engine_relax(list(enumerate(structures)), pot, settings)}
     out = [_result_atoms(images[k], results[k]) for k in range(len(images))]
@@ -70,8 +83,9 @@ def _result_atoms(original, result):
     if result.stress is not None:
         values["stress"] = full_3x3_to_voigt_6_stress(result.stress)
     atoms.calc = SinglePointCalculator(atoms, **values)
-    atoms.info.update(molopt_status=result.status, molopt_steps=result.steps,
-                      molopt_fmax=result.fmax)
+    atoms.info.update(
+        molopt_status=result.status, molopt_steps=result.steps, molopt_fmax=result.fmax
+    )
     return atoms
 
 
@@ -95,8 +109,12 @@ def read_trajectory(path, frames=":", as_atoms: bool = True):
 
     images = []
     for t in np.atleast_1d(np.arange(len(data["step"]))[index]):
-        atoms = Atoms(numbers=data["numbers"], positions=data["positions"][t],
-                      cell=data["cell"][t], pbc=data["pbc"])
+        atoms = Atoms(
+            numbers=data["numbers"],
+            positions=data["positions"][t],
+            cell=data["cell"][t],
+            pbc=data["pbc"],
+        )
         values = {"energy": float(data["energy"][t]), "forces": data["forces"][t]}
         if "stress" in data:
             values["stress"] = full_3x3_to_voigt_6_stress(data["stress"][t])

@@ -32,8 +32,9 @@ class MoloptCalculator(Calculator):
         a.set_constraint()  # constraints are ASE's business, not the potential's
         structure = from_atoms(a, "<ase calculator>")
         want_stress = "stress" in properties and a.pbc.all()
-        ((energy, forces, stress),) = evaluate([structure], self.potential, stress=want_stress,
-                                               precision=self.precision)
+        ((energy, forces, stress),) = evaluate(
+            [structure], self.potential, stress=want_stress, precision=self.precision
+        )
         self.results = {"energy": energy, "free_energy": energy, "forces": np.array(forces)}
         if stress is not None:
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

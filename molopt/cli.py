@@ -408,6 +408,125 @@ def evaluate(
     Console().print(table)
 
 
+@app.command()
+def fit(
+    config: Annotated[
+        str, typer.Argument(help="Fit settings (TOML), e.g. configs/fit-argon.toml.")
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="Fitted potential file.")],
+    steps: Annotated[int | None, typer.Option(help="Override the config's steps.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Report as JSON on stdout.")] = False,
+):
+    """Fit Lennard-Jones parameters to properties of relaxed structures (implicit gradients)."""
+    from rich.table import Table
+
+    from molopt.fitting import Fit, FitConfig
+
+    try:
+        settings = FitConfig.from_toml(config)
+        if steps is not None:
+            settings.steps = steps
+        fitter = Fit(settings)
+    except MoloptError as exc:
+        _fail(str(exc))
+
+    def progress(step, loss, params):
+        if step % 10 == 0 and not json:
+            shown = ", ".join(f"{k} {np.array2string(v, precision=6)}" for k, v in params.items())
+            err.print(f"step {step}: loss {loss:.3e}  {shown}", highlight=False)
+
+    import numpy as np
+
+    try:
+        report = fitter.run(progress)
+    except (MoloptError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    path = fitter.write(Path(output))
+    if json:
+        typer.echo(jsonlib.dumps({**report, "output": str(path)}, indent=1, default=float))
+        return
+    table = Table(
+        title=f"fit: {len(report['loss'])} steps, {report['wall_time_s']:.1f} s",
+        title_justify="left",
+    )
+    for column in ("target", "of", "value", "before", "after"):
+        table.add_column(column, justify="right" if column not in ("target", "of") else "left")
+    for b, a in zip(report["before"], report["after"], strict=True):
+        table.add_row(
+            b["kind"],
+            str(b["what"]),
+            "" if b["target"] is None else f"{b['target']:g}",
+            f"{b['predicted']:.6g}",
+            f"{a['predicted']:.6g}",
+        )
+    Console().print(table)
+    for name, values in report["parameters"].items():
+        err.print(f"{name}: {values}")
+    err.print(f"wrote {path}")
+
+
+@app.command()
+def hessian(
+    structure: Annotated[str, typer.Argument(help="Structure file (first frame unless --index).")],
+    potential: Annotated[str | None, typer.Option("--potential", "-p")] = None,
+    index: Annotated[str, typer.Option(help="Frame (ASE index).")] = "0",
+    json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Also write the JSON here.")
+    ] = None,
+):
+    """Hessian eigenvalues (eV/A^2) and harmonic frequencies (cm^-1) of a structure, from the
+    exact (autodiff) Hessian; negative numbers are imaginary modes."""
+    from rich.table import Table
+
+    from molopt.differentiable import frequencies_cm1
+    from molopt.differentiable import hessian as exact_hessian
+    from molopt.io.read import read_frames
+    from molopt.potentials import registry
+
+    path = Path(structure)
+    if not path.is_file():
+        _fail(f"{structure}: no such file")
+    frames = read_frames(path, index)
+    frame = frames[0]
+    if frame.structure is None:
+        _fail(f"{structure}: {frame.error}")
+    s = frame.structure
+    try:
+        spec = registry.load(potential) if potential else registry.choose(s.numbers)
+    except MoloptError as exc:
+        _fail(str(exc))
+    if not spec.covers(s.numbers):
+        _fail(f"{structure}: elements not covered by potential '{spec.name}'")
+    import numpy as np
+
+    h = exact_hessian(s, spec.potential)
+    eigenvalues = np.linalg.eigvalsh(0.5 * (h + h.T))
+    frequencies = frequencies_cm1(s, spec.potential)
+    result = {
+        "file": str(path),
+        "potential": spec.name,
+        "n_atoms": s.n_atoms,
+        "eigenvalues_eV_per_A2": eigenvalues.tolist(),
+        "frequencies_cm1": frequencies.tolist(),
+        "n_imaginary": int(np.sum(frequencies < -10.0)),
+    }
+    if output:
+        Path(output).write_text(jsonlib.dumps(result, indent=1))
+    if json:
+        typer.echo(jsonlib.dumps(result, indent=1))
+        return
+    table = Table(
+        title=f"{path.name} with {spec.name}: {3 * s.n_atoms} modes", title_justify="left"
+    )
+    table.add_column("mode", justify="right")
+    table.add_column("frequency (cm^-1)", justify="right")
+    table.add_column("Hessian eigenvalue (eV/A^2)", justify="right")
+    for k, (f, e) in enumerate(zip(frequencies, eigenvalues, strict=True)):
+        table.add_row(str(k), f"{f:.2f}" + ("i" if f < -10 else ""), f"{e:.6f}")
+    Console().print(table)
+
+
 def _trajectories(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for text in paths:
@@ -448,17 +567,32 @@ def info(
     readable = [r for r in rows if r.get("status") != "unreadable"]
     used = sorted({f"{r['potential']}/{r['optimizer']}" for r in readable})
     table = Table(title=f"{len(rows)} trajectories ({', '.join(used)})", title_justify="left")
-    for column in ("file", "structure", "atoms", "frames", "status", "steps", "E0 (eV)",
-                   "E (eV)", "fmax (eV/A)"):
+    for column in (
+        "file",
+        "structure",
+        "atoms",
+        "frames",
+        "status",
+        "steps",
+        "E0 (eV)",
+        "E (eV)",
+        "fmax (eV/A)",
+    ):
         table.add_column(column, justify="left" if column in ("file", "status") else "right")
     for r in rows:
         if r.get("status") == "unreadable":
             table.add_row(r["file"], "", "", "", "unreadable", "", "", "", "")
             continue
         table.add_row(
-            Path(r["file"]).name, r["formula"], str(r["n_atoms"]), str(r["n_frames"]),
-            str(r["status"]), str(r["steps"]), f"{r['initial_energy']:.5f}",
-            f"{r['final_energy']:.5f}", f"{r['final_fmax']:.1e}",
+            Path(r["file"]).name,
+            r["formula"],
+            str(r["n_atoms"]),
+            str(r["n_frames"]),
+            str(r["status"]),
+            str(r["steps"]),
+            f"{r['initial_energy']:.5f}",
+            f"{r['final_energy']:.5f}",
+            f"{r['final_fmax']:.1e}",
         )
     console = Console()
     console.print(table)
@@ -511,8 +645,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_e, ax_f) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True,
-                                     constrained_layout=True)
+    fig, (ax_e, ax_f) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True, constrained_layout=True)
     for path in files:
         data = read_trajectory(path, as_atoms=False)
         energy = data["energy"] - (data["energy"][-1] if relative else 0.0)

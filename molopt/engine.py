@@ -360,6 +360,9 @@ class EngineSettings:
     max_batch_atoms: int = 32_768
     trajectory_interval: int = 1
     final_stress: bool = True
+    check_hessian: bool = False
+    saddle_threshold: float = -1e-4  # eV/A^2: lower curvature means a saddle point
+    max_restarts: int = 5
 
     @property
     def dtype(self):
@@ -385,6 +388,7 @@ class RelaxResult:
     initial_energy: float = float("nan")
     error: str | None = None
     wall_time: float = 0.0
+    extra: dict = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -415,7 +419,9 @@ class _Item:
     started_at: float = 0.0
     initial_energy: float = float("nan")
     last_written_step: int = -1
-    last_frame: dict | None = None
+    begun: bool = False
+    step_offset: int = 0  # steps taken before a restart (saddle-point escape)
+    restarts: int = 0
 
 
 @dataclass
@@ -569,8 +575,11 @@ class Engine:
         record = self.settings.trajectory_interval != 0
         program = dataclasses.replace(
             self.program,
-            chunk=(chunk_for(layout.n_padded_atoms, self.settings.chunk) if record
-                   else self.settings.chunk),
+            chunk=(
+                chunk_for(layout.n_padded_atoms, self.settings.chunk)
+                if record
+                else self.settings.chunk
+            ),
             record=record,
         )
         state = start(
@@ -694,6 +703,7 @@ class Engine:
         """Frames to the sink, sampled every ``trajectory_interval`` steps (the last frame of
         a finished system always)."""
         interval = self.settings.trajectory_interval
+        block = dict(block, step=block["step"] + item.step_offset)
         steps = block["step"]
         if interval <= 0:
             keep = steps == 0
@@ -742,7 +752,8 @@ class Engine:
         for k, item in enumerate(live.items):
             if item.key in fresh:
                 block = self._system_block(live, frames, 1, k)
-                item.initial_energy = float(block["energy"][0])
+                if item.step_offset == 0:
+                    item.initial_energy = float(block["energy"][0])
                 self._emit(item, block, final=int(st.status[k]) != RUNNING)
 
     def _finish(self, live: _Live, k: int, st) -> RelaxResult:
@@ -767,7 +778,7 @@ class Engine:
             status=STATUS_NAMES.get(code, "not_converged"),
             energy=float(st.energy[k]),
             fmax=float(st.fmax[k]),
-            steps=int(st.n_steps[k]),
+            steps=int(st.n_steps[k]) + item.step_offset,
             forces=np.asarray(st.forces[rows], np.float64),
             stress=stress,
             initial_energy=item.initial_energy,
@@ -775,6 +786,34 @@ class Engine:
             wall_time=time.perf_counter() - item.started_at,
         )
         return result
+
+    def _check_curvature(self, item: _Item, result: RelaxResult):
+        """Lowest Hessian eigenvalue at a converged structure (recorded in the result). On
+        negative curvature, the item displaced along that mode for another relaxation."""
+        from molopt.differentiable import lowest_modes
+
+        values, vectors = lowest_modes(result.structure, self.potential, k=1)
+        lowest = float(values[0])
+        result.extra["lowest_eigenvalue"] = lowest
+        result.extra["restarts"] = item.restarts
+        if lowest >= self.settings.saddle_threshold or item.restarts >= self.settings.max_restarts:
+            return None
+        mode = vectors[:, 0].reshape(-1, 3)
+        mode = mode / np.abs(np.linalg.norm(mode, axis=1)).max()  # largest atom move: 1 A
+        mode[result.structure.fixed] = 0.0
+        # a saddle can be very flat: step along the mode to the lowest of a few trial points
+        # (largest atom move 0.05 to 1.6 A, both directions) so the relaxation has forces
+        trials = [
+            result.structure.with_positions(result.structure.positions + sign * d * mode)
+            for d in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+            for sign in (1.0, -1.0)
+        ]
+        energies = [e for e, _, _ in evaluate(trials, self.potential, stress=False)]
+        best = int(np.argmin(energies))
+        item.structure = trials[best]
+        item.step_offset = result.steps
+        item.restarts += 1
+        return item
 
     def _stress_of(self, live: _Live, k: int, st) -> np.ndarray:
         ev = evaluate_once(
@@ -796,8 +835,9 @@ class Engine:
             fresh = {it.key for it in chosen if it.key not in carry}
             now = time.perf_counter()
             for it in chosen:
-                if it.key in fresh:
+                if it.key in fresh and not it.begun:
                     it.started_at = now
+                    it.begun = True
                     self.sink.begin(it.key, it.structure)
             live = self._launch(chosen, carry)
             self._initial_frames(live, fresh)
@@ -822,6 +862,12 @@ class Engine:
                     # the final frame is always written (from the state, not the frame buffer)
                     self._emit(item, self._state_block(live, snapshot, k), final=True)
                     result = self._finish(live, k, snapshot)
+                    if self.settings.check_hessian and result.status == "converged":
+                        escaped = self._check_curvature(item, result)
+                        if escaped is not None:  # a saddle point: relax again, displaced
+                            queue.appendleft(escaped)
+                            done.add(k)
+                            continue
                     self.sink.end(item.key, result)
                     results.append(result)
                     done.add(k)

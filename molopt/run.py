@@ -59,6 +59,7 @@ def _engine_settings(settings: RunSettings):
         batch_size=settings.batch_size,
         max_batch_atoms=settings.max_batch_atoms,
         trajectory_interval=settings.trajectory_interval,
+        check_hessian=settings.check_hessian,
     )
 
 
@@ -400,13 +401,8 @@ def relax_files(
         frame_of = {key: frames[key] for key, _ in items}
         sink = OutputSink(frame_of, settings, spec, emit)
         engine = Engine(potential, _engine_settings(settings), sink, progress)
-        engine_items = items
-        if settings.check_hessian:
-            from molopt.hessian import HessianCheckingEngine
-
-            engine = HessianCheckingEngine(engine)
         try:
-            engine.relax(engine_items)
+            engine.relax(items)
             sink.flush()
         finally:
             sink.abort_all()

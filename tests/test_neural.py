@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111
 from ase.cluster import Icosahedron
+from conftest import structure_from_atoms
 from typer.testing import CliRunner
 
-from conftest import structure_from_atoms
 from molopt import testing
 from molopt.cli import app
 from molopt.engine import evaluate
@@ -27,8 +27,16 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def small_model():
-    return PaiNN([29, 79], cutoff=4.5, n_features=16, n_radial=8, n_layers=2,
-                 key=jax.random.PRNGKey(3), reference=[-0.1, -0.2], scale=0.5)
+    return PaiNN(
+        [29, 79],
+        cutoff=4.5,
+        n_features=16,
+        n_radial=8,
+        n_layers=2,
+        key=jax.random.PRNGKey(3),
+        reference=[-0.1, -0.2],
+        scale=0.5,
+    )
 
 
 def alloy_cell():
@@ -72,18 +80,19 @@ def test_batch_equals_single_and_padding(small_model):
     assert layout.n_padded_atoms > s.n_atoms
     nbrs = N.build(pos, cells, np.asarray(batch.pbc), layout, small_model.cutoff, 0.5)
     ev = small_model.evaluate(jnp.asarray(pos), jnp.asarray(cells), batch, nbrs.to_device(), True)
-    assert np.all(np.asarray(ev.forces)[s.n_atoms:] == 0.0)
-    atomic = small_model.atomic_energies(jnp.asarray(pos), jnp.asarray(cells), batch,
-                                         nbrs.to_device())
-    assert np.all(np.asarray(atomic)[s.n_atoms:] == 0.0)
+    assert np.all(np.asarray(ev.forces)[s.n_atoms :] == 0.0)
+    atomic = small_model.atomic_energies(
+        jnp.asarray(pos), jnp.asarray(cells), batch, nbrs.to_device()
+    )
+    assert np.all(np.asarray(atomic)[s.n_atoms :] == 0.0)
 
 
 def test_save_load_round_trip_and_tampering(small_model, tmp_path):
     path = save_neural(small_model, tmp_path, "tiny", {"description": "test"})
     loaded = load(path).potential
     s = alloy_cell()
-    (e1, f1, _), = evaluate([s], small_model)
-    (e2, f2, _), = evaluate([s], loaded)
+    ((e1, f1, _),) = evaluate([s], small_model)
+    ((e2, f2, _),) = evaluate([s], loaded)
     assert e2 == pytest.approx(e1, abs=1e-5)  # weights are stored in float32
     np.testing.assert_allclose(f2, f1, atol=1e-5)
     weights = tmp_path / "tiny.eqx"
@@ -105,14 +114,26 @@ def test_shipped_emt_potential_matches_emt_and_refuses_argon(tmp_path):
     slab = fcc111("Cu", size=(2, 2, 3), a=3.61, vacuum=6.0)
     slab.numbers[-1] = 79
     slab.rattle(0.05, seed=3)
-    (energy, forces, _), = evaluate([structure_from_atoms(slab)], spec.potential)
+    ((energy, forces, _),) = evaluate([structure_from_atoms(slab)], spec.potential)
     slab.calc = EMT()
     assert np.abs(forces - slab.get_forces()).mean() < 0.03
-    assert testing.finite_difference_forces(structure_from_atoms(slab), spec.potential,
-                                            atoms=[0, 11]) < 1e-6
+    assert (
+        testing.finite_difference_forces(structure_from_atoms(slab), spec.potential, atoms=[0, 11])
+        < 1e-6
+    )
     ase.io.write(tmp_path / "ar.xyz", bulk("Ar", "fcc", a=5.26).repeat((2, 1, 1)))
-    result = runner.invoke(app, ["relax", str(tmp_path / "ar.xyz"), "-p", "nn-emt-metals",
-                                 "-o", str(tmp_path / "o"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "relax",
+            str(tmp_path / "ar.xyz"),
+            "-p",
+            "nn-emt-metals",
+            "-o",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+    )
     rec = json.loads(result.stdout.splitlines()[0])
     assert rec["status"] == "failed" and "Ar not covered" in rec["error"]
 
@@ -124,9 +145,21 @@ def test_relax_slab_and_cluster_with_shipped_potential(tmp_path):
     cl = Icosahedron("Ag", 2, latticeconstant=4.09)
     cl.rattle(0.05, seed=5)
     ase.io.write(tmp_path / "cluster.xyz", cl)
-    result = runner.invoke(app, ["relax", str(tmp_path / "slab.extxyz"),
-                                 str(tmp_path / "cluster.xyz"), "-p", "nn-emt-metals",
-                                 "-o", str(tmp_path / "o"), "--json", "--fmax", "0.01"])
+    result = runner.invoke(
+        app,
+        [
+            "relax",
+            str(tmp_path / "slab.extxyz"),
+            str(tmp_path / "cluster.xyz"),
+            "-p",
+            "nn-emt-metals",
+            "-o",
+            str(tmp_path / "o"),
+            "--json",
+            "--fmax",
+            "0.01",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert {json.loads(x)["status"] for x in result.stdout.splitlines()} == {"converged"}
 
@@ -163,15 +196,20 @@ def test_train_resume_evaluate_cli(tmp_path):
         atoms.numbers[0] = 79
         atoms.rattle(0.1, seed=seed)
         atoms.calc = EMT()
-        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-                   "stress": atoms.get_stress()}
+        results = {
+            "energy": atoms.get_potential_energy(),
+            "forces": atoms.get_forces(),
+            "stress": atoms.get_stress(),
+        }
         atoms.calc = SinglePointCalculator(atoms, **results)
         images.append(atoms)
     ase.io.write(tmp_path / "data.extxyz", images)
     config = tmp_path / "t.toml"
-    config.write_text('name = "tiny-cuau"\nreference_method = "EMT"\ncutoff = 4.0\n'
-                      "n_features = 8\nn_radial = 6\nn_layers = 1\nepochs = 2\n"
-                      "batch_atoms = 16\nbatch_structures = 4\ncheckpoint_every = 1\n")
+    config.write_text(
+        'name = "tiny-cuau"\nreference_method = "EMT"\ncutoff = 4.0\n'
+        "n_features = 8\nn_radial = 6\nn_layers = 1\nepochs = 2\n"
+        "batch_atoms = 16\nbatch_structures = 4\ncheckpoint_every = 1\n"
+    )
     out = tmp_path / "model"
     args = ["train", str(tmp_path / "data.extxyz"), "-c", str(config), "-o", str(out)]
     first = runner.invoke(app, args)
@@ -185,9 +223,17 @@ def test_train_resume_evaluate_cli(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 3
-    evaluated = runner.invoke(app, ["evaluate", str(out / "tiny-cuau.toml"),
-                                    str(tmp_path / "data.extxyz"), "--json",
-                                    "--plot", str(tmp_path / "parity.png")])
+    evaluated = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(out / "tiny-cuau.toml"),
+            str(tmp_path / "data.extxyz"),
+            "--json",
+            "--plot",
+            str(tmp_path / "parity.png"),
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
     assert set(metrics["per_element"]) == {"Cu", "Au"} and metrics["force_mae_meV_per_A"] > 0
@@ -206,10 +252,18 @@ def test_training_is_reproducible(tmp_path):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
         atoms.rattle(0.1, seed=seed)
         atoms.calc = EMT()
-        data.append(Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(),
-                             atoms.get_forces()))
-    config = TrainConfig(cutoff=4.0, n_features=8, n_radial=6, n_layers=1, epochs=2,
-                         batch_atoms=8, batch_structures=2)
+        data.append(
+            Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(), atoms.get_forces())
+        )
+    config = TrainConfig(
+        cutoff=4.0,
+        n_features=8,
+        n_radial=6,
+        n_layers=1,
+        epochs=2,
+        batch_atoms=8,
+        batch_structures=2,
+    )
     runs = []
     for k in range(2):
         trainer = Trainer(config, data, tmp_path / f"r{k}")

@@ -28,13 +28,33 @@ def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("results")
     examples = ROOT / "data" / "examples"
     out = work / "results"  # the README examples read results/ar108-fcc.h5md
-    r = runner.invoke(app, ["relax", str(examples / "ar108-fcc.extxyz"),
-                            str(examples / "ar55-cluster.xyz"), "-o", str(out), "--fmax", "1e-3"])
+    r = runner.invoke(
+        app,
+        [
+            "relax",
+            str(examples / "ar108-fcc.extxyz"),
+            str(examples / "ar55-cluster.xyz"),
+            "-o",
+            str(out),
+            "--fmax",
+            "1e-3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     crystal = bulk("Ar", "fcc", a=5.0, cubic=True)
     ase.io.write(work / "cell.extxyz", crystal)
-    r = runner.invoke(app, ["relax", str(work / "cell.extxyz"), "-o", str(work / "cellout"),
-                            "--relax-cell", "--fmax", "1e-4"])
+    r = runner.invoke(
+        app,
+        [
+            "relax",
+            str(work / "cell.extxyz"),
+            "-o",
+            str(work / "cellout"),
+            "--relax-cell",
+            "--fmax",
+            "1e-4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return work
 
@@ -54,9 +74,16 @@ def test_info_table_and_json(results):
     assert runner.invoke(app, ["info", str(results / "nothing-here")]).exit_code == 2
 
 
-@pytest.mark.parametrize("name,frames,count", [("all.extxyz", ":", None), ("last.cif", "-1", 1),
-                                               ("every5.traj", "::5", "five"),
-                                               ("POSCAR", "-1", 1), ("last.xyz", "-1", 1)])
+@pytest.mark.parametrize(
+    "name,frames,count",
+    [
+        ("all.extxyz", ":", None),
+        ("last.cif", "-1", 1),
+        ("every5.traj", "::5", "five"),
+        ("POSCAR", "-1", 1),
+        ("last.xyz", "-1", 1),
+    ],
+)
 def test_convert(results, name, frames, count):
     traj = results / "results" / "ar108-fcc.h5md"
     data = molopt.read_trajectory(traj, as_atoms=False)
@@ -70,27 +97,38 @@ def test_convert(results, name, frames, count):
     assert len(images) == expected
     frame = -1 if count != "five" else (n - 1) // 5 * 5
     # compare modulo the cell: CIF wraps atoms into it
-    delta = np.linalg.solve(images[-1].cell.array.T,
-                            (images[-1].positions - data["positions"][frame]).T).T
+    delta = np.linalg.solve(
+        images[-1].cell.array.T, (images[-1].positions - data["positions"][frame]).T
+    ).T
     assert np.abs(delta - np.round(delta)).max() < 1e-5
     if name.endswith(("extxyz", "traj")):
         assert images[-1].get_potential_energy() == pytest.approx(
-            data["energy"][-1 if count != "five" else (n - 1) // 5 * 5])
+            data["energy"][-1 if count != "five" else (n - 1) // 5 * 5]
+        )
         assert images[0].get_forces().shape == (108, 3)
 
 
 def test_convert_errors(results):
     traj = results / "results" / "ar108-fcc.h5md"
-    assert runner.invoke(app, ["convert", str(traj), str(results / "x.xyz"), "--frames",
-                               "9999"]).exit_code == 2
-    assert runner.invoke(app, ["convert", str(results / "missing.h5md"),
-                               str(results / "x.xyz")]).exit_code == 2
+    assert (
+        runner.invoke(
+            app, ["convert", str(traj), str(results / "x.xyz"), "--frames", "9999"]
+        ).exit_code
+        == 2
+    )
+    assert (
+        runner.invoke(
+            app, ["convert", str(results / "missing.h5md"), str(results / "x.xyz")]
+        ).exit_code
+        == 2
+    )
 
 
 def test_plot_writes_an_image(results):
     out = results / "plot.png"
-    r = runner.invoke(app, ["plot", str(results / "results"), str(results / "cellout"), "-o",
-                            str(out)])
+    r = runner.invoke(
+        app, ["plot", str(results / "results"), str(results / "cellout"), "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
     from PIL import Image
 
@@ -123,8 +161,9 @@ def test_relax_api_matches_ase_optimizer():
     reference.calc = MoloptCalculator("argon")
     opt = LBFGS(reference, logfile=None)
     opt.run(fmax=1e-5)
-    assert relaxed.get_potential_energy() == pytest.approx(reference.get_potential_energy(),
-                                                           abs=1e-8)
+    assert relaxed.get_potential_energy() == pytest.approx(
+        reference.get_potential_energy(), abs=1e-8
+    )
     assert relaxed.info["molopt_steps"] == opt.nsteps
     many = molopt.relax([atoms, atoms.copy()], potential=molopt.load_potential("argon"))
     assert len(many) == 2 and all(a.info["molopt_status"] == "converged" for a in many)
@@ -134,11 +173,35 @@ def test_ase_calculator_relaxes_to_the_cli_minimum(tmp_path):
     crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2)
     crystal.rattle(0.15, seed=7)
     ase.io.write(tmp_path / "c.extxyz", crystal)
-    r = runner.invoke(app, ["relax", str(tmp_path / "c.extxyz"), "-o", str(tmp_path),
-                            "--fmax", "1e-5", "--optimizer", "lbfgs", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "relax",
+            str(tmp_path / "c.extxyz"),
+            "-o",
+            str(tmp_path),
+            "--fmax",
+            "1e-5",
+            "--optimizer",
+            "lbfgs",
+            "--json",
+        ],
+    )
     assert r.exit_code == 2 and "would overwrite the input" in r.stderr
-    r = runner.invoke(app, ["relax", str(tmp_path / "c.extxyz"), "-o", str(tmp_path / "o"),
-                            "--fmax", "1e-5", "--optimizer", "lbfgs", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "relax",
+            str(tmp_path / "c.extxyz"),
+            "-o",
+            str(tmp_path / "o"),
+            "--fmax",
+            "1e-5",
+            "--optimizer",
+            "lbfgs",
+            "--json",
+        ],
+    )
     cli_energy = json.loads(r.stdout.splitlines()[0])["energy"]
     crystal.calc = MoloptCalculator("argon")
     assert crystal.get_stress().shape == (6,)
@@ -153,7 +216,8 @@ def readme_examples():
 
 @pytest.mark.parametrize("code", readme_examples(), ids=lambda c: c.splitlines()[0][11:])
 def test_readme_examples_run(results, code):
-    proc = subprocess.run([sys.executable, "-c", code], cwd=results, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=results, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()

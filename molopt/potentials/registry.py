@@ -181,6 +181,7 @@ def _build_lennard_jones(data: dict, path):
         "pairs",
         "mixing",
         "notes",
+        "fitted_from",
     }
     unknown = sorted(set(data) - known)
     if unknown:

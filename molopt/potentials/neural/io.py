@@ -73,7 +73,6 @@ def save_neural(model, directory: Path, name: str, card: dict) -> Path:
     import os
 
     import equinox as eqx
-
     import numpy as np
 
     from molopt.potentials.neural.painn import cast_floats

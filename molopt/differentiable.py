@@ -1,0 +1,371 @@
+"""Relaxations as differentiable functions of the potential's parameters.
+
+At a minimum the generalized gradient g(dof*, theta) vanishes, so by the implicit function
+theorem d dof*/d theta = -H^-1 dg/d theta, H the Hessian in the degrees of freedom. The
+backward pass solves H w = v matrix-free (Hessian-vector products by forward-over-reverse
+autodiff, conjugate gradients, with the zero modes of translation/rotation projected out)
+and returns -w . dg/d theta: memory and cost do not depend on the number of optimizer steps
+(nothing is unrolled). The forward pass is an ordinary molopt relaxation (any optimizer, all
+structures in one batch), run on the host through ``jax.pure_callback``.
+
+    import jax, molopt
+    from molopt.differentiable import relax_implicit
+    lj = molopt.load_potential("argon")
+    def lattice(potential):
+        (crystal,) = relax_implicit(potential, [fcc_argon], relax_cell=True)
+        return crystal.cell[0, 0]
+    jax.grad(lattice)(lj).sigma    # d a / d sigma
+
+Degrees of freedom: free atoms' positions (FixAtoms excluded); with ``relax_cell`` also a
+symmetric strain S (cell = cell* expm(S), positions = z expm(S)) around the relaxed cell,
+at zero pressure or ``pressure`` (eV/A^3) with the enthalpy E + pV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax.numpy as jnp
+import numpy as np
+
+from molopt._jax import jax
+from molopt.batch import pack
+from molopt.neighbors import build
+from molopt.structure import Structure
+
+SYM_INDEX = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Relaxed:
+    """A relaxed structure as JAX values: ``positions`` (n, 3) A, ``cell`` (3, 3) A, ``energy``
+    () eV (potential energy, no pV term). Differentiable with respect to the potential."""
+
+    positions: jax.Array
+    cell: jax.Array
+    energy: jax.Array
+
+
+def _sym(u6):
+    s = jnp.zeros((3, 3), u6.dtype)
+    for k, (i, j) in enumerate(SYM_INDEX):
+        s = s.at[i, j].set(u6[k]).at[j, i].set(u6[k])
+    return s
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Context:
+    """Arrays describing one structure around its base (relaxed) state."""
+
+    positions: jax.Array  # (n, 3) base positions
+    cell: jax.Array  # (3, 3) base cell
+    free: jax.Array  # (f,) indices of the atoms that move
+    batch: object
+    nbrs: object
+    pressure: jax.Array
+
+
+def geometry(dof, ctx: Context, relax_cell: bool):
+    """(positions (n, 3), cell (3, 3)) for a dof vector (differentiable)."""
+    k = 3 * ctx.free.shape[0]
+    positions = ctx.positions.at[ctx.free].set(dof[:k].reshape(-1, 3))
+    cell = ctx.cell
+    if relax_cell:
+        deformation = jax.scipy.linalg.expm(_sym(dof[k:]))
+        positions = positions @ deformation.T
+        cell = cell @ deformation.T
+    return positions, cell
+
+
+def energy_at(positions, cell, potential, ctx: Context):
+    A = ctx.batch.n_padded_atoms
+    n = positions.shape[0]
+    padded = jnp.zeros((A, 3), positions.dtype).at[:n].set(positions)
+    cells = jnp.zeros((ctx.batch.n_systems, 3, 3), cell.dtype).at[0].set(cell)
+    return potential.energy(padded, cells, ctx.batch, ctx.nbrs)[0]
+
+
+def enthalpy(dof, potential, ctx: Context, relax_cell: bool):
+    positions, cell = geometry(dof, ctx, relax_cell)
+    energy = energy_at(positions, cell, potential, ctx)
+    if relax_cell:
+        energy = energy + ctx.pressure * jnp.abs(jnp.linalg.det(cell))
+    return energy
+
+
+_gradient = jax.grad(enthalpy)
+
+
+@partial(jax.jit, static_argnames=("relax_cell",))
+def _hessian_solve(dof, v, potential, ctx, modes, tol, relax_cell: bool):
+    """w with H w = v on the complement of the zero modes ``modes`` (conjugate gradients
+    on Hessian-vector products; the zero modes are projected out of v and shifted in H)."""
+
+    def project(x):
+        return x - modes @ (modes.T @ x)
+
+    def operator(w):
+        hw = jax.jvp(lambda d: _gradient(d, potential, ctx, relax_cell), (dof,), (project(w),))[1]
+        return project(hw) + modes @ (modes.T @ w)
+
+    w, _ = jax.scipy.sparse.linalg.cg(
+        operator, project(v), tol=tol, atol=0.0, maxiter=10 * dof.shape[0] + 100
+    )
+    return project(w)
+
+
+@partial(jax.jit, static_argnames=("relax_cell",))
+def _parameter_pullback(w, dof, potential, ctx, relax_cell: bool):
+    """d/d(potential) of w . grad_dof E(dof; potential)."""
+    return jax.grad(lambda p: jnp.vdot(w, _gradient(dof, p, ctx, relax_cell)))(potential)
+
+
+class _Problem:
+    """One structure: its degrees of freedom and, once relaxed, its :class:`Context`."""
+
+    def __init__(
+        self, structure: Structure, potential, relax_cell: bool, pressure: float, skin: float = 1.0
+    ):
+        self.structure = structure
+        self.relax_cell = relax_cell
+        self.pressure = pressure
+        self.free = np.nonzero(~structure.fixed)[0]
+        self.skin = skin
+        species = potential.species_of(structure.numbers)
+        self.batch, _, _, self.layout = pack([structure], species, np.float64)
+        self.n = structure.n_atoms
+
+    def set_base(self, positions: np.ndarray, cell: np.ndarray, cutoff: float):
+        """The relaxed state to linearize around; neighbour list built there (with a skin:
+        the finite strains of line searches stay valid)."""
+        self.positions = np.asarray(positions, np.float64)
+        self.cell = np.asarray(cell, np.float64)
+        A = self.layout.n_padded_atoms
+        padded = np.zeros((A, 3))
+        padded[: self.n] = self.positions
+        cells = np.zeros((self.layout.n_systems, 3, 3))
+        cells[0] = self.cell
+        nbrs = build(
+            padded, cells, np.asarray(self.batch.pbc), self.layout, cutoff, self.skin
+        ).to_device()
+        self.ctx = Context(
+            jax.device_put(self.positions),
+            jax.device_put(self.cell),
+            jax.device_put(self.free.astype(np.int32)),
+            self.batch,
+            nbrs,
+            jax.device_put(np.asarray(self.pressure, np.float64)),
+        )
+
+    @property
+    def n_dof(self) -> int:
+        return 3 * len(self.free) + (6 if self.relax_cell else 0)
+
+    def base_dof(self) -> np.ndarray:
+        dof = self.positions[self.free].ravel()
+        return np.concatenate([dof, np.zeros(6)]) if self.relax_cell else dof
+
+    def geometry(self, dof):
+        return geometry(dof, self.ctx, self.relax_cell)
+
+    def enthalpy(self, dof, potential):
+        return enthalpy(dof, potential, self.ctx, self.relax_cell)
+
+    def energy_at(self, positions, cell, potential):
+        return energy_at(positions, cell, potential, self.ctx)
+
+    def zero_modes(self) -> np.ndarray:
+        """Orthonormal basis (n_dof, m) of the translations (and, without periodicity, the
+        rotations) of the free atoms; none when atoms are fixed."""
+        if len(self.free) < self.n:
+            return np.zeros((self.n_dof, 0))
+        vectors = []
+        for c in range(3):
+            t = np.zeros((self.n, 3))
+            t[:, c] = 1.0
+            vectors.append(t.ravel())
+        if not self.structure.pbc.any() and not self.relax_cell:
+            centred = self.positions - self.positions.mean(axis=0)
+            for c in range(3):
+                axis = np.zeros(3)
+                axis[c] = 1.0
+                vectors.append(np.cross(axis, centred).ravel())
+        basis = np.array(vectors).T
+        if self.relax_cell:
+            basis = np.concatenate([basis, np.zeros((6, basis.shape[1]))])
+        q, r = np.linalg.qr(basis)
+        keep = np.abs(np.diag(r)) > 1e-8 * np.abs(np.diag(r)).max()
+        return q[:, keep]
+
+
+def _relax_on_host(problems, optimizer, fmax, steps, potential_leaves, treedef):
+    """Forward pass: relax every structure with the engine; returns each dof at the minimum
+    and sets each problem's base state."""
+    from molopt.engine import EngineSettings
+    from molopt.engine import relax as engine_relax
+
+    potential = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in potential_leaves])
+    relax_cell = problems[0].relax_cell
+    settings = EngineSettings(
+        optimizer=optimizer,
+        fmax=fmax,
+        steps=steps,
+        relax_cell=relax_cell,
+        pressure=problems[0].pressure,
+        trajectory_interval=0,
+        final_stress=False,
+    )
+    items = [(k, p.structure) for k, p in enumerate(problems)]
+    results = {r.key: r for r in engine_relax(items, potential, settings)}
+    out = []
+    for k, p in enumerate(problems):
+        r = results[k]
+        if r.status != "converged":
+            raise RuntimeError(f"structure {k} did not converge ({r.status}, fmax {r.fmax:.2e})")
+        p.set_base(r.structure.positions, r.structure.cell, potential.cutoff)
+        out.append(p.base_dof())
+    return out
+
+
+def relax_implicit(
+    potential,
+    structures,
+    *,
+    relax_cell: bool = False,
+    pressure: float = 0.0,
+    fmax: float = 1e-7,
+    optimizer: str = "lbfgs",
+    steps: int = 20_000,
+    cg_tol: float = 1e-12,
+) -> list[Relaxed]:
+    """Relax ``structures`` with ``potential`` and return :class:`Relaxed` JAX values whose
+    derivatives with respect to the potential's parameters come from the implicit function
+    theorem. ``pressure`` in eV/A^3. Tight ``fmax`` (default 1e-7 eV/A) makes the
+    derivatives accurate. Call outside ``jax.jit`` (the forward relaxation runs on the host)."""
+    problems = [_Problem(s, potential, relax_cell, pressure) for s in structures]
+    leaves, treedef = jax.tree.flatten(potential)
+
+    @jax.custom_vjp
+    def minimum(leaves):
+        dofs = _relax_on_host(
+            problems, optimizer, fmax, steps, [np.asarray(x) for x in leaves], treedef
+        )
+        return tuple(jnp.asarray(d) for d in dofs)
+
+    def forward(leaves):
+        dofs = minimum(leaves)
+        return dofs, (leaves, dofs)
+
+    def backward(residuals, cotangents):
+        leaves, dofs = residuals
+        potential_now = jax.tree.unflatten(treedef, list(leaves))
+        total = jax.tree.map(jnp.zeros_like, potential_now)
+        for problem, dof, v in zip(problems, dofs, cotangents, strict=True):
+            modes = jax.device_put(problem.zero_modes())
+            w = _hessian_solve(
+                dof, jnp.asarray(v), potential_now, problem.ctx, modes, cg_tol, problem.relax_cell
+            )
+            contribution = _parameter_pullback(
+                -w, dof, potential_now, problem.ctx, problem.relax_cell
+            )
+            total = jax.tree.map(jnp.add, total, contribution)
+        return (jax.tree.leaves(total),)
+
+    minimum.defvjp(forward, backward)
+    dofs = minimum(list(leaves))
+    out = []
+    for problem, dof in zip(problems, dofs, strict=True):
+        positions, cell = problem.geometry(dof)
+        energy = problem.energy_at(positions, cell, potential)
+        out.append(Relaxed(positions=positions, cell=cell, energy=energy))
+    return out
+
+
+# --- Hessians ----------------------------------------------------------------------------------
+
+
+@jax.jit
+def _dense_hessian(dof, potential, ctx):
+    return jax.hessian(enthalpy)(dof, potential, ctx, False)
+
+
+def hessian(structure: Structure, potential, skin: float = 1.0) -> np.ndarray:
+    """Exact Cartesian Hessian (3n, 3n) eV/A^2 of a structure, by automatic differentiation."""
+    problem = _Problem(structure, potential, False, 0.0, skin)
+    problem.free = np.arange(structure.n_atoms)
+    problem.set_base(structure.positions, structure.cell, potential.cutoff)
+    dof = jnp.asarray(problem.base_dof())
+    return np.asarray(_dense_hessian(dof, potential, problem.ctx))
+
+
+def lowest_modes(
+    structure: Structure, potential, k: int = 6, exact_max_atoms: int = 200, skin: float = 1.0
+):
+    """The ``k`` lowest eigenvalues (eV/A^2) and eigenvectors (3n, k) of the Cartesian
+    Hessian, excluding translations/rotations. Exact (dense) up to ``exact_max_atoms``,
+    else LOBPCG on Hessian-vector products (matrix-free)."""
+    problem = _Problem(structure, potential, False, 0.0, skin)
+    problem.free = np.arange(structure.n_atoms)
+    problem.set_base(structure.positions, structure.cell, potential.cutoff)
+    modes = problem.zero_modes()
+    dof = jnp.asarray(problem.base_dof())
+    n_dof = dof.shape[0]
+    k = min(k, n_dof - modes.shape[1])
+    if structure.n_atoms <= exact_max_atoms:
+        h = np.asarray(_dense_hessian(dof, potential, problem.ctx))
+        if modes.shape[1]:
+            p = np.eye(n_dof) - modes @ modes.T
+            h = p @ h @ p + 1e6 * (modes @ modes.T)  # push zero modes to the top
+        values, vectors = np.linalg.eigh(0.5 * (h + h.T))
+        return values[:k], vectors[:, :k]
+    from jax.experimental.sparse.linalg import lobpcg_standard
+
+    modes_j = jnp.asarray(modes)
+    ctx = problem.ctx
+
+    @jax.jit
+    def hvp(w):
+        w = w - modes_j @ (modes_j.T @ w)
+        hw = jax.jvp(lambda d: _gradient(d, potential, ctx, False), (dof,), (w,))[1]
+        return hw - modes_j @ (modes_j.T @ hw)
+
+    # LOBPCG finds the largest eigenvalues: work with shift - H, the shift above H's
+    # largest eigenvalue (power iteration), and the zero modes pushed to the bottom
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=n_dof))
+    for _ in range(30):
+        x = hvp(x)
+        x = x / jnp.linalg.norm(x)
+    largest = float(jnp.vdot(x, hvp(x)))
+    shift = 1.5 * abs(largest) + 1e-3
+
+    @jax.jit
+    def negated(block):
+        hb = jax.vmap(hvp, in_axes=1, out_axes=1)(block)
+        zero = modes_j @ (modes_j.T @ block)
+        return shift * block - hb - 2.0 * shift * zero
+
+    start = jnp.asarray(rng.normal(size=(n_dof, k)))
+    values, vectors, _ = lobpcg_standard(negated, start, m=1000, tol=1e-10)
+    values = shift - np.asarray(values)
+    order = np.argsort(values)
+    return values[order], np.asarray(vectors)[:, order]
+
+
+def frequencies_cm1(structure: Structure, potential, masses=None) -> np.ndarray:
+    """Harmonic frequencies (cm^-1) from the mass-weighted exact Hessian (imaginary modes as
+    negative numbers), like ``ase.vibrations.Vibrations``."""
+    from ase import units
+    from ase.data import atomic_masses
+
+    h = hessian(structure, potential)
+    m = np.asarray(masses if masses is not None else atomic_masses[structure.numbers])
+    inv_sqrt = np.repeat(1.0 / np.sqrt(m), 3)
+    omega2 = np.linalg.eigvalsh(inv_sqrt[:, None] * h * inv_sqrt[None, :])
+    # eV/(A^2 amu) -> energy: hbar * sqrt(k/m), in cm^-1
+    s = units._hbar * 1e10 / np.sqrt(units._e * units._amu)
+    energies = s * np.sign(omega2) * np.sqrt(np.abs(omega2))  # eV
+    return energies / units.invcm

@@ -1,0 +1,263 @@
+"""Implicit differentiation of relaxations, fitting, Hessian checks and frequencies."""
+
+import json
+
+import ase.io
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.cluster import Icosahedron
+from conftest import structure_from_atoms
+from typer.testing import CliRunner
+
+from molopt.cli import app
+from molopt.differentiable import frequencies_cm1, lowest_modes, relax_implicit
+from molopt.potentials.lennard_jones import LennardJones
+from molopt.structure import make_structure
+
+runner = CliRunner()
+
+
+def argon(epsilon=0.0104, sigma=3.40):
+    return LennardJones.single(epsilon=epsilon, sigma=sigma, cutoff=8.5, shift=True)
+
+
+def central_difference(f, x, h):
+    return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def test_dimer_bond_length_derivatives_are_exact():
+    lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=8.0, shift=False)
+    dimer = make_structure([18, 18], [[0, 0, 0], [1.2, 0.1, 0]])
+
+    def bond(pot):
+        (r,) = relax_implicit(pot, [dimer])
+        return jnp.linalg.norm(r.positions[1] - r.positions[0])
+
+    grad = jax.grad(bond)(lj)
+    assert float(grad.sigma[0]) == pytest.approx(2 ** (1 / 6), abs=1e-7)
+    assert abs(float(grad.epsilon[0])) < 1e-8
+
+
+def cluster13():
+    atoms = Icosahedron("Ar", 2, latticeconstant=5.26)
+    atoms.rattle(0.05, seed=2)
+    return structure_from_atoms(atoms)
+
+
+def mean_distance(positions):
+    d = positions[:, None, :] - positions[None, :, :]
+    r = jnp.sqrt(jnp.sum(d * d, axis=-1) + jnp.eye(positions.shape[0]))
+    return jnp.sum(jnp.where(jnp.eye(positions.shape[0]) > 0, 0.0, r)) / (
+        positions.shape[0] * (positions.shape[0] - 1)
+    )
+
+
+def test_cluster_gradients_match_finite_differences_of_relaxations():
+    s = cluster13()
+
+    def observable(pot):
+        (r,) = relax_implicit(pot, [s])
+        return mean_distance(r.positions) + 10.0 * r.energy
+
+    grad = jax.grad(observable)(argon())
+    fd_sigma = central_difference(lambda x: float(observable(argon(sigma=x))), 3.40, 1e-4)
+    fd_eps = central_difference(lambda x: float(observable(argon(epsilon=x))), 0.0104, 1e-6)
+    assert float(grad.sigma[0]) == pytest.approx(fd_sigma, rel=1e-5)
+    assert float(grad.epsilon[0]) == pytest.approx(fd_eps, rel=1e-5)
+
+
+def test_variable_cell_lattice_constant_and_energy_gradients():
+    crystal = structure_from_atoms(bulk("Ar", "fcc", a=5.3, cubic=True))
+
+    def lattice(pot):
+        (r,) = relax_implicit(pot, [crystal], relax_cell=True)
+        return jnp.mean(jnp.linalg.norm(r.cell, axis=1)), r.energy
+
+    (a, energy), pullback = jax.vjp(lattice, argon())
+    (da,) = pullback((1.0, 0.0))
+    (de,) = pullback((0.0, 1.0))
+    fd_a = central_difference(lambda x: float(lattice(argon(sigma=x))[0]), 3.40, 1e-4)
+    fd_e = central_difference(lambda x: float(lattice(argon(epsilon=x))[1]), 0.0104, 1e-6)
+    assert float(da.sigma[0]) == pytest.approx(fd_a, rel=1e-5)
+    assert float(de.epsilon[0]) == pytest.approx(fd_e, rel=1e-5)
+
+
+def test_fixed_atoms_and_batches():
+    slab = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
+    slab.pbc = [True, True, False]
+    slab.center(vacuum=5.0, axis=2)
+    slab.rattle(0.05, seed=3)
+    fixed = slab.positions[:, 2] < slab.positions[:, 2].min() + 1.0
+    from ase.constraints import FixAtoms
+
+    slab.set_constraint(FixAtoms(mask=fixed))
+    s_slab, s_cluster = structure_from_atoms(slab), cluster13()
+
+    top = int(np.argmax(slab.positions[:, 2]))
+
+    def height(pot, structures):
+        # a rotation-invariant observable for the free cluster (its orientation at the
+        # minimum is arbitrary), the height of a top-layer atom for the clamped slab
+        out = relax_implicit(pot, structures, fmax=1e-9)
+        return sum(
+            r.positions[top, 2] if r.positions.shape[0] == 32 else mean_distance(r.positions)
+            for r in out
+        )
+
+    together = jax.grad(lambda p: height(p, [s_slab, s_cluster]))(argon())
+    alone = [jax.grad(lambda p: height(p, [x]))(argon()) for x in (s_slab, s_cluster)]
+    assert float(together.sigma[0]) == pytest.approx(
+        float(alone[0].sigma[0] + alone[1].sigma[0]), rel=1e-6
+    )
+    fd = central_difference(lambda x: float(height(argon(sigma=x), [s_slab])), 3.40, 1e-4)
+    assert float(alone[0].sigma[0]) == pytest.approx(fd, rel=1e-5)
+
+
+def test_gradient_with_respect_to_network_weights():
+    from molopt.potentials.neural.painn import PaiNN
+
+    model = PaiNN(
+        [29],
+        cutoff=4.5,
+        n_features=8,
+        n_radial=6,
+        n_layers=1,
+        key=jax.random.PRNGKey(0),
+        reference=[0.0],
+        scale=0.3,
+    )
+    # a repulsive + attractive dimer: add LJ so the minimum exists whatever the weights
+    trimer = make_structure([29, 29, 29], [[0, 0, 0], [2.5, 0.2, 0], [1.2, 2.1, 0.1]])
+
+    lj = LennardJones.single(epsilon=0.3, sigma=2.3, cutoff=4.5, shift=True)
+
+    from molopt.potentials.base import Potential
+
+    class Both(Potential):
+        lj: LennardJones
+        nn: PaiNN
+
+        def energy(self, positions, cell, batch, nbrs):
+            return self.lj.energy(positions, cell, batch, nbrs) + self.nn.energy(
+                positions, cell, batch, nbrs
+            )
+
+    both = Both(elements=(29,), cutoff=4.5, lj=lj, nn=model)
+
+    def bond(pot):
+        (r,) = relax_implicit(pot, [trimer], fmax=1e-8)
+        return jnp.linalg.norm(r.positions[1] - r.positions[0])
+
+    grad = jax.grad(bond)(both)
+    g = float(grad.nn.readout_out.weight[0, 0])
+
+    def with_weight(value):
+        new = jax.tree_util.tree_map(lambda x: x, both)
+        weight = both.nn.readout_out.weight.at[0, 0].set(value)
+        import equinox as eqx
+
+        return eqx.tree_at(lambda b: b.nn.readout_out.weight, new, weight)
+
+    w0 = float(both.nn.readout_out.weight[0, 0])
+    fd = central_difference(lambda x: float(bond(with_weight(x))), w0, 1e-4)
+    assert g == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_fit_recovers_known_parameters(tmp_path):
+
+    truth = argon(epsilon=0.0120, sigma=3.30)
+    crystal = structure_from_atoms(bulk("Ar", "fcc", a=5.2, cubic=True))
+    (r,) = relax_implicit(truth, [crystal], relax_cell=True)
+    a_true = float(jnp.mean(jnp.linalg.norm(r.cell, axis=1)))
+    e_true = float(r.energy) / 4
+    config = tmp_path / "fit.toml"
+    config.write_text(
+        'potential = "argon"\nsteps = 120\nlearning_rate = 0.02\n'
+        f'[[targets]]\nkind = "lattice_constant"\nstructure = "fcc"\nelement = "Ar"\n'
+        f"value = {a_true!r}\n"
+        f'[[targets]]\nkind = "cohesive_energy"\nstructure = "fcc"\nelement = "Ar"\n'
+        f"guess = {a_true!r}\nvalue = {e_true!r}\n"
+    )
+    result = runner.invoke(app, ["fit", str(config), "-o", str(tmp_path / "fitted.toml"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parameters"]["epsilon"][0] == pytest.approx(0.0120, rel=2e-3)
+    assert report["parameters"]["sigma"][0] == pytest.approx(3.30, rel=2e-3)
+    from molopt.potentials.registry import load
+
+    fitted = load(tmp_path / "fitted.toml").potential
+    assert float(fitted.sigma[0]) == pytest.approx(3.30, rel=2e-3)
+
+
+def linear_trimer(tmp_path):
+    r = 2 ** (1 / 6) * 3.4
+    path = tmp_path / "trimer.xyz"
+    ase.io.write(path, Atoms("Ar3", positions=[[0, 0, 0], [r, 0, 0], [2 * r, 0, 0]]))
+    return path
+
+
+def test_check_hessian_leaves_a_saddle_point(tmp_path):
+    path = linear_trimer(tmp_path)
+    plain = runner.invoke(
+        app,
+        ["relax", str(path), "-p", "argon", "--fmax", "1e-4", "-o", str(tmp_path / "a"), "--json"],
+    )
+    rec = json.loads(plain.stdout.splitlines()[0])
+    checked = runner.invoke(
+        app,
+        [
+            "relax",
+            str(path),
+            "-p",
+            "argon",
+            "--fmax",
+            "1e-4",
+            "-o",
+            str(tmp_path / "b"),
+            "--json",
+            "--check-hessian",
+        ],
+    )
+    rec2 = json.loads(checked.stdout.splitlines()[0])
+    assert rec["status"] == rec2["status"] == "converged"
+    assert rec2["energy"] < rec["energy"] - 0.005  # the triangle, not the line
+    assert rec2["lowest_eigenvalue"] > 0
+    relaxed = ase.io.read(tmp_path / "b" / "trimer.extxyz")
+    d = relaxed.get_all_distances()[np.triu_indices(3, 1)]
+    assert d.max() - d.min() < 0.01  # equilateral
+
+
+def test_lowest_modes_matrix_free_equals_exact():
+    s = cluster13()
+    from molopt.potentials.registry import load
+
+    lj = load("argon").potential
+    exact, _ = lowest_modes(s, lj, k=3)
+    lanczos, _ = lowest_modes(s, lj, k=3, exact_max_atoms=0)
+    np.testing.assert_allclose(lanczos, exact, rtol=1e-5, atol=1e-7)
+
+
+def test_frequencies_agree_with_ase_vibrations(tmp_path):
+    from ase.optimize import BFGS
+    from ase.vibrations import Vibrations
+
+    from molopt.ase import MoloptCalculator
+    from molopt.potentials.registry import load
+
+    atoms = Atoms("Ar4", positions=[[0, 0, 0], [3.8, 0, 0], [1.9, 3.3, 0], [1.9, 1.1, 3.1]])
+    atoms.calc = MoloptCalculator("argon")
+    BFGS(atoms, logfile=None).run(fmax=1e-6)
+    vib = Vibrations(atoms, name=str(tmp_path / "vib"), delta=0.005, nfree=4)
+    vib.run()
+    reference = np.real(vib.get_frequencies())[-6:]  # the six vibrations
+    ours = frequencies_cm1(structure_from_atoms(atoms), load("argon").potential)[-6:]
+    np.testing.assert_allclose(ours, reference, rtol=2e-3, atol=0.3)
+    ase.io.write(tmp_path / "ar4.xyz", atoms)
+    result = runner.invoke(app, ["hessian", str(tmp_path / "ar4.xyz"), "-p", "argon", "--json"])
+    data = json.loads(result.stdout)
+    assert data["n_imaginary"] == 0
+    np.testing.assert_allclose(data["frequencies_cm1"][-6:], ours, rtol=1e-6)  # text file
