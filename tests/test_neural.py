@@ -186,6 +186,21 @@ def test_validation_table_recomputed_on_a_subset():
         assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.05)
 
 
+def test_gfn2_validation_table_recomputed():
+    pytest.importorskip("tblite")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "data" / "neural"))
+    import validate
+
+    shipped = json.loads((ROOT / "potentials" / "nn-gfn2-chno.validation.json").read_text())
+    assert shipped["n_structures"] >= 20
+    subset = validate.main("nn-gfn2-chno", limit=2, write=False)
+    for got, expected in zip(subset["structures"], shipped["structures"], strict=False):
+        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=2e-3)
+        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.05)
+
+
 def test_train_resume_evaluate_cli(tmp_path):
     images = []
     from ase.calculators.emt import EMT
