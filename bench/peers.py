@@ -66,6 +66,10 @@ def ase_numpy(structures, force_call):
 def ase_asap3(structures, force_call):
     from asap3 import LennardJones
 
+    for atoms in structures:  # asap3 needs a cell with volume even without periodicity
+        if not atoms.pbc.any():
+            atoms.center(vacuum=10.0)
+
     def make():
         # asap3's LJ shifts the energy to zero at the cutoff by default
         return LennardJones([18], [EPS], [SIG], rCut=RC, modified=True)

@@ -130,8 +130,11 @@ def main():
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--tools", default="molopt,lammps,ase-asap3,jaxmd,ase-numpy")
     parser.add_argument("--out", default=str(HERE / "out"))
+    parser.add_argument("--workloads", default=None, help="e.g. W1,W4")
     args = parser.parse_args()
     names = ["W1", "W3"] if args.quick else ["W1", "W2", "W3", "W4"]
+    if args.workloads:
+        names = args.workloads.split(",")
     tools = args.tools.split(",")
     out_dir = Path(args.out)
     paths = write_workloads(out_dir / "workloads", names)
@@ -172,7 +175,9 @@ def main():
             except Exception as exc:  # a missing peer must not stop the suite
                 results[name][tool] = {"error": str(exc)[-300:]}
             print(name, tool, json.dumps(_short(results[name][tool])), flush=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    target = out_dir / ("results.json" if not args.workloads else
+                        f"results-{'-'.join(names)}.json")
+    target.write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
 

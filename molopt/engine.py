@@ -484,10 +484,14 @@ class Engine:
         s = self.settings
         chosen = list(keep)
         atoms = sum(it.structure.n_atoms for it in chosen)
+        periodic = chosen[0].structure.pbc.any() if chosen else None
         while queue and len(chosen) < s.batch_size:
             n = queue[0].structure.n_atoms
             if chosen and atoms + n > s.max_batch_atoms:
                 break
+            if periodic is not None and bool(queue[0].structure.pbc.any()) != periodic:
+                break  # molecules and crystals in separate batches (neighbour capacity)
+            periodic = bool(queue[0].structure.pbc.any())
             chosen.append(queue.popleft())
             atoms += n
         return chosen
@@ -765,10 +769,9 @@ class Engine:
         )
         stress = None
         if code != FAILED and structure.pbc.all() and self.settings.final_stress:
-            if self.program.variable_cell:
-                stress = np.asarray(st.dE_dstrain[k], np.float64) / structure.volume
-            else:
-                stress = self._stress_of(live, k, st)
+            # with a fixed cell the loop does not compute dE/dstrain: the snapshot then holds
+            # one evaluation with stress for every system finishing at this boundary
+            stress = np.asarray(st.dE_dstrain[k], np.float64) / structure.volume
         error = None
         if code == FAILED:
             error = "energy or forces became non-finite (NaN/inf): the structure exploded"
@@ -815,16 +818,23 @@ class Engine:
         item.restarts += 1
         return item
 
-    def _stress_of(self, live: _Live, k: int, st) -> np.ndarray:
-        ev = evaluate_once(
-            live.state.positions, live.state.cell, live.batch, live.nbrs, self.potential, True
-        )
-        volume = abs(np.linalg.det(np.asarray(st.cell[k], np.float64)))
-        return np.asarray(ev.dE_dstrain[k], np.float64) / volume
+    def _with_final_stress(self, live: _Live, snapshot, finished: list):
+        """Fill ``snapshot.dE_dstrain`` for finished periodic systems (one evaluation)."""
+        if self.program.variable_cell or not self.settings.final_stress:
+            return snapshot
+        if not any(live.items[k].structure.pbc.all() for k in finished):
+            return snapshot
+        ev = evaluate_once(live.state.positions, live.state.cell, live.batch, live.nbrs,
+                           self.potential, True)
+        snapshot.dE_dstrain = np.asarray(jax.device_get(ev.dE_dstrain))
+        return snapshot
 
     # -- the loop ----------------------------------------------------------------------------
     def relax(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
-        queue = deque(_Item(key, s) for key, s in items)
+        # structures with periodic images need many more neighbour slots than molecules:
+        # batching them apart keeps the padded neighbour capacity small for each
+        ordered = sorted(items, key=lambda item: (not item[1].pbc.any(), -item[1].n_atoms))
+        queue = deque(_Item(key, s) for key, s in ordered)
         total = len(queue)
         results: list[RelaxResult] = []
         live: _Live | None = None
@@ -856,7 +866,7 @@ class Engine:
                 k for k in range(live.layout.n_real) if status[k] != RUNNING and k not in done
             ]
             if finished:
-                snapshot = self._snapshot(live)
+                snapshot = self._with_final_stress(live, self._snapshot(live), finished)
                 for k in finished:
                     item = live.items[k]
                     # the final frame is always written (from the state, not the frame buffer)

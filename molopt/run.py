@@ -336,59 +336,32 @@ def relax_files(
         )
     todo_set = set(todo)
 
+    def fail(f, reason):
+        where = f"{f.path}{'' if f.index is None else f' (frame {f.index})'}"
+        emit(out.record(input=f.path, index=f.index, output=None, status="failed",
+                        error=f"{where}: {reason}"))
+
     items = []
     for key, f in enumerate(frames):
         if f.structure is None:
-            emit(
-                out.record(
-                    input=f.path,
-                    index=f.index,
-                    output=None,
-                    status="failed",
-                    error=f"{f.path}{'' if f.index is None else f' (frame {f.index})'}: {f.error}",
-                )
-            )
+            fail(f, f.error)
             continue
         if key not in todo_set:
             h5md_path, _ = out.output_paths(out_dir, f.stem)
             _, previous = out.previous_run(out_dir, f.stem)
-            emit(
-                out.record(
-                    input=f.path,
-                    index=f.index,
-                    output=str(h5md_path),
-                    status="skipped",
-                    energy=previous.get("energy_final"),
-                    fmax=previous.get("fmax_final"),
-                    steps=previous.get("steps"),
-                    previous_status=previous.get("status"),
-                )
-            )
+            emit(out.record(
+                input=f.path, index=f.index, output=str(h5md_path), status="skipped",
+                energy=previous.get("energy_final"), fmax=previous.get("fmax_final"),
+                steps=previous.get("steps"), previous_status=previous.get("status"),
+            ))
             continue
         if not spec.covers(f.structure.numbers):
             missing = sorted(set(int(z) for z in f.structure.numbers) - set(spec.elements))
             names = ", ".join(el.symbol(z) for z in missing)
-            emit(
-                out.record(
-                    input=f.path,
-                    index=f.index,
-                    output=None,
-                    status="failed",
-                    error=f"{f.path}: element(s) {names} not covered by potential '{spec.name}'",
-                )
-            )
+            fail(f, f"element(s) {names} not covered by potential '{spec.name}'")
             continue
         if settings.relax_cell and not f.structure.pbc.all():
-            emit(
-                out.record(
-                    input=f.path,
-                    index=f.index,
-                    output=None,
-                    status="failed",
-                    error=f"{f.path}: --relax-cell needs a structure periodic in all "
-                    "three directions",
-                )
-            )
+            fail(f, "--relax-cell needs a structure periodic in all three directions")
             continue
         items.append((key, f.structure))
 

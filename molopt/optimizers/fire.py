@@ -28,6 +28,16 @@ class FireState:
     started: jax.Array
 
 
+def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype) -> dict:
+    return dict(
+        velocity=jnp.zeros((n_rows, 3), dtype),
+        dt=jnp.full((n_systems,), optimizer.dt, dtype),
+        alpha=jnp.full((n_systems,), optimizer.astart, dtype),
+        n_positive=jnp.zeros((n_systems,), jnp.int32),
+        started=jnp.zeros((n_systems,), bool),
+    )
+
+
 @dataclass(frozen=True)
 class FIRE:
     """ASE ``FIRE`` defaults: dt 0.1, maxstep 0.2 A (norm of the whole step), dtmax 1.0,
@@ -45,13 +55,7 @@ class FIRE:
     name = "fire"
 
     def init(self, n_rows: int, n_systems: int, dtype) -> FireState:
-        return FireState(
-            velocity=jnp.zeros((n_rows, 3), dtype),
-            dt=jnp.full((n_systems,), self.dt, dtype),
-            alpha=jnp.full((n_systems,), self.astart, dtype),
-            n_positive=jnp.zeros((n_systems,), jnp.int32),
-            started=jnp.zeros((n_systems,), bool),
-        )
+        return FireState(**_initial_fields(self, n_rows, n_systems, dtype))
 
     def step(self, state: FireState, x, forces, active, rows: Rows):
         """One step for the ``active`` (S,) systems; returns (state, displacement (R, 3),
@@ -127,14 +131,8 @@ class FIRE2:
     name = "fire2"
 
     def init(self, n_rows: int, n_systems: int, dtype) -> Fire2State:
-        return Fire2State(
-            velocity=jnp.zeros((n_rows, 3), dtype),
-            dt=jnp.full((n_systems,), self.dt, dtype),
-            alpha=jnp.full((n_systems,), self.astart, dtype),
-            n_positive=jnp.zeros((n_systems,), jnp.int32),
-            started=jnp.zeros((n_systems,), bool),
-            backed_off=jnp.zeros((n_systems,), bool),
-        )
+        return Fire2State(**_initial_fields(self, n_rows, n_systems, dtype),
+                          backed_off=jnp.zeros((n_systems,), bool))
 
     def step(self, state: Fire2State, x, forces, active, rows: Rows):
         """Returns (state, displacement (R, 3), completes_step (S,))."""
