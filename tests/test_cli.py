@@ -67,10 +67,8 @@ def test_missing_file_and_bad_options_exit_2(tmp_path):
 
 
 def test_no_potential_covers_input(tmp_path):
-    ase.io.write(
-        tmp_path / "h2o.xyz", Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-    )
-    result = invoke("relax", tmp_path / "h2o.xyz", "-o", tmp_path)
+    ase.io.write(tmp_path / "nacl.xyz", Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    result = invoke("relax", tmp_path / "nacl.xyz", "-o", tmp_path)
     assert result.exit_code == 2
     assert "no shipped potential covers" in result.stderr and "argon" in result.stderr
 
