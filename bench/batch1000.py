@@ -42,10 +42,10 @@ def make_inputs(directory: Path, n: int = 1000, seed: int = 11):
         if kind == 0:  # cluster on a jittered grid
             size = int(rng.integers(5, 41))
             side = int(np.ceil(size ** (1 / 3)))
-            grid = np.array([(i, j, l) for i in range(side) for j in range(side)
-                             for l in range(side)])[:size]
-            atoms = Atoms(f"Ar{size}", positions=grid * 3.9 + rng.uniform(-0.3, 0.3,
-                                                                          (size, 3)))
+            grid = np.array(
+                [(i, j, m) for i in range(side) for j in range(side) for m in range(side)]
+            )[:size]
+            atoms = Atoms(f"Ar{size}", positions=grid * 3.9 + rng.uniform(-0.3, 0.3, (size, 3)))
         elif kind == 1:  # small crystal
             reps = [(1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)][int(rng.integers(4))]
             atoms = bulk("Ar", "fcc", a=rng.uniform(5.1, 5.4), cubic=True).repeat(reps)
@@ -61,22 +61,42 @@ def make_inputs(directory: Path, n: int = 1000, seed: int = 11):
 def run_molopt(inputs: Path, cache: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="b1000-"))
     env = dict(os.environ, MOLOPT_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1")
-    cmd = [sys.executable, "-m", "molopt.cli", "relax", str(inputs), "-p", "argon", "--fmax",
-           "1e-3", "-o", str(out), "--json", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "molopt.cli",
+        "relax",
+        str(inputs),
+        "-p",
+        "argon",
+        "--fmax",
+        "1e-3",
+        "-o",
+        str(out),
+        "--json",
+        "-q",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     records = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     shutil.rmtree(out, ignore_errors=True)
-    compiled = re.findall(r"Compiling (jit\w+)|Finished XLA compilation of (jit\(\w+\))",
-                          proc.stderr)
-    misses = len(re.findall(r"Not writing persistent cache entry|Writing .* to persistent",
-                            proc.stderr))
+    compiled = re.findall(
+        r"Compiling (jit\w+)|Finished XLA compilation of (jit\(\w+\))", proc.stderr
+    )
+    misses = len(
+        re.findall(r"Not writing persistent cache entry|Writing .* to persistent", proc.stderr)
+    )
     hits = len(re.findall(r"Persistent compilation cache hit", proc.stderr))
-    return {"wall_s": wall, "n": len(records),
-            "converged": sum(r["status"] == "converged" for r in records),
-            "steps": sum(r["steps"] or 0 for r in records),
-            "xla_compilations": len(compiled), "cache_hits": hits, "cache_writes": misses}
+    return {
+        "wall_s": wall,
+        "n": len(records),
+        "converged": sum(r["status"] == "converged" for r in records),
+        "steps": sum(r["steps"] or 0 for r in records),
+        "xla_compilations": len(compiled),
+        "cache_hits": hits,
+        "cache_writes": misses,
+    }
 
 
 def run_ase(inputs: Path, limit: int) -> dict:
@@ -108,10 +128,17 @@ def main():
     ase_result = run_ase(inputs, args.ase_subset)
     rate_molopt = warm["n"] / warm["wall_s"]
     rate_ase = ase_result["n"] / ase_result["wall_s"]
-    result = {"molopt_cold": cold, "molopt_warm": warm, "ase": ase_result,
-              "structures_per_s": {"molopt_warm": rate_molopt, "molopt_cold": cold["n"] /
-                                   cold["wall_s"], "ase_loop": rate_ase},
-              "speedup_warm": rate_molopt / rate_ase}
+    result = {
+        "molopt_cold": cold,
+        "molopt_warm": warm,
+        "ase": ase_result,
+        "structures_per_s": {
+            "molopt_warm": rate_molopt,
+            "molopt_cold": cold["n"] / cold["wall_s"],
+            "ase_loop": rate_ase,
+        },
+        "speedup_warm": rate_molopt / rate_ase,
+    }
     (HERE / "out" / "batch1000.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

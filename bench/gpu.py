@@ -17,15 +17,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import write  # noqa: E402
+from workloads import molopt_command, write  # noqa: E402
 
 
 def relax(path: Path, cache: Path, optimizer: str = "fire") -> dict:
     out = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     env = dict(os.environ, MOLOPT_CACHE_DIR=str(cache))
-    cmd = [sys.executable, "-m", "molopt.cli", "relax", str(path), "-p", "argon", "--fmax",
-           "1e-3", "--optimizer", optimizer, "-o", str(out), "--json", "-q", "--traj-interval",
-           "0"]
+    cmd = molopt_command(path, out, optimizer)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
@@ -65,8 +63,10 @@ def main():
     import jax
 
     print(f"\ndevice: {jax.devices()[0].device_kind}")
-    print("| workload | atoms | steps | relax (s, warm) | whole process (s, warm) | cold (s) | "
-          "atom-steps/s |")
+    print(
+        "| workload | atoms | steps | relax (s, warm) | whole process (s, warm) | cold (s) | "
+        "atom-steps/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     atoms = {"W2": 32000, "W4": 100920, "W1M": 1000188, "W3": 9841}
     for name, r in results.items():
@@ -75,8 +75,10 @@ def main():
             print(f"| {name} | | failed: {w['error'][-200:]!r} | | | | |")
             continue
         rate = atoms[name] * w["steps"] / w["relax_s"] if name != "W3" else float("nan")
-        print(f"| {name} | {atoms[name]} | {w['steps']} | {w['relax_s']:.2f} | {w['wall_s']:.2f} "
-              f"| {c['wall_s']:.2f} | {rate:.3g} |")
+        print(
+            f"| {name} | {atoms[name]} | {w['steps']} | {w['relax_s']:.2f} | {w['wall_s']:.2f} "
+            f"| {c['wall_s']:.2f} | {rate:.3g} |"
+        )
 
 
 if __name__ == "__main__":

@@ -142,7 +142,6 @@ def jaxmd(structures, force_call):
         if atoms.pbc.all():
             box = jnp.asarray(np.diag(atoms.cell.array))
             displacement, shift = space.periodic(box)
-            fractional = False
         else:
             displacement, shift = space.free()
             box = 1000.0
@@ -159,9 +158,12 @@ def jaxmd(structures, force_call):
         )
         nbrs = neighbor_fn.allocate(positions)
         init, apply = minimize.fire_descent(
-            lambda R, neighbor: energy_fn(R, neighbor=neighbor), shift, dt_start=0.1, dt_max=1.0
+            lambda R, neighbor, energy_fn=energy_fn: energy_fn(R, neighbor=neighbor),
+            shift,
+            dt_start=0.1,
+            dt_max=1.0,
         )
-        force = jax.jit(jax.grad(lambda R, n: -energy_fn(R, neighbor=n)))
+        force = jax.jit(jax.grad(lambda R, n, energy_fn=energy_fn: -energy_fn(R, neighbor=n)))
         if force_call and k == 0:
             force(positions, nbrs).block_until_ready()
             t = time.perf_counter()
@@ -173,7 +175,7 @@ def jaxmd(structures, force_call):
         def chunk(state, nbrs):
             def body(i, carry):
                 state, nbrs = carry
-                state = apply(state, neighbor=nbrs)
+                state = apply(state, neighbor=nbrs)  # noqa: B023 (used in this iteration)
                 nbrs = nbrs.update(state.position)
                 return state, nbrs
 

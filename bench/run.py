@@ -26,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from workloads import molopt_command  # noqa: E402
 from workloads import write as write_workloads  # noqa: E402
 
 
@@ -56,26 +57,7 @@ def timed(cmd, env=None, timeout=3600):
 def run_molopt(workload: Path, optimizer="fire", cold=True, cache=None, extra=()):
     out = Path(tempfile.mkdtemp(prefix="molopt-bench-"))
     env = dict(os.environ, MOLOPT_CACHE_DIR=str(cache))
-    cmd = [
-        sys.executable,
-        "-m",
-        "molopt.cli",
-        "relax",
-        str(workload),
-        "-p",
-        "argon",
-        "--fmax",
-        "1e-3",
-        "--optimizer",
-        optimizer,
-        "-o",
-        str(out),
-        "--json",
-        "-q",
-        "--traj-interval",
-        "0",
-        *extra,
-    ]
+    cmd = [*molopt_command(workload, out, optimizer), *extra]
     wall, rss, stdout = timed(cmd, env)
     records = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
     shutil.rmtree(out, ignore_errors=True)
@@ -117,7 +99,9 @@ p, c = jnp.asarray(pos), jnp.asarray(cells)
 jax.block_until_ready(E.evaluate_once(p, c, b, nb, pot, False))
 ts = []
 for _ in range(30):
-    t = time.perf_counter(); jax.block_until_ready(E.evaluate_once(p, c, b, nb, pot, False)); ts.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(E.evaluate_once(p, c, b, nb, pot, False))
+    ts.append(time.perf_counter() - t)
 print(sorted(ts)[len(ts) // 2])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -175,8 +159,7 @@ def main():
             except Exception as exc:  # a missing peer must not stop the suite
                 results[name][tool] = {"error": str(exc)[-300:]}
             print(name, tool, json.dumps(_short(results[name][tool])), flush=True)
-    target = out_dir / ("results.json" if not args.workloads else
-                        f"results-{'-'.join(names)}.json")
+    target = out_dir / ("results.json" if not args.workloads else f"results-{'-'.join(names)}.json")
     target.write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
@@ -200,7 +183,6 @@ def table(results: dict) -> str:
             if "error" in r:
                 lines.append(f"| {name} | {tool} | failed | | | | | | |")
                 continue
-            n = r.get("n_structures", len(r.get("steps", [])) or 1)
             wall = r["wall_s"]
             note = ""
             if r.get("n_structures") and name == "W3" and r["n_structures"] < 256:

@@ -83,3 +83,27 @@ def write(out_dir: Path, names) -> dict[str, Path]:
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out/workloads")
     print(write(out, sys.argv[2:] or ["W1", "W2", "W3", "W4"]))
+
+
+def molopt_command(workload: Path, out: Path, optimizer: str = "fire") -> list[str]:
+    """The `molopt relax` command every benchmark times: argon, FIRE to fmax 1e-3 eV/A, JSON
+    records, no progress display, final frame only in the trajectory."""
+    return [
+        sys.executable,
+        "-m",
+        "molopt.cli",
+        "relax",
+        str(workload),
+        "-p",
+        "argon",
+        "--fmax",
+        "1e-3",
+        "--optimizer",
+        optimizer,
+        "-o",
+        str(out),
+        "--json",
+        "-q",
+        "--traj-interval",
+        "0",
+    ]

@@ -56,4 +56,48 @@ def enable_compilation_cache(directory: Path | None = None) -> Path | None:
     return directory
 
 
-__all__ = ["jax", "enable_compilation_cache", "cache_directory"]
+def _count_lines(path: str) -> int | None:
+    try:
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+    except OSError:
+        return None
+
+
+def _map_limit() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def relieve_mapping_pressure(fraction: float = 0.5) -> bool:
+    """Drop JAX's in-memory compiled code when this process holds too many memory mappings.
+
+    XLA:CPU keeps each compiled executable in memory mappings of its own (a PaiNN relaxation
+    program takes thousands). A long-lived process that compiles many programs (a notebook
+    relaxing with many potentials, a test session) reaches Linux's ``vm.max_map_count``
+    (65530 by default), and the next compilation then kills the process inside XLA (SIGSEGV
+    or SIGABRT: seen in a test session of jaxlib 0.10.2). Past ``fraction`` of the limit
+    the caches are cleared: programs are compiled again, or reloaded from the persistent
+    cache, when next needed. Returns whether it cleared. Linux only; elsewhere a no-op.
+    """
+    limit = _map_limit()
+    if not limit:
+        return False
+    count = _count_lines("/proc/self/maps")
+    if count is None or count < fraction * limit:
+        return False
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
+__all__ = [
+    "jax",
+    "enable_compilation_cache",
+    "cache_directory",
+    "relieve_mapping_pressure",
+]

@@ -183,7 +183,9 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         try:
             i, n = (int(p) for p in s.shard.split("/"))
         except ValueError:
-            raise ConfigError(f"{source}: shard must look like I/N, e.g. 0/4 (got {s.shard!r})")
+            raise ConfigError(
+                f"{source}: shard must look like I/N, e.g. 0/4 (got {s.shard!r})"
+            ) from None
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"{source}: shard I/N needs 0 <= I < N (got {s.shard!r})")
     return settings

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molopt import neighbors as nl
-from molopt._jax import jax
+from molopt._jax import jax, relieve_mapping_pressure
 from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
@@ -824,13 +824,15 @@ class Engine:
             return snapshot
         if not any(live.items[k].structure.pbc.all() for k in finished):
             return snapshot
-        ev = evaluate_once(live.state.positions, live.state.cell, live.batch, live.nbrs,
-                           self.potential, True)
+        ev = evaluate_once(
+            live.state.positions, live.state.cell, live.batch, live.nbrs, self.potential, True
+        )
         snapshot.dE_dstrain = np.asarray(jax.device_get(ev.dE_dstrain))
         return snapshot
 
     # -- the loop ----------------------------------------------------------------------------
     def relax(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
+        relieve_mapping_pressure()
         # structures with periodic images need many more neighbour slots than molecules:
         # batching them apart keeps the padded neighbour capacity small for each
         ordered = sorted(items, key=lambda item: (not item[1].pbc.any(), -item[1].n_atoms))
@@ -858,7 +860,6 @@ class Engine:
 
     def _run_batch(self, live: _Live, queue: deque, results: list):
         """Advance ``live`` until it should be repacked; returns (still running, carry)."""
-        s = self.settings
         done: set = set()
         while True:
             status = np.asarray(jax.device_get(live.state.status))

@@ -201,8 +201,9 @@ class Fit:
         for d in data:
             problem = _Problem(d.structure, potential, False, 0.0)
             problem.set_base(d.structure.positions, d.structure.cell, potential.cutoff)
+            cell = jnp.asarray(d.structure.cell)
             energy, grad = jax.value_and_grad(
-                lambda x: problem.energy_at(x, jnp.asarray(d.structure.cell), potential)
+                lambda x, problem=problem, cell=cell: problem.energy_at(x, cell, potential)
             )(jnp.asarray(d.structure.positions))
             n = d.structure.n_atoms
             total = total + ((energy - d.energy) / n) ** 2 + jnp.mean((-grad - d.forces) ** 2)

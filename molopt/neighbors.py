@@ -30,8 +30,9 @@ ALL_PAIRS_MAX_ATOMS = 96
 @dataclass(frozen=True)
 class Neighbors:
     """``index`` (K, A) int32; ``shift`` (3, K, A) integer images (int8/int32; shape (0, K, A)
-    when no system is periodic); ``mask`` (K, A) bool; ``ref_positions`` (A, 3) and ``ref_cell`` (S, 3, 3) at build time (A); ``complete``
-    (S,) bool (all pairs listed, never stale); ``cutoff``/``skin`` scalars (A)."""
+    when no system is periodic); ``mask`` (K, A) bool; ``ref_positions`` (A, 3) and
+    ``ref_cell`` (S, 3, 3) at build time (A); ``complete`` (S,) bool (all pairs listed, never
+    stale); ``cutoff``/``skin`` scalars (A)."""
 
     index: jax.Array
     shift: jax.Array

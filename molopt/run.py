@@ -263,7 +263,8 @@ def resolve_potential(settings: RunSettings, frames) -> tuple[object, str]:
         raise ConfigError(str(exc)) from exc
     return (
         spec,
-        f"using potential '{spec.name}' (covers {', '.join(el.symbol(z) for z in sorted(numbers))})",
+        f"using potential '{spec.name}' "
+        f"(covers {', '.join(el.symbol(z) for z in sorted(numbers))})",
     )
 
 
@@ -338,8 +339,15 @@ def relax_files(
 
     def fail(f, reason):
         where = f"{f.path}{'' if f.index is None else f' (frame {f.index})'}"
-        emit(out.record(input=f.path, index=f.index, output=None, status="failed",
-                        error=f"{where}: {reason}"))
+        emit(
+            out.record(
+                input=f.path,
+                index=f.index,
+                output=None,
+                status="failed",
+                error=f"{where}: {reason}",
+            )
+        )
 
     items = []
     for key, f in enumerate(frames):
@@ -349,11 +357,18 @@ def relax_files(
         if key not in todo_set:
             h5md_path, _ = out.output_paths(out_dir, f.stem)
             _, previous = out.previous_run(out_dir, f.stem)
-            emit(out.record(
-                input=f.path, index=f.index, output=str(h5md_path), status="skipped",
-                energy=previous.get("energy_final"), fmax=previous.get("fmax_final"),
-                steps=previous.get("steps"), previous_status=previous.get("status"),
-            ))
+            emit(
+                out.record(
+                    input=f.path,
+                    index=f.index,
+                    output=str(h5md_path),
+                    status="skipped",
+                    energy=previous.get("energy_final"),
+                    fmax=previous.get("fmax_final"),
+                    steps=previous.get("steps"),
+                    previous_status=previous.get("status"),
+                )
+            )
             continue
         if not spec.covers(f.structure.numbers):
             missing = sorted(set(int(z) for z in f.structure.numbers) - set(spec.elements))

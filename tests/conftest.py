@@ -7,10 +7,19 @@ os.environ.setdefault(
     "MOLOPT_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".molopt-cache")
 )
 
-import molopt._jax  # noqa: E402,F401  (x64 on for every test)
+import molopt._jax  # noqa: E402  (x64 on for every test)
 from molopt.structure import make_structure  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "data", "examples")
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+    """A test session compiles hundreds of programs; XLA:CPU maps each into memory and Linux
+    caps a process's mappings (vm.max_map_count). Past a third of it, compiled code is dropped
+    between tests (the session crashed inside XLA at the cap before this)."""
+    yield
+    molopt._jax.relieve_mapping_pressure(fraction=0.3)
 
 
 @pytest.fixture(scope="session")

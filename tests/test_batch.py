@@ -146,3 +146,22 @@ def test_neighbour_list_rebuilds_keep_results_exact(argon):
     (b,) = relax([(0, s)], argon, EngineSettings(fmax=1e-3, skin=2.0))
     assert a.steps == b.steps
     assert a.energy == pytest.approx(b.energy, abs=1e-10)
+
+
+def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
+    """XLA:CPU maps compiled code into memory; near Linux's per-process mapping cap the next
+    compilation would crash the process, so relax() drops compiled code first."""
+    import molopt._jax as J
+
+    if J._map_limit() is None:
+        pytest.skip("no /proc/sys/vm/max_map_count on this system")
+    settings = EngineSettings(fmax=1e-2)
+    items = [(0, rattled_cluster(10, seed=4))]
+    (before,) = relax(items, argon, settings)
+    assert E.advance._cache_size() > 0
+    assert not J.relieve_mapping_pressure()  # far below the cap: nothing dropped
+    monkeypatch.setattr(J, "_map_limit", lambda: 10)  # as if at the cap
+    assert J.relieve_mapping_pressure()
+    assert E.advance._cache_size() == 0
+    (after,) = relax(items, argon, settings)  # compiled again, same result
+    assert after.steps == before.steps and after.energy == before.energy

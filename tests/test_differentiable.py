@@ -109,7 +109,7 @@ def test_fixed_atoms_and_batches():
         )
 
     together = jax.grad(lambda p: height(p, [s_slab, s_cluster]))(argon())
-    alone = [jax.grad(lambda p: height(p, [x]))(argon()) for x in (s_slab, s_cluster)]
+    alone = [jax.grad(lambda p, x=x: height(p, [x]))(argon()) for x in (s_slab, s_cluster)]
     assert float(together.sigma[0]) == pytest.approx(
         float(alone[0].sigma[0] + alone[1].sigma[0]), rel=1e-6
     )

@@ -33,7 +33,9 @@ def test_dense_list_equals_ase_neighbor_list(pbc):
     _, pos, cells, layout = B.pack([s], {18: 0}, np.float64)
     host = N.build(pos, cells, np.array([s.pbc] + [[False] * 3]), layout, 8.5, 1.0)
     i, j, shifts = neighbor_list("ijS", atoms, 9.5)
-    expected = {(int(a), int(b), tuple(int(x) for x in sh)) for a, b, sh in zip(i, j, shifts)}
+    expected = {
+        (int(a), int(b), tuple(int(x) for x in sh)) for a, b, sh in zip(i, j, shifts, strict=True)
+    }
     assert pairs_of(host, layout, 0) == expected
 
 

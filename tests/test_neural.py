@@ -100,10 +100,10 @@ def test_save_load_round_trip_and_tampering(small_model, tmp_path):
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(PotentialError, match="corrupt or modified"):
-        load(path).potential
+        _ = load(path).potential
     weights.unlink()
     with pytest.raises(PotentialError, match="missing"):
-        load(path).potential
+        _ = load(path).potential
 
 
 def test_shipped_emt_potential_matches_emt_and_refuses_argon(tmp_path):

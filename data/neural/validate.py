@@ -46,8 +46,11 @@ def emt_starts(seed=777):
         other = metals[(k + 1 + k // 6) % 6]
         kind = ["cluster", "slab", "vacancy", "alloy-cluster"][k % 4]
         if kind == "cluster":
-            atoms = (Icosahedron(m, 3, latticeconstant=lattice[m]) if k % 8 == 0 else
-                     Octahedron(m, 4, 1, latticeconstant=lattice[m]))
+            atoms = (
+                Icosahedron(m, 3, latticeconstant=lattice[m])
+                if k % 8 == 0
+                else Octahedron(m, 4, 1, latticeconstant=lattice[m])
+            )
             atoms.center(vacuum=6.0)
             atoms.pbc = False
         elif kind == "alloy-cluster":
@@ -72,14 +75,15 @@ def emt_starts(seed=777):
 
 def gfn2_starts(seed=777):
     sys.path.insert(0, str(Path(__file__).parent))
-    from generate_gfn2 import TEST_G2, TEST_SMILES, from_smiles, relaxed
     from ase.build import molecule
+    from generate_gfn2 import TEST_G2, TEST_SMILES, from_smiles, relaxed
 
     rng = np.random.default_rng(seed)
     starts = []
     molecules = [(n, molecule(n)) for n in TEST_G2]
-    molecules += [(s, a) for k, s in enumerate(TEST_SMILES)
-                  if (a := from_smiles(s, seed + k)) is not None]
+    molecules += [
+        (s, a) for k, s in enumerate(TEST_SMILES) if (a := from_smiles(s, seed + k)) is not None
+    ]
     for name, atoms in molecules[:24]:
         minimum = relaxed(atoms)
         minimum.positions += rng.normal(0, 0.05, minimum.positions.shape)
@@ -110,8 +114,12 @@ def main(name: str, limit: int | None = None, write: bool = True) -> dict:
     # molopt: all structures in one batched run
     items = [(k, from_atoms(a)) for k, a in enumerate(starts)]
     t = time.perf_counter()
-    results = {r.key: r for r in relax(items, spec.potential,
-                                       EngineSettings(optimizer="lbfgs", fmax=FMAX, steps=3000))}
+    results = {
+        r.key: r
+        for r in relax(
+            items, spec.potential, EngineSettings(optimizer="lbfgs", fmax=FMAX, steps=3000)
+        )
+    }
     nn_time = time.perf_counter() - t
     rows = []
     ref_time = 0.0
@@ -126,18 +134,21 @@ def main(name: str, limit: int | None = None, write: bool = True) -> dict:
         nn_min.positions = results[k].structure.positions
         nn_min.calc = reference_calculator(name)
         e_ref_at_nn = nn_min.get_potential_energy()
-        rows.append({
-            "structure": str(atoms.info.get("kind", k)),
-            "formula": atoms.get_chemical_formula(),
-            "n_atoms": len(atoms),
-            "rmsd_A": rmsd(results[k].structure.positions, ref.positions),
-            "dE_meV_per_atom": 1000 * (e_ref_at_nn - e_ref_min) / len(atoms),
-            "network_status": results[k].status,
-        })
+        rows.append(
+            {
+                "structure": str(atoms.info.get("kind", k)),
+                "formula": atoms.get_chemical_formula(),
+                "n_atoms": len(atoms),
+                "rmsd_A": rmsd(results[k].structure.positions, ref.positions),
+                "dE_meV_per_atom": 1000 * (e_ref_at_nn - e_ref_min) / len(atoms),
+                "network_status": results[k].status,
+            }
+        )
     summary = {
         "potential": name,
-        "reference": "ASE EMT + ASE BFGS" if name == "nn-emt-metals" else
-                     "tblite GFN2-xTB + ASE BFGS",
+        "reference": "ASE EMT + ASE BFGS"
+        if name == "nn-emt-metals"
+        else "tblite GFN2-xTB + ASE BFGS",
         "fmax_eV_per_A": FMAX,
         "n_structures": len(rows),
         "median_rmsd_A": float(np.median([r["rmsd_A"] for r in rows])),

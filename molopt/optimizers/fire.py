@@ -131,8 +131,10 @@ class FIRE2:
     name = "fire2"
 
     def init(self, n_rows: int, n_systems: int, dtype) -> Fire2State:
-        return Fire2State(**_initial_fields(self, n_rows, n_systems, dtype),
-                          backed_off=jnp.zeros((n_systems,), bool))
+        return Fire2State(
+            **_initial_fields(self, n_rows, n_systems, dtype),
+            backed_off=jnp.zeros((n_systems,), bool),
+        )
 
     def step(self, state: Fire2State, x, forces, active, rows: Rows):
         """Returns (state, displacement (R, 3), completes_step (S,))."""

@@ -82,7 +82,7 @@ def read_spec(path: Path, name: str | None = None) -> PotentialSpec:
         if weights.is_file():
             digest.update(weights.read_bytes())
     spec = PotentialSpec(name or path.stem, path, data, digest.hexdigest())
-    spec.elements  # validate element names early
+    _ = spec.elements  # validate element names early
     return spec
 
 
