@@ -165,3 +165,19 @@ def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
     assert E.advance._cache_size() == 0
     (after,) = relax(items, argon, settings)  # compiled again, same result
     assert after.steps == before.steps and after.energy == before.energy
+
+
+def test_bucket_ladder_bounds_padding():
+    from molopt.batch import bucket, plan_layout
+
+    sizes = range(1, 300_000, 7)
+    for fine in (False, True):
+        padded = [bucket(n, fine=fine) for n in sizes]
+        assert all(p >= n for p, n in zip(padded, sizes, strict=True))
+        assert padded == sorted(padded)  # monotone: a bigger input never gets a smaller bucket
+        worst = max(p / n for p, n in zip(padded, sizes, strict=True) if n > 4096)
+        assert worst <= (1.125 if fine else 1.5)
+    assert len({bucket(n) for n in sizes}) < len({bucket(n, fine=True) for n in sizes}) < 80
+    # one large structure alone gets the fine ladder; a batch of several the coarse one
+    assert plan_layout([100_920]).n_padded_atoms == 106_496
+    assert plan_layout([50_000, 50_920]).n_padded_atoms == 131_072
