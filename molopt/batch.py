@@ -20,7 +20,6 @@ import numpy as np
 from molopt._jax import jax
 from molopt.structure import Structure
 
-
 #: Above this many atoms the ladder has eight rungs per octave instead of two.
 FINE_LADDER_ATOMS = 4096
 
