@@ -130,14 +130,16 @@ def main():
             cache = Path(tempfile.mkdtemp(prefix="molopt-cache-"))
             cold = run_molopt(workload, cache=cache)
             warm = run_molopt(workload, cache=cache)
-            fire2 = run_molopt(workload, optimizer="fire2", cache=cache)
+            # FIRE 2.0 on W4 takes several times FIRE's steps (W2: 1341 against 241): left out
+            skip_fire2 = name == "W4" and not args.full
+            fire2 = {} if skip_fire2 else run_molopt(workload, optimizer="fire2", cache=cache)
             shutil.rmtree(cache, ignore_errors=True)
             results[name]["molopt"] = {
                 **warm,
                 "cold_wall_s": cold["wall_s"],
                 "compile_s": cold["wall_s"] - warm["wall_s"],
-                "fire2_steps": fire2["steps"],
-                "fire2_wall_s": fire2["wall_s"],
+                "fire2_steps": fire2.get("steps"),
+                "fire2_wall_s": fire2.get("wall_s"),
             }
             if name in ("W1", "W2", "W4"):
                 results[name]["molopt"]["force_call_s"] = molopt_force_call(workload)
