@@ -39,11 +39,18 @@ def field_axis(state_type, name: str) -> tuple[str, int]:
     return "system", getattr(state_type, "SYSTEM_AXIS", {}).get(name, 0)
 
 
-def select_state(active, new, old, rows: Rows):
-    """Per-field ``where(active, new, old)`` for an optimizer state (see :func:`field_axis`)."""
+def select_state(active, new, old, rows: Rows, masked: tuple[str, ...] = ()):
+    """Per-field ``where(active, new, old)`` for an optimizer state (see :func:`field_axis`).
+
+    Fields named in ``masked`` are taken from ``new`` as they are: the step already left
+    inactive systems' entries untouched there (large histories are not read and written
+    again whole)."""
     values = {}
     for f in dataclasses.fields(new):
         n, o = getattr(new, f.name), getattr(old, f.name)
+        if f.name in masked:
+            values[f.name] = n
+            continue
         kind, axis = field_axis(type(new), f.name)
         mask = active
         if kind == "row":
