@@ -6,7 +6,6 @@ that compute, so ``molopt --help`` is instant."""
 from __future__ import annotations
 
 import json as jsonlib
-import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -54,13 +53,6 @@ def main_callback(
     ] = None,
 ):
     """molopt: structure optimization with JAX (FIRE, L-BFGS, variable cell), H5MD output."""
-
-
-def _sigterm_as_interrupt():
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _fail(message: str, code: int = 2):
@@ -209,12 +201,12 @@ def relax(
             )
     except MoloptError as exc:
         _fail(str(exc))
-    _sigterm_as_interrupt()
+    from molopt import interrupt
     from molopt.ui import RelaxReporter
 
     reporter = RelaxReporter(err, json_out=settings.json, quiet=quiet)
     try:
-        with reporter:
+        with interrupt.deferred(), reporter:
             summary = relax_files(
                 inputs,
                 settings,
@@ -313,9 +305,10 @@ def train(
         trainer = Trainer(settings, labelled, Path(out), valid=valid_data, sources=data)
     except MoloptError as exc:
         _fail(str(exc))
-    _sigterm_as_interrupt()
+    from molopt import interrupt
+
     try:
-        with TrainDisplay(err, settings.epochs, quiet) as display:
+        with interrupt.deferred(), TrainDisplay(err, settings.epochs, quiet) as display:
             trainer.run(resume=resume, progress=display.update)
     except MoloptError as exc:
         _fail(str(exc))

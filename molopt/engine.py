@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import jax.numpy as jnp
 import numpy as np
 
+from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
 from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
@@ -843,6 +844,7 @@ class Engine:
         carry: dict = {}
         keep: list = []
         while queue or keep:
+            interrupt.check()
             chosen = self._take(queue, keep)
             fresh = {it.key for it in chosen if it.key not in carry}
             now = time.perf_counter()
@@ -863,6 +865,7 @@ class Engine:
         done: set = set()
         while True:
             status = np.asarray(jax.device_get(live.state.status))
+            interrupt.check()  # a Ctrl-C acts here, between compiled chunks
             finished = [
                 k for k in range(live.layout.n_real) if status[k] != RUNNING and k not in done
             ]

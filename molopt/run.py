@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from molopt import elements as el
+from molopt import interrupt
 from molopt.config import GPA, RunSettings
 from molopt.errors import ConfigError, PotentialError
 from molopt.io import read as reader
@@ -289,6 +290,7 @@ def relax_files(
     paths = _select_shard(reader.discover(inputs, settings.recursive), settings)
     frames = []
     for path in paths:
+        interrupt.check()
         frames.extend(reader.read_frames(path, settings.index))
     stems: dict[str, Path] = {}
     for f in frames:
@@ -392,6 +394,7 @@ def relax_files(
         try:
             engine.relax(items)
             sink.flush()
+            interrupt.check()  # interrupted during the last writes: still an interruption
         finally:
             sink.abort_all()
         summary.compiles = getattr(engine, "compiles", 0)

@@ -97,3 +97,22 @@ def test_second_run_compiles_nothing(tmp_path):
     second = subprocess.run(command(inputs, tmp_path / "b"), capture_output=True, env=env)
     assert second.returncode == 0
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries
+
+
+def test_signal_is_acted_on_at_a_safe_point():
+    """The handler only records the signal (raising inside JAX's gc callback was swallowed
+    and the interrupt lost); check() raises; a second signal raises at once."""
+    from molopt import interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert interrupt.requested()  # recorded, nothing raised yet
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before and not interrupt.requested()
+    interrupt.check()  # outside: nothing pending

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from molopt import interrupt
 from molopt.errors import ConfigError
 from molopt.training.data import Batcher, Labelled, split
 
@@ -302,6 +303,7 @@ class Trainer:
                 )
                 losses.append(value)
                 state["step"] += 1
+                interrupt.check()
                 if k == 0:
                     jax.block_until_ready(value)
                     compiled_at = time.perf_counter()  # exclude the first (compiling) step
