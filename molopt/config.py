@@ -97,10 +97,7 @@ def read_config(name_or_path: str) -> dict:
         else:
             names = ", ".join(sorted(known)) or "none"
             raise ConfigError(f"config {name_or_path}: no such file or preset (presets: {names})")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config {path}: not valid TOML ({exc})") from exc
+    data = read_toml(path, "config")
     if isinstance(data.get("relax"), dict):
         data = {**{k: v for k, v in data.items() if k != "relax"}, **data["relax"]}
     values: dict = {}
@@ -116,6 +113,21 @@ def read_config(name_or_path: str) -> dict:
         values[name] = value
     values["_source"] = str(path)
     return values
+
+
+def read_toml(path, what: str) -> dict:
+    """A TOML file as a dict; ConfigError naming ``what`` and the file when it cannot be read."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: not valid TOML ({exc})") from exc
+
+
+def reject_unknown(data: dict, known, path, what: str) -> None:
+    """ConfigError listing the keys of ``data`` that are not in ``known``."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{what} {path}: unknown setting(s) {', '.join(unknown)}")
 
 
 def build(config: str | None = None, **flags) -> RunSettings:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from molopt.config import read_toml, reject_unknown
 from molopt.errors import ConfigError
 
 KINDS = ("lattice_constant", "cohesive_energy", "bond_length", "angle", "relative_energy", "data")
@@ -45,14 +45,9 @@ class FitConfig:
 
     @classmethod
     def from_toml(cls, path) -> FitConfig:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"fit config {path}: {exc}") from exc
+        data = read_toml(path, "fit config")
         known = {f.name for f in dataclasses.fields(cls)} | {"description", "notes", "references"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"fit config {path}: unknown setting(s) {', '.join(unknown)}")
+        reject_unknown(data, known, path, "fit config")
         if "potential" not in data:
             raise ConfigError(f"fit config {path}: missing 'potential'")
         targets = data.get("targets", [])

@@ -235,3 +235,21 @@ def test_potentials_command():
 def test_help_and_version():
     assert invoke("--help").exit_code == 0
     assert "molopt" in invoke("--version").stdout
+
+
+@pytest.mark.parametrize("command", ["train", "fit"])
+def test_unreadable_or_unknown_config_is_a_clear_error(tmp_path, command):
+    """train and fit configs: binary junk and a misspelt key both exit 2 naming the file."""
+    junk = tmp_path / "junk.toml"
+    junk.write_bytes(b"\xff\xfe\x00bad")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('potential = "argon"\nlearning_rat = 0.1\n[[targets]]\nkind = "data"\n')
+    data = tmp_path / "d.extxyz"
+    for config in (junk, typo):
+        args = ["train", str(data), "-c", str(config), "-o", str(tmp_path / "o")]
+        if command == "fit":
+            args = ["fit", str(config), "-o", str(tmp_path / "f.toml")]
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert str(config) in result.stderr and "Traceback" not in result.output
+    assert "learning_rat" in result.stderr

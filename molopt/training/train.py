@@ -51,17 +51,12 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path) -> TrainConfig:
-        import tomllib
+        from molopt.config import read_toml, reject_unknown
 
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"training config {path}: {exc}") from exc
+        data = read_toml(path, "training config")
         data = data.get("train", data)
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known - {"description"})
-        if unknown:
-            raise ConfigError(f"training config {path}: unknown setting(s) {', '.join(unknown)}")
+        reject_unknown(data, known | {"description"}, path, "training config")
         values = {k: v for k, v in data.items() if k in known}
         if "elements" in values:
             values["elements"] = tuple(values["elements"])
