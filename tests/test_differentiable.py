@@ -261,3 +261,59 @@ def test_frequencies_agree_with_ase_vibrations(tmp_path):
     data = json.loads(result.stdout)
     assert data["n_imaginary"] == 0
     np.testing.assert_allclose(data["frequencies_cm1"][-6:], ours, rtol=1e-6)  # text file
+
+
+def _projected_spectrum(h, positions):
+    """Eigenvalues of h with translations and rotations pushed far up (test's own)."""
+    n = len(positions)
+    centred = positions - positions.mean(axis=0)
+    vectors = []
+    for c in range(3):
+        t = np.zeros((n, 3))
+        t[:, c] = 1.0
+        vectors.append(t.ravel())
+        axis = np.eye(3)[c]
+        vectors.append(np.cross(axis, centred).ravel())
+    q, _ = np.linalg.qr(np.array(vectors).T)
+    p = np.eye(3 * n) - q @ q.T
+    return np.linalg.eigvalsh(p @ h @ p + 1e3 * q @ q.T)
+
+
+@pytest.mark.parametrize("exact_max_atoms", [200, 0])
+def test_hessian_compiled_once_per_bucket_not_per_structure(exact_max_atoms):
+    """`--check-hessian` on a mixed batch: three clusters of 13 and 14 atoms share the
+    16-atom bucket (and neighbour capacity), so the (dense or matrix-free) Hessian program is
+    compiled once for all three; the Hessian still equals central differences of the forces
+    and each structure's lowest modes are its own (padding excluded)."""
+    from molopt import differentiable
+    from molopt.engine import evaluate
+    from molopt.potentials.registry import load
+
+    lj = load("argon").potential
+    program = (
+        differentiable._dense_hessian if exact_max_atoms else differentiable._lowest_matrix_free
+    )
+    sizes = []
+    for k, n in enumerate((13, 14, 13)):
+        atoms = Icosahedron("Ar", 3, latticeconstant=5.26)[:n]
+        atoms.rattle(0.02, seed=k)
+        s = structure_from_atoms(atoms)
+        values, vectors = lowest_modes(s, lj, k=2, exact_max_atoms=exact_max_atoms)
+        sizes.append(program._cache_size())
+        assert vectors.shape == (3 * n, 2)
+        h = differentiable.hessian(s, lj)
+        assert h.shape == (3 * n, 3 * n)
+        if k == 0:  # the Hessian itself against finite differences of the forces
+            step = 1e-4
+            displaced = []
+            for k in range(3 * n):
+                for sign in (1.0, -1.0):
+                    x = s.positions.copy().ravel()
+                    x[k] += sign * step
+                    displaced.append(s.with_positions(x.reshape(n, 3)))
+            forces = np.array([f.ravel() for _, f, _ in evaluate(displaced, lj, stress=False)])
+            fd = -(forces[0::2] - forces[1::2]) / (2 * step)
+            np.testing.assert_allclose(h, fd, atol=1e-7 + 1e-6 * np.abs(h).max())
+        exact = _projected_spectrum(h, s.positions)
+        np.testing.assert_allclose(values, exact[:2], rtol=1e-6, atol=1e-9)
+    assert sizes[0] >= 1 and sizes[-1] == sizes[0]

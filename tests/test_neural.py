@@ -285,3 +285,53 @@ def test_training_is_reproducible(tmp_path):
         trainer.run()
         runs.append(trainer.state["history"][-1]["train_loss"])
     assert runs[0] == runs[1]
+
+
+def test_batches_take_the_smallest_capacity_rung_that_holds_them():
+    """Small molecules need fewer neighbour slots than big ones; a batch is padded to its own
+    members' rung, every structure is in exactly one batch per pass, and the loss and its
+    gradient do not depend on the rung (a batch padded to the top rung gives the same)."""
+    import equinox as eqx
+    from ase.build import molecule
+
+    from molopt.training.data import Batcher, Labelled
+    from molopt.training.train import TrainConfig, make_loss
+
+    names = ["H2O", "CH4", "C6H6", "CH3CH2OH", "NH3", "C4H4O", "H2", "CH3COOH", "HCOOH"]
+    rng = np.random.default_rng(0)
+    data = []
+    for name in names * 2:
+        atoms = molecule(name)
+        atoms.rattle(0.05, seed=int(rng.integers(1000)))
+        n = len(atoms)
+        data.append(Labelled(structure_from_atoms(atoms), -float(n), 0.1 * rng.normal(size=(n, 3))))
+    elements = (1, 6, 7, 8)
+    batcher = Batcher(data, elements, 5.0, 40, 4)
+    assert min(batcher.need) == 8 and batcher.capacity > 8
+    plan = batcher.plan(np.random.default_rng(1))
+    assert sorted(k for members in plan for k in members) == list(range(len(data)))
+    config = TrainConfig(force_weight=10.0)
+    loss_fn, _ = make_loss(config)
+    model = PaiNN(
+        elements, cutoff=5.0, n_features=8, n_radial=6, n_layers=2, key=jax.random.PRNGKey(0)
+    )
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn, has_aux=True))
+    top = batcher.capacity
+    for members in plan:
+        rungs = {batcher.need[k] for k in members}
+        assert len(rungs) == 1
+        b = batcher.make(members)
+        assert b.nbrs.index.shape[0] == rungs.pop()
+        for i in members:  # every pair of every member fits
+            assert int(batcher.pairs[i][3].max()) <= b.nbrs.index.shape[0]
+        if b.nbrs.index.shape[0] == top:
+            continue
+        saved = batcher.need
+        batcher.need = [top] * len(data)
+        padded = batcher.make(members)
+        batcher.need = saved
+        (value, _), g = grad(model, b)
+        (value_top, _), g_top = grad(model, padded)
+        assert float(value) == pytest.approx(float(value_top), rel=1e-6)
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_top), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)

@@ -1,8 +1,12 @@
 """Labelled configurations (energy, forces, optional stress) and fixed-shape padded batches.
 
 Neighbour pairs of every configuration are found once (vesin) and stored per structure; a
-batch only concatenates them, so shuffling every epoch costs milliseconds. Every batch of a
-dataset has the same padded shapes (atoms, systems, neighbour capacity): one compilation.
+batch only concatenates them, so shuffling every epoch costs milliseconds. Every batch has the
+same padded atoms and systems; its neighbour capacity (slots per atom) is the smallest rung of
+a short ladder (multiples of 8) that holds its members, and a batch only takes structures from
+one rung. On small molecules most atoms have far fewer neighbours than the most crowded one,
+so one capacity for all would pay for 2x the slots (and the time); the price is one
+compilation per rung.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class Batcher:
         self.batch_atoms = max(batch_atoms, largest)
         self.batch_structures = batch_structures
         self.pairs = []
-        capacity = 1
+        self.need = []  # per structure: the capacity rung its most crowded atom needs
         for d in data:
             s = d.structure
             missing = set(int(z) for z in s.numbers) - set(self.species)
@@ -136,25 +140,34 @@ class Batcher:
             order = np.argsort(i, kind="stable")
             i, j, shifts = i[order], j[order], shifts[order]
             counts = np.bincount(i, minlength=s.n_atoms)
-            capacity = max(capacity, int(counts.max()) if len(counts) else 1)
+            self.need.append(_rung(int(counts.max()) if len(counts) else 1))
             self.pairs.append(
                 (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int8), counts)
             )
-        self.capacity = -(-capacity // 8) * 8
+        self.capacity = max(self.need)  # the top rung
         self.periodic = any(d.structure.pbc.any() for d in data)
 
     def plan(self, rng: np.random.Generator | None) -> list[list[int]]:
+        """Batches (lists of structure indices) for one pass: structures in ``rng``'s order
+        packed per capacity rung, then the batches of all rungs shuffled together."""
         order = np.arange(len(self.data)) if rng is None else rng.permutation(len(self.data))
-        batches, current, atoms = [], [], 0
-        for k in order:
-            n = self.data[k].structure.n_atoms
-            if current and (atoms + n > self.batch_atoms or len(current) >= self.batch_structures):
+        batches = []
+        for rung in sorted(set(self.need)):
+            current, atoms = [], 0
+            for k in order:
+                if self.need[k] != rung:
+                    continue
+                n = self.data[k].structure.n_atoms
+                full = atoms + n > self.batch_atoms or len(current) >= self.batch_structures
+                if current and full:
+                    batches.append(current)
+                    current, atoms = [], 0
+                current.append(int(k))
+                atoms += n
+            if current:
                 batches.append(current)
-                current, atoms = [], 0
-            current.append(int(k))
-            atoms += n
-        if current:
-            batches.append(current)
+        if rng is not None:
+            batches = [batches[k] for k in rng.permutation(len(batches))]
         return batches
 
     def make(self, members: list[int]) -> Batch:
@@ -162,7 +175,8 @@ class Batcher:
         from molopt.batch import Batch as EngineBatch
         from molopt.neighbors import Neighbors
 
-        A, S, K = self.batch_atoms, self.batch_structures, self.capacity
+        A, S = self.batch_atoms, self.batch_structures
+        K = max(self.need[k] for k in members)
         dtype = self.dtype
         positions = np.zeros((A, 3), dtype)
         cells = np.zeros((S, 3, 3), dtype)
@@ -241,3 +255,8 @@ class Batcher:
             jax.device_put(has_stress),
             jax.device_put(n_atoms),
         )
+
+
+def _rung(count: int) -> int:
+    """Neighbour capacity for a structure whose most crowded atom has ``count`` pairs."""
+    return max(8, -(-count // 8) * 8)

@@ -165,7 +165,8 @@ class Trainer:
         self.valid_batches = Batcher(
             valid, self.elements, config.cutoff, config.batch_atoms, config.batch_structures, dtype
         )
-        # both batchers must share shapes so one compiled step serves both
+        # both batchers share atom/system shapes (capacity rungs are fixed multiples of 8), so
+        # one compiled step per rung serves both
         capacity = max(self.train_batches.capacity, self.valid_batches.capacity)
         atoms = max(self.train_batches.batch_atoms, self.valid_batches.batch_atoms)
         for b in (self.train_batches, self.valid_batches):
