@@ -23,6 +23,7 @@ at zero pressure or ``pressure`` (eV/A^3) with the enthalpy E + pV.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -299,21 +300,19 @@ def _dense_hessian(dof, potential, ctx):
 
 
 def _padded(structure: Structure, potential, skin: float):
-    """(dof (3A,), ctx, n_real_dof) with every padded atom slot a (dead) degree of freedom."""
+    """(problem, dof (3A,), ctx): every atom free, and every padded atom slot a degree of
+    freedom too (the potential masks it, so it moves nothing)."""
     problem = _Problem(structure, potential, False, 0.0, skin)
+    problem.free = np.arange(structure.n_atoms)
     problem.set_base(structure.positions, structure.cell, potential.cutoff)
     A = problem.layout.n_padded_atoms
     positions = np.zeros((A, 3))
     positions[: structure.n_atoms] = structure.positions
-    ctx = Context(
-        jax.device_put(positions),
-        problem.ctx.cell,
-        jax.device_put(np.arange(A, dtype=np.int32)),
-        problem.ctx.batch,
-        problem.ctx.nbrs,
-        problem.ctx.pressure,
+    ctx = dataclasses.replace(
+        problem.ctx,
+        positions=jax.device_put(positions),
+        free=jax.device_put(np.arange(A, dtype=np.int32)),
     )
-    problem.free = np.arange(structure.n_atoms)
     return problem, jnp.asarray(positions.ravel()), ctx
 
 

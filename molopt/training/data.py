@@ -144,7 +144,7 @@ class Batcher:
             self.pairs.append(
                 (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int8), counts)
             )
-        self.capacity = max(self.need)  # the top rung
+        self.capacity = max(self.need)  # the top rung (batches take their own: see make)
         self.periodic = any(d.structure.pbc.any() for d in data)
 
     def plan(self, rng: np.random.Generator | None) -> list[list[int]]:

@@ -167,10 +167,9 @@ class Trainer:
         )
         # both batchers share atom/system shapes (capacity rungs are fixed multiples of 8), so
         # one compiled step per rung serves both
-        capacity = max(self.train_batches.capacity, self.valid_batches.capacity)
         atoms = max(self.train_batches.batch_atoms, self.valid_batches.batch_atoms)
         for b in (self.train_batches, self.valid_batches):
-            b.capacity, b.batch_atoms = capacity, atoms
+            b.batch_atoms = atoms
             b.periodic = self.train_batches.periodic or self.valid_batches.periodic
 
     # -- model and optimizer ------------------------------------------------------------------
