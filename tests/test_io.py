@@ -115,3 +115,53 @@ def test_discover_globs_and_missing_paths(tmp_path):
         discover([str(tmp_path / "missing.xyz")])
     with pytest.raises(ConfigError, match="no structure files"):
         discover([str(tmp_path / "*.cif")])
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_files_read_like_plain_ones(tmp_path, suffix, monkeypatch):
+    """Compressed trajectories (decompressed once, not re-read per frame) give the same frames
+    as the plain file, with the selection and frame numbering of an index; a truncated
+    compressed file fails with a reason instead of a traceback."""
+    import bz2
+    import gzip
+    import lzma
+
+    from molopt.training.data import read_labelled
+
+    codec = {".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix]
+    rng = np.random.default_rng(4)
+    images = []
+    for k in range(40):
+        atoms = argon_pair()
+        atoms.positions += rng.normal(0, 0.05, (2, 3))
+        atoms.info["energy"] = -0.01 * k
+        atoms.arrays["forces"] = rng.normal(size=(2, 3))
+        images.append(atoms)
+    plain = tmp_path / "t.extxyz"
+    ase.io.write(plain, images)
+    packed = tmp_path / f"t.extxyz{suffix}"
+    packed.write_bytes(codec.compress(plain.read_bytes()))
+
+    seen = []
+    real_read = ase.io.read
+
+    def spy(name, *args, **kwargs):
+        seen.append(str(name))
+        return real_read(name, *args, **kwargs)
+
+    monkeypatch.setattr(ase.io, "read", spy)
+    got, expected = read_frames(packed, "5::7"), read_frames(plain, "5::7")
+    # ASE seeks back per frame, which re-decompresses a compressed stream from the start each
+    # time: it must only ever see the decompressed copy
+    assert seen and not any(name.endswith(suffix) for name in seen)
+    assert [f.index for f in got] == [f.index for f in expected] == [5, 12, 19, 26, 33]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a.structure.positions, b.structure.positions)
+    labelled = read_labelled([packed])
+    assert [d.energy for d in labelled] == pytest.approx([-0.01 * k for k in range(40)])
+    np.testing.assert_allclose(labelled[7].forces, images[7].arrays["forces"], atol=1e-7)
+
+    broken = tmp_path / f"cut.extxyz{suffix}"
+    broken.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    (frame,) = read_frames(broken)
+    assert frame.structure is None and "cannot be read" in frame.error

@@ -335,3 +335,41 @@ def test_batches_take_the_smallest_capacity_rung_that_holds_them():
         assert float(value) == pytest.approx(float(value_top), rel=1e-6)
         for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_top), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def _graph_hash(atoms, rounds: int = 4) -> str:
+    """Weisfeiler-Lehman hash of a molecule's bond graph (covalent radii x 1.2): equal for the
+    same molecule in any geometry near its minimum, different for different molecules."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
+    labels = list(atoms.get_chemical_symbols())
+    for _ in range(rounds):
+        labels = [
+            labels[a] + "(" + ",".join(sorted(labels[b] for b in j[i == a])) + ")"
+            for a in range(len(atoms))
+        ]
+    return "|".join(sorted(labels))
+
+
+def test_gfn2_test_molecules_never_seen_in_training():
+    """The organic test set holds out whole molecules: no bond graph of a test molecule
+    (taken from its least-strained configuration) occurs in the training set."""
+
+    def molecules(path):
+        best = {}
+        for atoms in ase.io.read(path, ":"):
+            name = atoms.info["config_type"].split(" ", 1)[1]
+            strain = np.abs(atoms.get_forces()).max()
+            if name not in best or strain < best[name][0]:
+                best[name] = (strain, atoms)
+        return {name: _graph_hash(a) for name, (_, a) in best.items()}
+
+    data = ROOT / "data" / "neural" / "gfn2-chno"
+    train = molecules(data / "train.extxyz.gz")
+    test = molecules(data / "test.extxyz.gz")
+    assert len(train) >= 300 and len(test) >= 25
+    shared = set(train.values()) & set(test.values())
+    assert not shared, [n for n, h in test.items() if h in shared]
+    # the hash tells molecules apart: isomers in the test set get distinct hashes
+    assert len(set(test.values())) == len(test)

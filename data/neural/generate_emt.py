@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -182,8 +183,10 @@ def write(images, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     ase.io.write(buffer, images, format="extxyz")
-    with gzip.open(path, "wt") as handle:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with gzip.open(tmp, "wt") as handle:
         handle.write(buffer.getvalue())
+    os.replace(tmp, path)  # never a half-written data set
 
 
 if __name__ == "__main__":

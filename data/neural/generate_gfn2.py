@@ -1,19 +1,23 @@
 """Labelled configurations for the `nn-gfn2-chno` potential: GFN2-xTB (tblite) on small
 organic molecules of H, C, N, O with up to ~30 atoms.
 
-Molecules: closed-shell CHNO molecules of ASE's G2 set and molecules embedded from SMILES with
-RDKit (ETKDG + MMFF). Each is relaxed with GFN2-xTB, then sampled by rattles of the minimum
-and short Langevin MD at 300/600/1000 K (0.5 fs). The test split holds out whole molecules
-(never seen in training) and uses an independent seed.
+Molecules: closed-shell CHNO molecules of ASE's G2 set, a hand-picked list of SMILES, and (for
+training) a seeded sample of molecules enumerated from ring and chain scaffolds with one or two
+substituents, all embedded with RDKit (ETKDG + MMFF). Each is relaxed with GFN2-xTB, then
+sampled by rattles of the minimum (Gaussian, sigma 0.01-0.07 A: the range relaxations start
+from) and short Langevin MD at 300/600/1000 K (0.5 fs). The test split holds out whole molecules
+and uses an independent seed; the script refuses to write a training set that shares a
+molecular graph (connectivity from the 3D structure) with the test molecules.
 
     pip install tblite rdkit
-    OMP_NUM_THREADS=1 python data/neural/generate_gfn2.py train 0
-    OMP_NUM_THREADS=1 python data/neural/generate_gfn2.py test 12345
+    python data/neural/generate_gfn2.py train 0        # two worker processes, one core each
+    python data/neural/generate_gfn2.py test 12345
 Energies in eV, forces in eV/A (tblite's ASE calculator).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -100,7 +104,7 @@ TEST_SMILES = [
     "CC(C)N",
     "C1CCNC1",
     "CC(=O)NC",
-    "O=C(O)C(O)C",
+    "CC(O)C(N)=O",
     "c1cnccn1",
     "CCOC(=O)CC",
     "CC=CCO",
@@ -109,12 +113,12 @@ TEST_SMILES = [
     "OC(=O)CCO",
     "C1CCCC1O",
     "CC(=O)c1ccncc1",
-    "COC(C)=O",
+    "COC(=O)CC",
     "CCc1ccccc1",
     "NC(=O)CC",
     "O=CCCC=O",
     "CC1CCCO1",
-    "c1ccc(F)cc1",
+    "NC(=O)c1ccncc1",
 ]
 TRAIN_G2 = [
     "H2O",
@@ -144,7 +148,58 @@ TRAIN_G2 = [
     "CH3CONH2",
     "H3CNH2",
 ]
-TEST_G2 = ["CH3CH2NH2", "HCOOCH3", "CH3COCH3", "C4H4NH", "trans-butane", "H2CCO"]
+TEST_G2 = ["CH3CH2NH2", "HCOOCH3", "CH3COCH3", "CH3CH2OCH3", "trans-butane", "H2CCO"]
+
+
+# scaffolds with one or two attachment points (as branches) and the substituents put there;
+# combinations are canonicalised with RDKit and sampled with the split's seed
+SCAFFOLDS = [
+    "c1ccc({0})cc1", "c1cc({0})ccc1({1})", "c1c({0})cccc1({1})", "c1cccc({0})c1({1})",
+    "c1cc({0})ccn1", "c1ccc({0})nc1", "c1cc({0})cnc1({1})", "c1cc({0})oc1", "c1cc({0})[nH]c1",
+    "c1cnc({0})nc1", "c1cnc({0})[nH]1", "c1coc({0})n1", "c1cc({0})no1", "c1cn({0})cn1",
+    "C1CCC({0})CC1", "C1CCC({0})C1", "C1CC({0})C1", "C1C({0})C1", "C1CC({0})OC1",
+    "C1CC({0})CO1", "C1COCCN1({0})", "C1CCN({0})CC1", "C1CCN({0})C1", "C1CC({0})CN1",
+    "O=C1CCC({0})C1", "C1CC({0})CCO1", "C({0})({1})", "C({0})C({1})", "C({0})CC({1})",
+    "C({0})CCC({1})", "CC({0})({1})", "CC(C)({0})", "C=C({0})", "C(=C{0})({1})", "C#C({0})",
+    "O=C({0})({1})", "O=C(C({0}))({1})", "N({0})({1})", "O({0})", "C({0})OC({1})",
+    "C({0})NC({1})", "CN(C)C({0})", "C(=O)(N{0})", "N=C({0})N",
+]  # fmt: skip
+SUBSTITUENTS = [
+    "C", "O", "N", "C=O", "C(=O)O", "C(=O)N", "C#N", "OC", "NC", "N(C)C", "CO", "CN", "CC",
+    "C(C)=O", "OC(C)=O", "NC(C)=O", "[N+](=O)[O-]", "C=C", "C#C", "C(=O)OC", "CCO", "C(C)C",
+]  # fmt: skip
+
+
+def enumerated() -> list[str]:
+    """Canonical SMILES of every scaffold + substituent combination with 3 to 30 atoms."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    found = set()
+    for scaffold in SCAFFOLDS:
+        slots = scaffold.count("{")
+        choices = SUBSTITUENTS + ([""] if slots > 1 else [])
+        for combo in itertools.product(choices, repeat=slots):
+            mol = Chem.MolFromSmiles(scaffold.format(*combo).replace("()", ""))
+            if mol is None or mol.GetNumAtoms() < 3 or Chem.AddHs(mol).GetNumAtoms() > 30:
+                continue
+            found.add(Chem.MolToSmiles(mol))
+    return sorted(found)
+
+
+def graph_key(atoms: Atoms) -> str:
+    """Canonical SMILES of the connectivity graph (no bond orders) of a 3D structure."""
+    from rdkit import Chem
+    from rdkit.Chem import rdDetermineBonds
+
+    xyz = f"{len(atoms)}\n\n" + "".join(
+        f"{s} {x:.6f} {y:.6f} {z:.6f}\n"
+        for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions, strict=True)
+    )
+    mol = Chem.MolFromXYZBlock(xyz)
+    rdDetermineBonds.DetermineConnectivity(mol)
+    mol.UpdatePropertyCache(strict=False)
+    return Chem.MolToSmiles(mol)
 
 
 def from_smiles(smiles: str, seed: int) -> Atoms | None:
@@ -188,14 +243,14 @@ def relaxed(atoms: Atoms) -> Atoms:
     return Atoms(atoms.numbers, atoms.positions)
 
 
-def md(atoms: Atoms, rng, temperature: float, n: int, interval: int = 8):
+def md(atoms: Atoms, rng, temperature: float, n: int, interval: int = 10):
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     atoms = atoms.copy()
     atoms.calc = calculator()
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02, rng=rng)
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng)
     out = []
     for _ in range(n):
         dyn.run(interval)
@@ -203,7 +258,7 @@ def md(atoms: Atoms, rng, temperature: float, n: int, interval: int = 8):
     return out
 
 
-def molecules(split: str, seed: int):
+def hand_picked(split: str, seed: int):
     from ase.build import molecule
 
     smiles = TEST_SMILES if split == "test" else TRAIN_SMILES
@@ -216,29 +271,71 @@ def molecules(split: str, seed: int):
     return out
 
 
-def generate(split: str, seed: int, per_molecule: int):
+def molecules(split: str, seed: int, n_enumerated: int):
+    """(name, structure) of the split's molecules; training never shares a graph with test."""
+    out = hand_picked(split, seed)
+    if split == "test":
+        return out
+    held_out = {graph_key(a) for _, a in hand_picked("test", 12345)}
+    pool = enumerated()
     rng = np.random.default_rng(seed)
+    seen = {graph_key(a) for _, a in out}
+    clash = seen & held_out
+    if clash:
+        raise SystemExit(f"training molecules also in the test set: {sorted(clash)}")
+    for k in rng.permutation(len(pool)):
+        if n_enumerated <= 0:
+            break
+        atoms = from_smiles(pool[k], seed + int(k))
+        if atoms is None:
+            continue
+        key = graph_key(atoms)
+        if key in held_out or key in seen:
+            continue
+        seen.add(key)
+        out.append((pool[k], atoms))
+        n_enumerated -= 1
+    return out
+
+
+def sample(job) -> list[Atoms]:
+    """Relax one molecule, then label its rattles and MD snapshots (own seeded stream)."""
+    seed, k, name, atoms, per_molecule = job
+    rng = np.random.default_rng([seed, k])
+    minimum = relaxed(atoms)
     images = []
-    for name, atoms in molecules(split, seed):
-        minimum = relaxed(atoms)
-        n_rattle = per_molecule // 3
-        for _ in range(n_rattle):
-            trial = minimum.copy()
-            trial.positions += rng.normal(0, rng.uniform(0.02, 0.12), trial.positions.shape)
-            images.append(label(trial, f"rattle {name}"))
-        n_md = per_molecule - n_rattle
-        for temperature in (300, 600, 1000):
-            for snap in md(minimum, rng, temperature, max(1, n_md // 3)):
-                images.append(label(snap, f"md-{temperature}K {name}"))
-        print(f"{name}: {len(images)} configurations so far", flush=True)
+    n_rattle = per_molecule // 3
+    for _ in range(n_rattle):
+        trial = minimum.copy()
+        trial.positions += rng.normal(0, rng.uniform(0.01, 0.07), trial.positions.shape)
+        images.append(label(trial, f"rattle {name}"))
+    n_md = per_molecule - n_rattle
+    for temperature in (300, 600, 1000):
+        for snap in md(minimum, rng, temperature, max(1, n_md // 3)):
+            images.append(label(snap, f"md-{temperature}K {name}"))
+    return images
+
+
+def generate(split: str, seed: int, per_molecule: int, n_enumerated: int, workers: int = 2):
+    from multiprocessing import get_context
+
+    found = molecules(split, seed, n_enumerated)
+    jobs = [(seed, k, name, atoms, per_molecule) for k, (name, atoms) in enumerate(found)]
+    images = []
+    with get_context("spawn").Pool(workers) as pool:
+        for k, part in enumerate(pool.imap(sample, jobs)):
+            images.extend(part)
+            if k % 20 == 0 or k == len(jobs) - 1:
+                print(f"{k + 1}/{len(jobs)} molecules, {len(images)} configurations", flush=True)
     return images
 
 
 if __name__ == "__main__":
     split = sys.argv[1] if len(sys.argv) > 1 else "train"
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else (0 if split == "train" else 12345)
-    per_molecule = int(sys.argv[3]) if len(sys.argv) > 3 else (30 if split == "train" else 8)
-    images = generate(split, seed, per_molecule)
+    per_molecule = int(sys.argv[3]) if len(sys.argv) > 3 else (10 if split == "train" else 8)
+    n_enumerated = int(sys.argv[4]) if len(sys.argv) > 4 else (600 if split == "train" else 0)
+    images = generate(split, seed, per_molecule, n_enumerated)
     target = Path(__file__).parent / "gfn2-chno" / f"{split}.extxyz.gz"
     write(images, target)
     print(f"{len(images)} configurations, {sum(len(a) for a in images)} atoms -> {target}")

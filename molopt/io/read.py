@@ -157,6 +157,36 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_COMPRESSED = (".gz", ".bz2", ".xz")
+
+
+def ase_read(path, index=":", fmt: str | None = None):
+    """``ase.io.read``, except that a compressed file (.gz, .bz2, .xz) is decompressed once
+    into a temporary file first. ASE seeks back to each frame it has indexed, and every
+    backward seek in a compressed stream decompresses again from the start, so reading a
+    gzipped trajectory directly costs time quadratic in its number of frames."""
+    import ase.io
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _COMPRESSED:
+        return ase.io.read(str(path), index=index, format=fmt)
+    import shutil
+    import tempfile
+
+    if suffix == ".gz":
+        import gzip as codec
+    elif suffix == ".bz2":
+        import bz2 as codec
+    else:
+        import lzma as codec
+    with tempfile.TemporaryDirectory(prefix="molopt-read-") as tmp:
+        inner = Path(tmp) / path.stem  # keeps the inner name (x.extxyz) for format detection
+        with codec.open(path, "rb") as source, open(inner, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+        return ase.io.read(str(inner), index=index, format=fmt)
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"cannot be read as a structure ({type(exc).__name__}: {text})"
@@ -167,7 +197,6 @@ def read_frames(path: Path, index: str | None = None, fmt: str | None = None) ->
 
     Never raises for a bad file: the error is carried in a single failed :class:`Frame`.
     """
-    import ase.io
 
     path = Path(path)
     stem = path.stem if path.suffix else path.name
@@ -179,7 +208,7 @@ def read_frames(path: Path, index: str | None = None, fmt: str | None = None) ->
         return [Frame(path, None, stem, None, f"cannot be read ({exc.strerror})")]
     selection = index if index is not None else ":"
     try:
-        images = ase.io.read(str(path), index=selection, format=fmt)
+        images = ase_read(path, selection, fmt)
     except Exception as exc:  # ASE raises many kinds; each is this file's problem only
         return [Frame(path, None, stem, None, _reason(exc), sha)]
     if not isinstance(images, list):
@@ -227,10 +256,8 @@ def _frame_numbers(path: Path, selection: str, count: int) -> list[int]:
 
 
 def _count_frames(path: Path) -> int | None:
-    import ase.io
-
     try:
-        return len(ase.io.read(str(path), index=":"))
+        return len(ase_read(path, ":"))
     except Exception:
         return None
 

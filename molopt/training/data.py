@@ -33,15 +33,13 @@ class Labelled:
 def read_labelled(paths, index: str = ":") -> list[Labelled]:
     """Every frame of ``paths`` (any ASE format with a calculator's energy and forces: extxyz,
     VASP OUTCAR, ASE traj/db, ...). Raises :class:`InputError` naming the file and reason."""
-    import ase.io
-
-    from molopt.io.read import from_atoms
+    from molopt.io.read import ase_read, from_atoms
 
     out = []
     for path in paths:
         path = Path(path)
         try:
-            images = ase.io.read(str(path), index=index)
+            images = ase_read(path, index)
         except Exception as exc:
             raise InputError(str(path), f"cannot be read ({type(exc).__name__}: {exc})") from exc
         if not isinstance(images, list):
