@@ -285,6 +285,13 @@ def test_training_is_reproducible(tmp_path):
         trainer.run()
         runs.append(trainer.state["history"][-1]["train_loss"])
     assert runs[0] == runs[1]
+    # a time budget far below one epoch's cost cuts the run to the minimum of two epochs,
+    # fixed after epoch 1 and recorded in the state
+    from dataclasses import replace
+
+    trainer = Trainer(replace(config, epochs=50, time_budget_s=1e-6), data, tmp_path / "budget")
+    state = trainer.run()
+    assert state["epochs"] == 2 and len(state["history"]) == 2 and state["stopped"] == "epochs"
 
 
 def test_batches_take_the_smallest_capacity_rung_that_holds_them():
@@ -358,7 +365,9 @@ def test_gfn2_test_molecules_never_seen_in_training():
 
     def molecules(path):
         best = {}
-        for atoms in ase.io.read(path, ":"):
+        from molopt.io.read import ase_read
+
+        for atoms in ase_read(path, ":"):
             name = atoms.info["config_type"].split(" ", 1)[1]
             strain = np.abs(atoms.get_forces()).max()
             if name not in best or strain < best[name][0]:
