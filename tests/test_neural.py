@@ -257,6 +257,9 @@ def test_train_resume_evaluate_cli(tmp_path):
 
 
 def test_training_is_reproducible(tmp_path):
+    import equinox as eqx
+
+    from molopt.errors import ConfigError
     from molopt.training.data import Labelled
     from molopt.training.train import TrainConfig, Trainer
 
@@ -292,6 +295,21 @@ def test_training_is_reproducible(tmp_path):
     trainer = Trainer(replace(config, epochs=50, time_budget_s=1e-6), data, tmp_path / "budget")
     state = trainer.run()
     assert state["epochs"] == 2 and len(state["history"]) == 2 and state["stopped"] == "epochs"
+    # a learning rate far too high makes every epoch worse than the first: "best" keeps epoch
+    # 1, keep = "last" ships the final epoch's model (the one in the last checkpoint)
+    wild = replace(config, epochs=3, learning_rate=1.0, warmup_steps=1)
+    kept = {}
+    for keep in ("best", "last"):
+        trainer = Trainer(replace(wild, keep=keep), data, tmp_path / keep)
+        kept[keep] = trainer.run()["best_epoch"], trainer.best
+    assert kept["best"][0] == 0 and kept["last"][0] == 2
+    final = eqx.tree_deserialise_leaves(
+        tmp_path / "last" / "checkpoints" / "model.eqx", kept["last"][1]
+    )
+    leaves = [jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (final, kept["last"][1])]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(*leaves, strict=True))
+    with pytest.raises(ConfigError, match="keep"):
+        Trainer(replace(config, keep="worst"), data, tmp_path / "bad")
 
 
 def test_batches_take_the_smallest_capacity_rung_that_holds_them():

@@ -44,6 +44,7 @@ class TrainConfig:
     valid_fraction: float = 0.1
     patience: int = 40  # epochs without validation improvement
     checkpoint_every: int = 5
+    keep: str = "best"  # "best": lowest validation loss; "last": the final epoch's model
     seed: int = 0
     precision: str = "float32"
     notes: str = ""
@@ -139,6 +140,8 @@ class Trainer:
     ):
         from molopt import elements as el
 
+        if config.keep not in ("best", "last"):
+            raise ConfigError(f"keep must be 'best' or 'last', not {config.keep!r}")
         self.config = config
         self.out_dir = Path(out_dir)
         self.sources = list(sources)
@@ -373,6 +376,11 @@ class Trainer:
             if state["elapsed_s"] > c.max_time_s
             else "epochs"
         )
+        if c.keep == "last":
+            # with a schedule that decays to a small learning rate the last model is the one
+            # meant; the validation loss (mean squares) can be ruled by a few outliers
+            best = model
+            state["best_epoch"] = state["epoch"] - 1
         self.best = best
         self.state = state
         return state
