@@ -197,8 +197,12 @@ def test_gfn2_validation_table_recomputed():
     assert shipped["n_structures"] >= 20
     subset = validate.main("nn-gfn2-chno", limit=2, write=False)
     for got, expected in zip(subset["structures"], shipped["structures"], strict=False):
-        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=2e-3)
-        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.05)
+        # two starts batch with less padding than 24 (and tblite's threaded sums vary in
+        # rounding between runs), so both optimizers take paths that differ in rounding; on
+        # soft torsions a minimum at fmax 0.005 eV/A is only defined to a few mA and ~0.1
+        # meV/atom (dE ~ F^2 / 2k): tolerances a quarter of the targets (0.02 A, 1 meV/atom)
+        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=5e-3)
+        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.25)
 
 
 def test_train_resume_evaluate_cli(tmp_path):
