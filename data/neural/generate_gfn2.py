@@ -250,7 +250,9 @@ def md(atoms: Atoms, rng, temperature: float, n: int, interval: int = 10):
     atoms = atoms.copy()
     atoms.calc = calculator()
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng)
+    dyn = Langevin(
+        atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng
+    )
     out = []
     for _ in range(n):
         dyn.run(interval)
@@ -276,6 +278,7 @@ def molecules(split: str, seed: int, n_enumerated: int):
     out = hand_picked(split, seed)
     if split == "test":
         return out
+    # bond graphs do not depend on the embedding seed: any seed gives the same keys
     held_out = {graph_key(a) for _, a in hand_picked("test", 12345)}
     pool = enumerated()
     rng = np.random.default_rng(seed)

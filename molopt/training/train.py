@@ -292,17 +292,19 @@ class Trainer:
             epoch = state["epoch"]
             rng = np.random.default_rng([c.seed, epoch])
             losses = []
-            epoch_started = time.perf_counter()
             total_steps = jnp.asarray(state["epochs"] * steps_per_epoch, jnp.float32)
+            # with a time budget, epoch 1 estimates the per-step cost; the first step of every
+            # batch shape (capacity rung) compiles, so those steps are timed apart and left out
+            measuring = epoch == 0 and c.time_budget_s > 0
             shapes, compiling_s, compiling_steps = set(), 0.0, 0
             for k, members in enumerate(self.train_batches.plan(rng)):
                 b = self.train_batches.make(members)
-                # the first step of every batch shape (capacity rung) compiles: in epoch 1 the
-                # time budget's per-step estimate must leave those steps out
-                shape = tuple(x.shape for x in jax.tree.leaves(b))
-                first_of_shape = epoch == 0 and c.time_budget_s > 0 and shape not in shapes
-                if first_of_shape:
+                first_of_shape = False
+                if measuring:
+                    shape = tuple(x.shape for x in jax.tree.leaves(b))
+                    first_of_shape = shape not in shapes
                     shapes.add(shape)
+                if first_of_shape:
                     jax.block_until_ready(losses)
                     step_started = time.perf_counter()
                 model, opt_state, value = train_step(
@@ -318,7 +320,7 @@ class Trainer:
                     else:
                         compiling_s += time.perf_counter() - step_started
                         compiling_steps += 1
-            if epoch == 0 and c.time_budget_s > 0:
+            if measuring:
                 per_step = (time.perf_counter() - compiled_at - compiling_s) / max(
                     1, len(losses) - 1 - compiling_steps
                 )
@@ -330,7 +332,6 @@ class Trainer:
                     + 1
                 )
                 state["epochs"] = int(max(2, min(c.epochs, affordable)))
-            del epoch_started
             train_loss = float(np.mean(jax.device_get(losses)))
             sums = np.zeros(6)
             for b in valid_batches:
