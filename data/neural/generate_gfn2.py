@@ -3,14 +3,17 @@ organic molecules of H, C, N, O with up to ~30 atoms.
 
 Molecules: closed-shell CHNO molecules of ASE's G2 set, a hand-picked list of SMILES, and (for
 training) a seeded sample of molecules enumerated from ring and chain scaffolds with one or two
-substituents, all embedded with RDKit (ETKDG + MMFF). Each is relaxed with GFN2-xTB, then
-sampled by rattles of the minimum (Gaussian, sigma 0.01-0.07 A: the range relaxations start
-from) and short Langevin MD at 300/600/1000 K (0.5 fs). The test split holds out whole molecules
-and uses an independent seed; the script refuses to write a training set that shares a
-molecular graph (connectivity from the 3D structure) with the test molecules.
+substituents, and a list of bonding classes none of those covers (cumulenes, azoles, N=N,
+strained rings, ...; written to a file of its own), all embedded with RDKit (ETKDG + MMFF).
+Each is relaxed with GFN2-xTB, then sampled by rattles of the minimum (Gaussian, sigma
+0.01-0.07 A: the range relaxations start from) and short Langevin MD at 300/600/1000 K
+(0.5 fs). The test split holds out whole molecules and uses an independent seed; the script
+refuses to write a training set that shares a molecular graph (connectivity from the 3D
+structure) with the test molecules.
 
     pip install tblite rdkit
     python data/neural/generate_gfn2.py train 0        # two worker processes, one core each
+                                # -> gfn2-chno/train.extxyz.gz + train-coverage.extxyz.gz
     python data/neural/generate_gfn2.py test 12345
 Energies in eV, forces in eV/A (tblite's ASE calculator).
 """
@@ -151,6 +154,20 @@ TRAIN_G2 = [
 TEST_G2 = ["CH3CH2NH2", "HCOOCH3", "CH3COCH3", "CH3CH2OCH3", "trans-butane", "H2CCO"]
 
 
+# bonding classes that neither list above nor the enumeration covers (audit of 2026-11-27:
+# cumulenes, heterocumulenes, diazines and azoles, N=N/C=N/N-O groups, strained rings,
+# polyynes, fused rings); appended after the enumerated sample, so the molecules before them
+# keep their index and with it their seeded stream
+COVERAGE_SMILES = [
+    "CC=C=O", "CC(C)=C=O", "O=C=Cc1ccccc1", "C=C=C", "CC=C=C", "N=C=O", "CN=C=O",
+    "O=C=Nc1ccccc1", "O=C=C=C=O", "CN=C=NC", "C=[N+]=[N-]", "N=[N+]=[N-]", "C[N+]#[C-]",
+    "NC#N", "N#CC#N", "C#CC#C", "CC#CC", "C=CC#N", "c1ccnnc1", "c1cncnc1", "c1cn[nH]c1",
+    "c1nn[nH]c1", "CN=NC", "CC=NO", "CC(C)=NN", "C=NC", "NC(N)=N", "CON", "NN(C)C",
+    "CN(C)N=O", "CO[N+](=O)[O-]", "CC(=O)OO", "C1CO1", "C1CN1", "C1CC1", "C1COC1",
+    "O=C1CCCN1", "O=C1CCCO1", "O=CC=O", "CC(=O)C(C)=O", "C1=CCC=C1", "c1ccc2[nH]ccc2c1",
+    "c1ccc2ncccc2c1", "c1ccc2occc2c1",
+]  # fmt: skip
+
 # scaffolds with one or two attachment points (as branches) and the substituents put there;
 # combinations are canonicalised with RDKit and sampled with the split's seed
 SCAFFOLDS = [
@@ -274,10 +291,11 @@ def hand_picked(split: str, seed: int):
 
 
 def molecules(split: str, seed: int, n_enumerated: int):
-    """(name, structure) of the split's molecules; training never shares a graph with test."""
+    """(name, structure) of the split's molecules, and how many come before the coverage list;
+    training never shares a graph with test."""
     out = hand_picked(split, seed)
     if split == "test":
-        return out
+        return out, len(out)
     # bond graphs do not depend on the embedding seed: any seed gives the same keys
     held_out = {graph_key(a) for _, a in hand_picked("test", 12345)}
     pool = enumerated()
@@ -298,7 +316,18 @@ def molecules(split: str, seed: int, n_enumerated: int):
         seen.add(key)
         out.append((pool[k], atoms))
         n_enumerated -= 1
-    return out
+    n_main = len(out)
+    for k, s in enumerate(COVERAGE_SMILES):
+        atoms = from_smiles(s, seed + 100_000 + k)
+        if atoms is None:
+            raise SystemExit(f"cannot embed coverage molecule {s}")
+        key = graph_key(atoms)
+        if key in held_out:
+            raise SystemExit(f"coverage molecule {s} is also in the test set")
+        if key not in seen:
+            seen.add(key)
+            out.append((s, atoms))
+    return out, n_main
 
 
 def sample(job) -> list[Atoms]:
@@ -320,17 +349,19 @@ def sample(job) -> list[Atoms]:
 
 
 def generate(split: str, seed: int, per_molecule: int, n_enumerated: int, workers: int = 2):
+    """Labelled images of the split's molecules: (main part, coverage part)."""
     from multiprocessing import get_context
 
-    found = molecules(split, seed, n_enumerated)
+    found, n_main = molecules(split, seed, n_enumerated)
     jobs = [(seed, k, name, atoms, per_molecule) for k, (name, atoms) in enumerate(found)]
-    images = []
+    parts = ([], [])
     with get_context("spawn").Pool(workers) as pool:
-        for k, part in enumerate(pool.imap(sample, jobs)):
-            images.extend(part)
+        for k, images in enumerate(pool.imap(sample, jobs)):
+            parts[k >= n_main].extend(images)
             if k % 20 == 0 or k == len(jobs) - 1:
-                print(f"{k + 1}/{len(jobs)} molecules, {len(images)} configurations", flush=True)
-    return images
+                done = len(parts[0]) + len(parts[1])
+                print(f"{k + 1}/{len(jobs)} molecules, {done} configurations", flush=True)
+    return parts
 
 
 if __name__ == "__main__":
@@ -338,7 +369,12 @@ if __name__ == "__main__":
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else (0 if split == "train" else 12345)
     per_molecule = int(sys.argv[3]) if len(sys.argv) > 3 else (10 if split == "train" else 8)
     n_enumerated = int(sys.argv[4]) if len(sys.argv) > 4 else (600 if split == "train" else 0)
-    images = generate(split, seed, per_molecule, n_enumerated)
-    target = Path(__file__).parent / "gfn2-chno" / f"{split}.extxyz.gz"
-    write(images, target)
-    print(f"{len(images)} configurations, {sum(len(a) for a in images)} atoms -> {target}")
+    main, coverage = generate(split, seed, per_molecule, n_enumerated)
+    # the coverage molecules go to a file of their own: the shipped network was trained on
+    # the main file first and then on both (configs/train-gfn2-chno.toml)
+    for images, suffix in ((main, ""), (coverage, "-coverage")):
+        if images:
+            target = Path(__file__).parent / "gfn2-chno" / f"{split}{suffix}.extxyz.gz"
+            write(images, target)
+            atoms = sum(len(a) for a in images)
+            print(f"{len(images)} configurations, {atoms} atoms -> {target}")
