@@ -908,7 +908,11 @@ class Engine:
             live.state = state
             n = int(n_frames)
             if n and live.program.record:
-                host_frames = jax.device_get(dataclasses.asdict(frames))
+                # fields as they are (dataclasses.asdict deep-copies: a device copy of
+                # every frame buffer, and a compile per buffer shape)
+                host_frames = jax.device_get(
+                    {f.name: getattr(frames, f.name) for f in dataclasses.fields(frames)}
+                )
                 host_frames = {k: v[:n] for k, v in host_frames.items()}
                 final_status = jax.device_get(state.status)
                 for k, item in enumerate(live.items):

@@ -95,6 +95,13 @@ def test_save_load_round_trip_and_tampering(small_model, tmp_path):
     ((e2, f2, _),) = evaluate([s], loaded)
     assert e2 == pytest.approx(e1, abs=1e-5)  # weights are stored in float32
     np.testing.assert_allclose(f2, f1, atol=1e-5)
+    # a card whose architecture does not fit its (intact) weights
+    card = path.read_text()
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(card.replace("n_features = 16", "n_features = 32"))
+    assert wrong.read_text() != card
+    with pytest.raises(PotentialError, match="cannot be read"):
+        _ = load(wrong).potential
     weights = tmp_path / "tiny.eqx"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF

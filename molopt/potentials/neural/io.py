@@ -41,6 +41,22 @@ def skeleton(data: dict, path):
         raise PotentialError(f"potential file {path}: incomplete neural card ({exc})") from exc
 
 
+def _load_leaf(f, x):
+    """A weights leaf as a device array (through NumPy: ``jnp.load`` would compile a staging
+    program for every distinct shape)."""
+    import equinox as eqx
+    import numpy as np
+
+    from molopt._jax import jax
+
+    if isinstance(x, jax.ShapeDtypeStruct):
+        value = np.load(f)
+        if value.shape != x.shape:
+            raise ValueError(f"an array of shape {value.shape} where {x.shape} belongs")
+        return jax.device_put(value)
+    return eqx.default_deserialise_filter_spec(f, x)
+
+
 def load_neural(data: dict, path: Path):
     import equinox as eqx
 
@@ -59,11 +75,18 @@ def load_neural(data: dict, path: Path):
         )
     import numpy as np
 
-    from molopt.potentials.neural.painn import cast_floats
+    from molopt._jax import jax
 
-    model = cast_floats(skeleton(data, path), np.float32)  # weights are stored in float32
+    # the template's shapes only (weights are stored in float32): building the model for real
+    # would run (and compile) its random initialisation and a cast of every array for nothing
+    def as_float32(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and np.issubdtype(x.dtype, np.floating):
+            return jax.ShapeDtypeStruct(x.shape, np.float32)
+        return x
+
+    model = jax.tree.map(as_float32, eqx.filter_eval_shape(skeleton, data, path))
     try:
-        return eqx.tree_deserialise_leaves(weights, model)
+        return eqx.tree_deserialise_leaves(weights, model, filter_spec=_load_leaf)
     except Exception as exc:  # wrong shapes, truncated file
         raise PotentialError(f"weights file {weights} cannot be read ({exc})") from exc
 
