@@ -75,16 +75,11 @@ def load_neural(data: dict, path: Path):
         )
     import numpy as np
 
-    from molopt._jax import jax
+    from molopt.potentials.neural.painn import cast_floats
 
     # the template's shapes only (weights are stored in float32): building the model for real
     # would run (and compile) its random initialisation and a cast of every array for nothing
-    def as_float32(x):
-        if isinstance(x, jax.ShapeDtypeStruct) and np.issubdtype(x.dtype, np.floating):
-            return jax.ShapeDtypeStruct(x.shape, np.float32)
-        return x
-
-    model = jax.tree.map(as_float32, eqx.filter_eval_shape(skeleton, data, path))
+    model = eqx.filter_eval_shape(lambda: cast_floats(skeleton(data, path), np.float32))
     try:
         return eqx.tree_deserialise_leaves(weights, model, filter_spec=_load_leaf)
     except Exception as exc:  # wrong shapes, truncated file
