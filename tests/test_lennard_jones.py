@@ -67,6 +67,42 @@ def test_fused_path_equals_autodiff(argon):
     np.testing.assert_allclose(fused.dE_dstrain, auto.dE_dstrain, atol=1e-12)
 
 
+def mixed_cluster():
+    atoms = cluster_atoms()
+    atoms.numbers[::2] = 36  # Ar/Kr: per-pair parameters gathered per slot
+    return atoms
+
+
+@pytest.mark.parametrize("rows_per_group", [1, 3])
+@pytest.mark.parametrize("make", [cluster_atoms, triclinic_small_cell, mixed_cluster])
+def test_slot_groups_equal_all_at_once(argon, make, rows_per_group, monkeypatch):
+    """Large lists on CPU are summed over groups of neighbour slots in a scan: same numbers."""
+    import jax
+    import jax.numpy as jnp
+
+    from molopt import batch as B
+    from molopt import neighbors as N
+    from molopt.potentials.registry import load
+
+    if make is mixed_cluster:
+        argon = load("noble-gases").potential
+    s = structure_from_atoms(make())
+    batch, pos, cells, layout = B.pack([s], argon.species_of(s.numbers), np.float64)
+    nbrs = N.build(pos, cells, np.asarray(batch.pbc), layout, argon.cutoff, 1.0).to_device()
+    K, A = nbrs.index.shape
+    p, c = jnp.asarray(pos), jnp.asarray(cells)
+    at_once = jax.jit(lambda p, c: argon.evaluate(p, c, batch, nbrs, True))(p, c)
+    monkeypatch.setattr(N, "SLOT_GROUP_ABOVE_BYTES", 0)
+    monkeypatch.setattr(N, "SLOT_GROUP_BYTES", rows_per_group * A * 8)
+    group = N.slot_group(K, A, 8)
+    assert group <= rows_per_group and K % group == 0
+    grouped = jax.jit(lambda p, c: argon.evaluate(p, c, batch, nbrs, True))(p, c)
+    np.testing.assert_allclose(grouped.energy, at_once.energy, rtol=1e-13)
+    np.testing.assert_allclose(grouped.forces, at_once.forces, atol=1e-13)
+    np.testing.assert_allclose(grouped.dE_dstrain, at_once.dE_dstrain, atol=1e-12)
+    assert np.abs(np.asarray(at_once.forces)).max() > 1e-3  # a real test: forces not all zero
+
+
 @pytest.mark.parametrize("make", [cluster_atoms, triclinic_small_cell])
 def test_finite_difference_forces(argon, make):
     s = structure_from_atoms(make())

@@ -14,7 +14,7 @@ import numpy as np
 
 from molopt._jax import jax
 from molopt.batch import system_sum
-from molopt.neighbors import pair_vectors
+from molopt.neighbors import pair_vectors, sum_over_slots
 from molopt.potentials.base import Evaluation, Potential
 
 
@@ -100,19 +100,22 @@ class LennardJones(Potential):
 
     # -- fused energy + forces (+ strain derivative): reductions over K only ---------------
     def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
-        vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
-        dx, dy, dz = vectors
-        r2 = dx * dx + dy * dy + dz * dz
-        eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
-        within = nbrs.mask & (r2 < rc * rc)
-        pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
-        # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
-        # F_i is its sum over the neighbours j (full list)
-        scale = 2.0 * d_energy_d_r2
-        forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
-        n_systems = cell.shape[0]
-        energy = system_sum(0.5 * jnp.sum(pair_energy, axis=0), batch.system_idx, n_systems)
-        if stress:
+        def slot_sums(part):
+            """Per-atom sums over the slots of ``part``: half pair energies, forces and
+            (with ``stress``) the strain derivative."""
+            vectors = pair_vectors(positions, cell, batch.system_idx, part)
+            dx, dy, dz = vectors
+            r2 = dx * dx + dy * dy + dz * dz
+            eps, sig, rc = self._pair_parameters(batch.species, part, positions.dtype)
+            within = part.mask & (r2 < rc * rc)
+            pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
+            # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
+            # F_i is its sum over the neighbours j (full list)
+            scale = 2.0 * d_energy_d_r2
+            forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
+            atom_energy = 0.5 * jnp.sum(pair_energy, axis=0)
+            if not stress:
+                return atom_energy, forces, None
             half = 0.5 * scale
             atom_strain = jnp.stack(
                 [
@@ -121,6 +124,12 @@ class LennardJones(Potential):
                 ],
                 axis=1,
             )  # (A, 3, 3)
+            return atom_energy, forces, atom_strain
+
+        atom_energy, forces, atom_strain = sum_over_slots(slot_sums, nbrs, positions.dtype)
+        n_systems = cell.shape[0]
+        energy = system_sum(atom_energy, batch.system_idx, n_systems)
+        if stress:
             dE_dstrain = system_sum(atom_strain, batch.system_idx, n_systems)
         else:
             dE_dstrain = jnp.zeros((n_systems, 3, 3), positions.dtype)
