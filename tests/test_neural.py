@@ -323,6 +323,59 @@ def test_training_is_reproducible(tmp_path):
         Trainer(replace(config, keep="worst"), data, tmp_path / "bad")
 
 
+def test_huber_force_loss(tmp_path):
+    """force_loss = "huber": the MSE below huber_delta, linear (bounded gradient) above it."""
+    from dataclasses import replace
+
+    from ase.calculators.emt import EMT
+
+    from molopt.errors import ConfigError
+    from molopt.training.data import Labelled
+    from molopt.training.train import TrainConfig, Trainer, make_loss
+
+    data = []
+    for seed in range(4):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.2, seed=seed)
+        atoms.calc = EMT()
+        data.append(
+            Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(), atoms.get_forces())
+        )
+    config = TrainConfig(
+        cutoff=4.0,
+        n_features=8,
+        n_radial=6,
+        n_layers=1,
+        epochs=1,
+        batch_atoms=16,
+        batch_structures=4,
+        valid_fraction=0.25,
+    )
+    trainer = Trainer(config, data, tmp_path / "mse")
+    model = trainer.initial_model()
+    b = trainer.train_batches.make(trainer.train_batches.plan(None)[0])
+    mse, (de, df, _) = make_loss(config)[0](model, b)
+    n = 3 * int(np.sum(b.batch.atom_mask))
+    energy_part = (
+        config.energy_weight * np.sum(np.asarray(de) ** 2) / int(np.sum(b.batch.system_mask))
+    )
+    big = np.abs(np.asarray(df)).max()
+    assert big > 0.01  # an untrained model: errors well above the small delta below
+    wide, _ = make_loss(replace(config, force_loss="huber", huber_delta=10 * big))[0](model, b)
+    assert float(wide) == pytest.approx(float(mse), rel=1e-6)  # all errors inside delta
+    delta = 0.01
+    narrow, _ = make_loss(replace(config, force_loss="huber", huber_delta=delta))[0](model, b)
+    x = np.abs(np.asarray(df, np.float64))
+    huber = np.where(x <= delta, x**2, 2 * delta * x - delta**2)  # 2 x optax.huber_loss
+    expected = energy_part + config.force_weight * huber.sum() / n
+    assert float(narrow) == pytest.approx(expected, rel=1e-5)
+    assert float(narrow) < float(mse)
+    state = Trainer(replace(config, force_loss="huber"), data, tmp_path / "h").run()
+    assert np.isfinite(state["history"][-1]["train_loss"])
+    with pytest.raises(ConfigError, match="force_loss"):
+        Trainer(replace(config, force_loss="l3"), data, tmp_path / "bad")
+
+
 def test_batches_take_the_smallest_capacity_rung_that_holds_them():
     """Small molecules need fewer neighbour slots than big ones; a batch is padded to its own
     members' rung, every structure is in exactly one batch per pass, and the loss and its

@@ -39,6 +39,8 @@ class TrainConfig:
     warmup_steps: int = 200
     energy_weight: float = 1.0  # on (eV/atom)^2
     force_weight: float = 50.0  # on (eV/A)^2
+    force_loss: str = "mse"  # "mse", or "huber": quadratic below huber_delta, linear above
+    huber_delta: float = 0.05  # eV/A, per force component
     stress_weight: float = 0.0  # on (eV/A^3)^2
     gradient_clip: float = 10.0
     valid_fraction: float = 0.1
@@ -112,6 +114,16 @@ def make_loss(config: TrainConfig):
         ds = jnp.where((mask & b.has_stress)[:, None, None], stress - b.stress, 0.0)
         return de, df, ds
 
+    def force_term(df):
+        """Sum over components of df^2, or of its Huber form (2x optax's, so both agree below
+        ``huber_delta``): large errors (rattled, hot configurations) then pull with a bounded
+        gradient instead of ruling the fit, which is what the force MAE rewards."""
+        if config.force_loss == "huber":
+            import optax
+
+            return 2.0 * jnp.sum(optax.huber_loss(df, delta=config.huber_delta))
+        return jnp.sum(df**2)
+
     def loss(model, b):
         de, df, ds = errors(model, b)
         n_systems = jnp.maximum(jnp.sum(b.batch.system_mask), 1)
@@ -119,7 +131,7 @@ def make_loss(config: TrainConfig):
         n_stress = jnp.maximum(jnp.sum(b.has_stress & b.batch.system_mask), 1)
         value = (
             config.energy_weight * jnp.sum(de**2) / n_systems
-            + config.force_weight * jnp.sum(df**2) / (3 * n_atoms)
+            + config.force_weight * force_term(df) / (3 * n_atoms)
             + config.stress_weight * jnp.sum(ds**2) / (9 * n_stress)
         )
         return value, (de, df, ds)
@@ -142,6 +154,11 @@ class Trainer:
 
         if config.keep not in ("best", "last"):
             raise ConfigError(f"keep must be 'best' or 'last', not {config.keep!r}")
+        if config.force_loss not in ("mse", "huber") or config.huber_delta <= 0:
+            raise ConfigError(
+                f"force_loss must be 'mse' or 'huber' (with huber_delta > 0), not "
+                f"{config.force_loss!r} (huber_delta {config.huber_delta})"
+            )
         self.config = config
         self.out_dir = Path(out_dir)
         self.sources = list(sources)
