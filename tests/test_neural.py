@@ -267,32 +267,37 @@ def test_train_resume_evaluate_cli(tmp_path):
     shutil.rmtree(out)
 
 
-def test_training_is_reproducible(tmp_path):
-    import equinox as eqx
-
-    from molopt.errors import ConfigError
-    from molopt.training.data import Labelled
-    from molopt.training.train import TrainConfig, Trainer
-
-    data = []
+def emt_copper(count: int, amplitude: float):
+    """Labelled rattled fcc Cu cells (ASE EMT): tiny training sets."""
     from ase.calculators.emt import EMT
 
-    for seed in range(6):
+    from molopt.training.data import Labelled
+
+    data = []
+    for seed in range(count):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.rattle(0.1, seed=seed)
+        atoms.rattle(amplitude, seed=seed)
         atoms.calc = EMT()
         data.append(
             Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(), atoms.get_forces())
         )
-    config = TrainConfig(
-        cutoff=4.0,
-        n_features=8,
-        n_radial=6,
-        n_layers=1,
-        epochs=2,
-        batch_atoms=8,
-        batch_structures=2,
-    )
+    return data
+
+
+def tiny_config(**settings):
+    from molopt.training.train import TrainConfig
+
+    return TrainConfig(cutoff=4.0, n_features=8, n_radial=6, n_layers=1, **settings)
+
+
+def test_training_is_reproducible(tmp_path):
+    import equinox as eqx
+
+    from molopt.errors import ConfigError
+    from molopt.training.train import Trainer
+
+    data = emt_copper(6, 0.1)
+    config = tiny_config(epochs=2, batch_atoms=8, batch_structures=2)
     runs = []
     for k in range(2):
         trainer = Trainer(config, data, tmp_path / f"r{k}")
@@ -327,30 +332,11 @@ def test_huber_force_loss(tmp_path):
     """force_loss = "huber": the MSE below huber_delta, linear (bounded gradient) above it."""
     from dataclasses import replace
 
-    from ase.calculators.emt import EMT
-
     from molopt.errors import ConfigError
-    from molopt.training.data import Labelled
-    from molopt.training.train import TrainConfig, Trainer, make_loss
+    from molopt.training.train import Trainer, make_loss
 
-    data = []
-    for seed in range(4):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.rattle(0.2, seed=seed)
-        atoms.calc = EMT()
-        data.append(
-            Labelled(structure_from_atoms(atoms), atoms.get_potential_energy(), atoms.get_forces())
-        )
-    config = TrainConfig(
-        cutoff=4.0,
-        n_features=8,
-        n_radial=6,
-        n_layers=1,
-        epochs=1,
-        batch_atoms=16,
-        batch_structures=4,
-        valid_fraction=0.25,
-    )
+    data = emt_copper(4, 0.2)
+    config = tiny_config(epochs=1, batch_atoms=16, batch_structures=4, valid_fraction=0.25)
     trainer = Trainer(config, data, tmp_path / "mse")
     model = trainer.initial_model()
     b = trainer.train_batches.make(trainer.train_batches.plan(None)[0])
