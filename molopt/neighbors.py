@@ -108,14 +108,17 @@ def sum_over_slots(fn, nbrs: Neighbors, dtype):
     mask = nbrs.mask.reshape(n, g, A)
     shift = jnp.moveaxis(nbrs.shift.reshape(nbrs.shift.shape[0], n, g, A), 1, 0)
 
-    def body(total, part):
+    def group(part):
         i, s, m = part
-        out = fn(replace(nbrs, index=i, shift=s, mask=m))
-        return jax.tree.map(jnp.add, total, out), None
+        return fn(replace(nbrs, index=i, shift=s, mask=m))
 
-    first = fn(replace(nbrs, index=index[0], shift=shift[0], mask=mask[0]))
-    rest = (index[1:], shift[1:], mask[1:])
-    total, _ = jax.lax.scan(body, first, rest)
+    def body(total, part):
+        return jax.tree.map(jnp.add, total, group(part)), None
+
+    # start from zeros of fn's output shapes: one copy of fn in the compiled program
+    shapes = jax.eval_shape(group, (index[0], shift[0], mask[0]))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (index, shift, mask))
     return total
 
 
