@@ -86,7 +86,8 @@ SLOT_GROUP_BYTES = 2 << 20
 
 def slot_group(capacity: int, n_atoms: int, itemsize: int) -> int:
     """Neighbour slots per group for :func:`sum_over_slots`; ``capacity`` (all at once) off
-    CPU or when the (K, A) arrays are small. A divisor of ``capacity``. Static (shapes only)."""
+    CPU or when the (K, A) arrays are small. A divisor of ``capacity``. Static (shapes only).
+    For per-slot arrays wider than one number per atom pass ``n_atoms`` x width."""
     row = max(1, n_atoms * itemsize)
     if jax.default_backend() != "cpu" or capacity * row <= SLOT_GROUP_ABOVE_BYTES:
         return capacity

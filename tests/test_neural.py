@@ -87,6 +87,51 @@ def test_batch_equals_single_and_padding(small_model):
     assert np.all(np.asarray(atomic)[s.n_atoms :] == 0.0)
 
 
+@pytest.mark.parametrize("rows_per_group", [1, 3])
+def test_message_slot_groups_equal_all_at_once(small_model, rows_per_group, monkeypatch):
+    """On CPU large neighbour tables are summed over groups of slots in a checkpointed scan:
+    the same energies, forces, dE/dstrain and parameter gradients of a force loss (the
+    second-order derivative that training takes) as all slots at once."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from molopt import batch as B
+    from molopt import neighbors as N
+
+    structures = [alloy_cell(), cluster()]
+    species = {}
+    for s in structures:
+        species.update(small_model.species_of(s.numbers))
+    batch, pos, cells, layout = B.pack(structures, species, np.float64)
+    nbrs = N.build(pos, cells, np.asarray(batch.pbc), layout, small_model.cutoff, 0.5)
+    nbrs = nbrs.to_device()
+    K, A = nbrs.index.shape
+    p, c = jnp.asarray(pos), jnp.asarray(cells)
+    target = jnp.asarray(np.random.default_rng(0).normal(size=pos.shape))
+
+    def run():
+        evaluate = eqx.filter_jit(lambda m, p, c: m.evaluate(p, c, batch, nbrs, True))
+
+        def loss(m):
+            return jnp.sum((m.evaluate(p, c, batch, nbrs, False).forces - target) ** 2)
+
+        grads = eqx.filter_jit(eqx.filter_grad(loss))(small_model)
+        return evaluate(small_model, p, c), jax.tree.leaves(eqx.filter(grads, eqx.is_array))
+
+    at_once, grads_at_once = run()
+    monkeypatch.setattr(N, "SLOT_GROUP_ABOVE_BYTES", 0)
+    monkeypatch.setattr(N, "SLOT_GROUP_BYTES", rows_per_group * A * 3 * small_model.n_features * 8)
+    group = N.slot_group(K, A * 3 * small_model.n_features, 8)
+    assert group <= rows_per_group < K and K % group == 0
+    grouped, grads_grouped = run()
+    np.testing.assert_allclose(grouped.energy, at_once.energy, rtol=1e-13)
+    np.testing.assert_allclose(grouped.forces, at_once.forces, atol=1e-12)
+    np.testing.assert_allclose(grouped.dE_dstrain, at_once.dE_dstrain, atol=1e-11)
+    assert np.abs(np.asarray(at_once.forces)).max() > 1e-3
+    for a, b in zip(grads_grouped, grads_at_once, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_save_load_round_trip_and_tampering(small_model, tmp_path):
     path = save_neural(small_model, tmp_path, "tiny", {"description": "test"})
     loaded = load(path).potential

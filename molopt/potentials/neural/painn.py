@@ -20,7 +20,7 @@ import numpy as np
 
 from molopt._jax import jax as _configured  # noqa: F401  (x64 available)
 from molopt.batch import system_sum
-from molopt.neighbors import pair_vectors
+from molopt.neighbors import pair_vectors, slot_group
 from molopt.potentials.base import Potential
 
 
@@ -40,19 +40,38 @@ class MessageBlock(eqx.Module):
         self.phi_out = eqx.nn.Linear(n_features, 3 * n_features, key=k2)
         self.filter = eqx.nn.Linear(n_radial, 3 * n_features, key=k3)
 
-    def __call__(self, s, v, index, radial, unit, weight):
+    def __call__(self, s, v, index, radial, unit, weight, group: int):
         """s (A, F), v (A, F, 3); index (K, A); radial (K, A, R); unit (K, A, 3) r_ij/|r_ij|;
-        weight (K, A) cutoff x mask."""
-        n_features = s.shape[-1]
+        weight (K, A) cutoff x mask. ``group`` (static, a divisor of K): neighbour slots
+        summed at once; below K the slots are summed group by group in a ``lax.scan`` whose
+        body is recomputed in the backward pass (``jax.checkpoint``), so the (g, A, 3F)
+        messages stay in cache instead of K of them going through memory."""
         x = dense(self.phi_out, jax.nn.silu(dense(self.phi_in, s)))  # (A, 3F)
-        w = dense(self.filter, radial) * weight[..., None]  # (K, A, 3F)
-        m = x[index] * w
-        ds, dv_v, dv_r = jnp.split(m, 3, axis=-1)
-        s = s + jnp.sum(ds, axis=0)
-        dv = v[index] * dv_v[..., None] + dv_r[..., None] * unit[:, :, None, :]
-        v = v + jnp.sum(dv, axis=0)
-        del n_features
-        return s, v
+
+        def slots(idx, rad, un, wt):
+            """Sums over a group of g neighbour slots: (A, F), (A, F, 3)."""
+            w = dense(self.filter, rad) * wt[..., None]  # (g, A, 3F)
+            ds, dv_v, dv_r = jnp.split(x[idx] * w, 3, axis=-1)
+            dv = v[idx] * dv_v[..., None] + dv_r[..., None] * un[:, :, None, :]
+            return jnp.sum(ds, axis=0), jnp.sum(dv, axis=0)
+
+        K = index.shape[0]
+        if group >= K:
+            ds, dv = slots(index, radial, unit, weight)
+        else:
+            n = K // group
+            parts = tuple(
+                a.reshape((n, group) + a.shape[1:]) for a in (index, radial, unit, weight)
+            )
+            recomputed = jax.checkpoint(slots)
+
+            def body(total, part):
+                d = recomputed(*part)
+                return (total[0] + d[0], total[1] + d[1]), None
+
+            zeros = (jnp.zeros_like(s), jnp.zeros_like(v))
+            (ds, dv), _ = jax.lax.scan(body, zeros, parts)
+        return s + ds, v + dv
 
 
 class UpdateBlock(eqx.Module):
@@ -137,11 +156,14 @@ class PaiNN(Potential):
         radial = jnp.sin(n * jnp.pi * r[..., None] / self.cutoff) / r[..., None]
         envelope = 0.5 * (jnp.cos(jnp.pi * r / self.cutoff) + 1.0)
         weight = jnp.where(within, envelope, 0.0)
+        K, A = nbrs.index.shape
+        # (K, A, 3F) messages: summed in cache-sized groups of slots on CPU (neighbors.py)
+        group = slot_group(K, A * 3 * self.n_features, np.dtype(dtype).itemsize)
         species = batch.species
         s = self.embedding.weight[species].astype(dtype)
         v = jnp.zeros(s.shape + (3,), dtype)
         for message, update in zip(self.messages, self.updates, strict=True):
-            s, v = message(s, v, nbrs.index, radial, unit, weight)
+            s, v = message(s, v, nbrs.index, radial, unit, weight, group)
             s, v = update(s, v)
         out = dense(self.readout_out, jax.nn.silu(dense(self.readout_in, s)))[:, 0]
         energy = self.scale * out + self.reference[species]
