@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from molopt import __version__
-from molopt.errors import MoloptError
+from molopt.errors import ConfigError, MoloptError
 
 app = typer.Typer(
     name="molopt",
@@ -286,6 +286,13 @@ def train(
         typer.Option(help="Held-out test data: errors on it go into the model card."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints.")] = False,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune: start from this neural potential's weights (name or file), with "
+            "a fresh optimizer and schedule; the config must match its architecture."
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the config's epochs.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
@@ -297,12 +304,19 @@ def train(
     from molopt.ui_train import TrainDisplay
 
     try:
+        if init and resume:
+            raise ConfigError("--init starts a new training and --resume continues one: not both")
         settings = TrainConfig.from_toml(config)
         if epochs is not None:
             settings = dataclasses.replace(settings, epochs=epochs)
+        start = None
+        if init:
+            from molopt.potentials import registry
+
+            start = registry.load(init)
         labelled = read_labelled(data)
         valid_data = read_labelled(valid) if valid else None
-        trainer = Trainer(settings, labelled, Path(out), valid=valid_data, sources=data)
+        trainer = Trainer(settings, labelled, Path(out), valid=valid_data, sources=data, init=start)
     except MoloptError as exc:
         _fail(str(exc))
     from molopt import interrupt

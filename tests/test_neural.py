@@ -373,6 +373,67 @@ def test_training_is_reproducible(tmp_path):
         Trainer(replace(config, keep="worst"), data, tmp_path / "bad")
 
 
+def test_fine_tuning_starts_from_a_potential(tmp_path):
+    """--init: training starts from a written potential's weights (fresh optimizer); the
+    architecture comes from the potential and a config that contradicts it is refused."""
+    import tomllib
+    from dataclasses import replace
+
+    import equinox as eqx
+
+    from molopt.errors import ConfigError
+    from molopt.potentials.registry import load
+    from molopt.training.train import Trainer
+
+    data = emt_copper(6, 0.1)
+    config = tiny_config(
+        epochs=30,
+        batch_atoms=8,
+        batch_structures=2,
+        keep="last",
+        learning_rate=1e-2,
+        warmup_steps=1,
+    )
+    first = Trainer(config, data, tmp_path / "first")
+    first.run()
+    path = first.write_potential()
+    spec = load(str(path))
+    trained_mae = first.state["history"][-1]["valid_force_mae_meV_per_A"]
+    # a learning rate of ~0: the fine-tuned run's first epoch is the written model
+    still = replace(config, epochs=1, learning_rate=1e-12, final_learning_rate=1e-12)
+    tuned = Trainer(still, data, tmp_path / "tuned", init=spec)
+    start = jax.tree.leaves(eqx.filter(tuned.initial_model(), eqx.is_array))
+    written = jax.tree.leaves(eqx.filter(spec.potential, eqx.is_array))
+    assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(start, written, strict=True))
+    tuned.run()
+    tuned_mae = tuned.state["history"][0]["valid_force_mae_meV_per_A"]
+    assert abs(tuned_mae - trained_mae) < 1e-3 * trained_mae
+    fresh = Trainer(still, data, tmp_path / "fresh")
+    fresh.run()
+    assert fresh.state["history"][0]["valid_force_mae_meV_per_A"] > 1.5 * trained_mae
+    card = tomllib.loads(tuned.write_potential().read_text())
+    assert card["training"]["init"]["weights_sha256"] == spec.data["weights_sha256"]
+    with pytest.raises(ConfigError, match="n_features = 16"):
+        Trainer(replace(config, n_features=16), data, tmp_path / "bad", init=spec)
+    with pytest.raises(ConfigError, match="only a neural"):
+        Trainer(config, data, tmp_path / "bad", init=load("argon"))
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "x.extxyz",
+            "-c",
+            "x.toml",
+            "-o",
+            str(tmp_path / "o"),
+            "--init",
+            str(path),
+            "--resume",
+        ],
+    )
+    assert result.exit_code != 0 and "not both" in result.output
+
+
 def test_huber_force_loss(tmp_path):
     """force_loss = "huber": the MSE below huber_delta, linear (bounded gradient) above it."""
     from dataclasses import replace

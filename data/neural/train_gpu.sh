@@ -4,6 +4,8 @@
 # Each training stops after the number of epochs that fits BUDGET seconds (measured in its
 # first epoch); the learning rate follows a cosine over exactly those epochs. The chosen
 # number is recorded in the model card, so `molopt train ... --epochs N` reproduces it.
+# FINETUNE=1 starts each from the shipped potential's weights (molopt train --init) with a
+# peak learning rate of 5e-4 instead of training from scratch: GPU time adds up over sessions.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-data/neural/trained}
@@ -25,9 +27,14 @@ for name in emt-metals gfn2-chno; do
   sed -e 's/^epochs = .*/epochs = 3000/' -e 's/^patience = .*/patience = 3000/' "${batches[@]}" \
       -e 's/^max_time_s = .*/max_time_s = 100000/' -e '/^time_budget_s = /d' "$source" > "$cfg"
   echo "time_budget_s = $budget" >> "$cfg"
+  init=()
+  if [ "${FINETUNE:-0}" = 1 ]; then
+    init=(--init "nn-$name")
+    sed -i 's/^learning_rate = .*/learning_rate = 5e-4/' "$cfg"
+  fi
   work=/tmp/molopt-train/$name
   rm -rf "$work"
-  timeout $((budget + 240)) python -m molopt.cli train $data \
+  timeout $((budget + 240)) python -m molopt.cli train $data "${init[@]}" \
       -c "$cfg" -o "$work" --test "data/neural/$name/test.extxyz.gz" 2>&1 | tail -n 400 > "$out/train-$name.log"
   tail -n 5 "$out/train-$name.log"
   cp "$work"/nn-*.toml "$work"/nn-*.eqx "$out"/ 2>/dev/null || echo "no potential written for $name"

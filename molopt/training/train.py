@@ -149,7 +149,10 @@ class Trainer:
         out_dir: Path,
         valid: list[Labelled] | None = None,
         sources=(),
+        init=None,
     ):
+        """``init``: a neural :class:`~molopt.potentials.registry.PotentialSpec` to start from
+        (fine-tuning): its weights, architecture and elements; a fresh optimizer and schedule."""
         from molopt import elements as el
 
         if config.keep not in ("best", "last"):
@@ -166,6 +169,9 @@ class Trainer:
             data, valid = split(data, config.valid_fraction, config.seed)
         self.train_data, self.valid_data = data, valid
         numbers = sorted({int(z) for d in data + valid for z in d.structure.numbers})
+        self.init = init
+        if init is not None:
+            config = self.config = _fine_tuning(config, init)
         if config.elements:
             declared = [el.number(s) for s in config.elements]
             missing = set(numbers) - set(declared)
@@ -202,6 +208,8 @@ class Trainer:
         forces = np.concatenate([d.forces.ravel() for d in self.train_data])
         scale = float(np.sqrt(np.mean(forces**2))) or 1.0
         c = self.config
+        if self.init is not None:
+            return _cast(self.init.potential, self.dtype)
         model = PaiNN(
             self.elements,
             cutoff=c.cutoff,
@@ -439,8 +447,50 @@ class Trainer:
             },
             "errors": errors or {},
         }
+        if self.init is not None:
+            card["training"]["init"] = {
+                "potential": self.init.name,
+                "weights_sha256": self.init.data.get("weights_sha256", ""),
+            }
         best = _cast(self.best, np.float32)
         return save_neural(best, self.out_dir, c.name, card)
+
+
+def _fine_tuning(config: TrainConfig, spec) -> TrainConfig:
+    """``config`` with the architecture of the potential ``spec`` starts from; a config that
+    sets it otherwise is refused (the weights fix it)."""
+    from dataclasses import replace
+
+    from molopt import elements as el
+    from molopt.potentials.neural.painn import PaiNN
+
+    if spec.kind != "neural":
+        raise ConfigError(f"--init {spec.name}: only a neural potential can be fine-tuned")
+    model = spec.potential
+    if not isinstance(model, PaiNN):
+        raise ConfigError(f"--init {spec.name}: not a PaiNN potential")
+    own = {
+        "cutoff": model.cutoff,
+        "n_features": model.n_features,
+        "n_radial": model.n_radial,
+        "n_layers": model.n_layers,
+        "elements": tuple(el.symbol(z) for z in model.elements),
+    }
+    differ = []
+    for key, value in own.items():
+        mine = getattr(config, key)
+        if key == "elements":
+            mine = tuple(el.symbol(el.number(s)) for s in mine)
+            if mine and mine != value:
+                differ.append(f"elements {list(mine)} (the potential's: {list(value)})")
+        elif mine != value:
+            differ.append(f"{key} = {mine} (the potential's: {value})")
+    if differ:
+        raise ConfigError(
+            f"--init {spec.name}: fine-tuning keeps the potential's architecture, but the "
+            "config sets " + "; ".join(differ)
+        )
+    return replace(config, **own)
 
 
 def _cast(model, dtype):
