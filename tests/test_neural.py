@@ -434,6 +434,27 @@ def test_fine_tuning_starts_from_a_potential(tmp_path):
     assert result.exit_code != 0 and "not both" in result.output
 
 
+def test_prefetched_batches_keep_order_and_errors():
+    """Training packs the next batches in a worker thread: same batches, same order, and an
+    error in packing reaches the training loop at the batch that raised it."""
+    from molopt.training.data import prefetched
+
+    plan = [[k, k + 1] for k in range(7)]
+    assert list(prefetched(plan, lambda m: tuple(m))) == [tuple(m) for m in plan]
+    assert list(prefetched([], tuple)) == []
+
+    def make(members):
+        if members[0] == 4:
+            raise ValueError("bad batch 4")
+        return members[0]
+
+    seen = []
+    with pytest.raises(ValueError, match="bad batch 4"):
+        for value in prefetched(plan, make, depth=3):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3]
+
+
 def test_huber_force_loss(tmp_path):
     """force_loss = "huber": the MSE below huber_delta, linear (bounded gradient) above it."""
     from dataclasses import replace

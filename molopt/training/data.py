@@ -95,6 +95,25 @@ class Batch:
     n_atoms: object
 
 
+def prefetched(plan, make, depth: int = 2):
+    """``make(members)`` for each batch of ``plan``, in order, built up to ``depth`` batches
+    ahead in a worker thread: while the accelerator runs one training step the host packs
+    (and transfers) the next, instead of the device waiting for it. Exceptions raised by
+    ``make`` reach the consumer at the batch that raised them."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = iter(plan)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="molopt-batches") as pool:
+        pending = deque(pool.submit(make, m) for _, m in zip(range(depth), plan, strict=False))
+        while pending:
+            batch = pending.popleft().result()
+            following = next(plan, None)
+            if following is not None:
+                pending.append(pool.submit(make, following))
+            yield batch
+
+
 class Batcher:
     """Packs labelled configurations into fixed-shape batches of at most ``batch_atoms`` atoms
     and ``batch_structures`` structures."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from molopt import interrupt
 from molopt.errors import ConfigError
-from molopt.training.data import Batcher, Labelled, split
+from molopt.training.data import Batcher, Labelled, prefetched, split
 
 
 @dataclass(frozen=True)
@@ -322,8 +322,8 @@ class Trainer:
             # batch shape (capacity rung) compiles, so those steps are timed apart and left out
             measuring = epoch == 0 and c.time_budget_s > 0
             shapes, compiling_s, compiling_steps = set(), 0.0, 0
-            for k, members in enumerate(self.train_batches.plan(rng)):
-                b = self.train_batches.make(members)
+            batches = prefetched(self.train_batches.plan(rng), self.train_batches.make)
+            for k, b in enumerate(batches):
                 first_of_shape = False
                 if measuring:
                     shape = tuple(x.shape for x in jax.tree.leaves(b))
