@@ -483,8 +483,15 @@ def test_huber_force_loss(tmp_path):
     expected = energy_part + config.force_weight * huber.sum() / n
     assert float(narrow) == pytest.approx(expected, rel=1e-5)
     assert float(narrow) < float(mse)
-    state = Trainer(replace(config, force_loss="huber"), data, tmp_path / "h").run()
+    huber_config = replace(config, force_loss="huber", huber_delta=delta)
+    trained = Trainer(huber_config, data, tmp_path / "h")
+    state = trained.run()
     assert np.isfinite(state["history"][-1]["train_loss"])
+    # the validation loss that keep = "best" ranks by is the training loss's own form (Huber)
+    (members,) = trained.valid_batches.plan(None)
+    vb = trained.valid_batches.make(members)
+    valid_value, _ = make_loss(huber_config)[0](trained.best, vb)
+    assert state["history"][-1]["valid_loss"] == pytest.approx(float(valid_value), rel=1e-5)
     with pytest.raises(ConfigError, match="force_loss"):
         Trainer(replace(config, force_loss="l3"), data, tmp_path / "bad")
 

@@ -78,6 +78,19 @@ def reference_energies(data: list[Labelled], elements) -> np.ndarray:
     return solution
 
 
+def force_term(df, config: TrainConfig):
+    """Sum over components of df^2, or of its Huber form (2x optax's, so both agree below
+    ``huber_delta``): large errors (rattled, hot configurations) then pull with a bounded
+    gradient instead of ruling the fit, which is what the force MAE rewards."""
+    import jax.numpy as jnp
+
+    if config.force_loss == "huber":
+        import optax
+
+        return 2.0 * jnp.sum(optax.huber_loss(df, delta=config.huber_delta))
+    return jnp.sum(df**2)
+
+
 def make_loss(config: TrainConfig):
     import jax
     import jax.numpy as jnp
@@ -114,16 +127,6 @@ def make_loss(config: TrainConfig):
         ds = jnp.where((mask & b.has_stress)[:, None, None], stress - b.stress, 0.0)
         return de, df, ds
 
-    def force_term(df):
-        """Sum over components of df^2, or of its Huber form (2x optax's, so both agree below
-        ``huber_delta``): large errors (rattled, hot configurations) then pull with a bounded
-        gradient instead of ruling the fit, which is what the force MAE rewards."""
-        if config.force_loss == "huber":
-            import optax
-
-            return 2.0 * jnp.sum(optax.huber_loss(df, delta=config.huber_delta))
-        return jnp.sum(df**2)
-
     def loss(model, b):
         de, df, ds = errors(model, b)
         n_systems = jnp.maximum(jnp.sum(b.batch.system_mask), 1)
@@ -131,7 +134,7 @@ def make_loss(config: TrainConfig):
         n_stress = jnp.maximum(jnp.sum(b.has_stress & b.batch.system_mask), 1)
         value = (
             config.energy_weight * jnp.sum(de**2) / n_systems
-            + config.force_weight * force_term(df) / (3 * n_atoms)
+            + config.force_weight * force_term(df, config) / (3 * n_atoms)
             + config.stress_weight * jnp.sum(ds**2) / (9 * n_stress)
         )
         return value, (de, df, ds)
@@ -308,6 +311,7 @@ class Trainer:
                 jnp.sum(df**2),
                 jnp.sum(b.batch.system_mask),
                 3 * jnp.sum(b.batch.atom_mask),
+                force_term(df, c),
             )
 
         valid_batches = [self.valid_batches.make(m) for m in self.valid_batches.plan(None)]
@@ -358,7 +362,7 @@ class Trainer:
                 )
                 state["epochs"] = int(max(2, min(c.epochs, affordable)))
             train_loss = float(np.mean(jax.device_get(losses)))
-            sums = np.zeros(6)
+            sums = np.zeros(7)
             for b in valid_batches:
                 sums += np.array([float(x) for x in valid_step(model, b)])
             metrics = {
@@ -372,7 +376,8 @@ class Trainer:
                     self.learning_rate(state["step"], state["epochs"] * steps_per_epoch)
                 ),
             }
-            valid_loss = c.energy_weight * sums[1] / sums[4] + c.force_weight * sums[3] / sums[5]
+            # the training loss's energy and force terms (Huber too, when training uses it)
+            valid_loss = c.energy_weight * sums[1] / sums[4] + c.force_weight * sums[6] / sums[5]
             metrics["valid_loss"] = float(valid_loss)
             state["history"].append(metrics)
             state["epoch"] = epoch + 1
