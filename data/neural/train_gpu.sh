@@ -6,6 +6,7 @@
 # number is recorded in the model card, so `molopt train ... --epochs N` reproduces it.
 # FINETUNE=1 starts each from the shipped potential's weights (molopt train --init) with a
 # peak learning rate of 5e-4 instead of training from scratch: GPU time adds up over sessions.
+# NAMES="gfn2-chno" trains only the potentials named (default: both).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-data/neural/trained}
@@ -13,7 +14,7 @@ budget=${BUDGET:-170}
 mkdir -p "$out"
 # float32 matrix products at full precision (not TF32) on the GPU
 export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest
-for name in emt-metals gfn2-chno; do
+for name in ${NAMES:-emt-metals gfn2-chno}; do
   cfg=/tmp/train-$name.toml
   data="data/neural/$name/train.extxyz.gz"
   source="configs/train-$name.toml"
