@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from molopt import __version__
-from molopt.errors import ConfigError, MoloptError
+from molopt.errors import MoloptError
 
 app = typer.Typer(
     name="molopt",
@@ -290,7 +290,8 @@ def train(
         str | None,
         typer.Option(
             help="Fine-tune: start from this neural potential's weights (name or file), with "
-            "a fresh optimizer and schedule; the config must match its architecture."
+            "a fresh optimizer and schedule; the config must match its architecture. Give it "
+            "again with --resume to continue an interrupted fine-tuning."
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the config's epochs.")] = None,
@@ -304,8 +305,6 @@ def train(
     from molopt.ui_train import TrainDisplay
 
     try:
-        if init and resume:
-            raise ConfigError("--init starts a new training and --resume continues one: not both")
         settings = TrainConfig.from_toml(config)
         if epochs is not None:
             settings = dataclasses.replace(settings, epochs=epochs)
@@ -327,7 +326,10 @@ def train(
     except MoloptError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        err.print("interrupted: the last checkpoint is kept; continue with --resume")
+        err.print(
+            "interrupted: the last checkpoint is kept; continue with --resume"
+            + (f" --init {init}" if init else "")
+        )
         raise typer.Exit(130) from None
     errors = {}
     if test:

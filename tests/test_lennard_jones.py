@@ -92,6 +92,7 @@ def test_slot_groups_equal_all_at_once(argon, make, rows_per_group, monkeypatch)
     K, A = nbrs.index.shape
     p, c = jnp.asarray(pos), jnp.asarray(cells)
     at_once = jax.jit(lambda p, c: argon.evaluate(p, c, batch, nbrs, True))(p, c)
+    monkeypatch.setattr(N.jax, "default_backend", lambda: "cpu")  # groups are a CPU layout
     monkeypatch.setattr(N, "SLOT_GROUP_ABOVE_BYTES", 0)
     monkeypatch.setattr(N, "SLOT_GROUP_BYTES", rows_per_group * A * 8)
     group = N.slot_group(K, A, 8)

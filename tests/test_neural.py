@@ -119,11 +119,15 @@ def test_message_slot_groups_equal_all_at_once(small_model, rows_per_group, monk
         return evaluate(small_model, p, c), jax.tree.leaves(eqx.filter(grads, eqx.is_array))
 
     at_once, grads_at_once = run()
+    monkeypatch.setattr(N.jax, "default_backend", lambda: "cpu")  # groups are a CPU layout
     monkeypatch.setattr(N, "SLOT_GROUP_ABOVE_BYTES", 0)
     monkeypatch.setattr(N, "SLOT_GROUP_BYTES", rows_per_group * A * 3 * small_model.n_features * 8)
     group = N.slot_group(K, A * 3 * small_model.n_features, 8)
     assert group <= rows_per_group < K and K % group == 0
     grouped, grads_grouped = run()
+    # float64 weights with float32 coordinates: the group sums take the wider type
+    mixed = small_model.evaluate(p.astype(jnp.float32), c.astype(jnp.float32), batch, nbrs, False)
+    assert np.all(np.isfinite(np.asarray(mixed.forces)))
     np.testing.assert_allclose(grouped.energy, at_once.energy, rtol=1e-13)
     np.testing.assert_allclose(grouped.forces, at_once.forces, atol=1e-12)
     np.testing.assert_allclose(grouped.dE_dstrain, at_once.dE_dstrain, atol=1e-11)
@@ -417,21 +421,26 @@ def test_fine_tuning_starts_from_a_potential(tmp_path):
         Trainer(replace(config, n_features=16), data, tmp_path / "bad", init=spec)
     with pytest.raises(ConfigError, match="only a neural"):
         Trainer(config, data, tmp_path / "bad", init=load("argon"))
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "x.extxyz",
-            "-c",
-            "x.toml",
-            "-o",
-            str(tmp_path / "o"),
-            "--init",
-            str(path),
-            "--resume",
-        ],
-    )
-    assert result.exit_code != 0 and "not both" in result.output
+    # an interrupted fine-tuning continues from its checkpoint with --resume and the same init
+    again = Trainer(replace(still, epochs=2), data, tmp_path / "tuned", init=spec)
+    state = again.run(resume=True)
+    assert len(state["history"]) == 2 and state["history"][0] == tuned.state["history"][0]
+    # a TOML that leaves the architecture out takes the potential's
+    toml = tmp_path / "tune.toml"
+    toml.write_text("epochs = 1\nbatch_atoms = 8\nbatch_structures = 2\n")
+    from molopt.training.train import TrainConfig
+
+    taken = Trainer(TrainConfig.from_toml(toml), data, tmp_path / "t", init=spec).config
+    assert (taken.n_features, taken.n_layers, taken.cutoff) == (8, 1, 4.0)
+    from ase.calculators.emt import EMT
+
+    from molopt.training.data import Labelled
+
+    gold = bulk("Au", "fcc", a=4.08, cubic=True)
+    gold.calc = EMT()
+    labelled = Labelled(structure_from_atoms(gold), gold.get_potential_energy(), gold.get_forces())
+    with pytest.raises(ConfigError, match="Au, which --init .* does not cover"):
+        Trainer(config, data + [labelled], tmp_path / "bad", init=spec)
 
 
 def test_prefetched_batches_keep_order_and_errors():
@@ -442,6 +451,13 @@ def test_prefetched_batches_keep_order_and_errors():
     plan = [[k, k + 1] for k in range(7)]
     assert list(prefetched(plan, lambda m: tuple(m))) == [tuple(m) for m in plan]
     assert list(prefetched([], tuple)) == []
+    made = []
+    batches = prefetched(plan, lambda m: made.append(m[0]) or m[0], depth=2)
+    assert next(batches) == 0
+    batches.close()  # closed early: nothing beyond the batches already queued is built
+    assert made[:1] == [0] and len(made) <= 3
+    with pytest.raises(ValueError, match="depth"):
+        list(prefetched(plan, tuple, depth=0))
 
     def make(members):
         if members[0] == 4:

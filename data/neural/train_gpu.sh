@@ -25,6 +25,9 @@ for name in ${NAMES:-emt-metals gfn2-chno}; do
     source="configs/train-$name-gpu.toml"
     batches=()
   fi
+  if [ ! -f "$source" ] || [ ! -f "data/neural/$name/train.extxyz.gz" ]; then
+    echo "unknown potential $name (NAMES takes emt-metals, gfn2-chno)"; continue
+  fi
   sed -e 's/^epochs = .*/epochs = 3000/' -e 's/^patience = .*/patience = 3000/' "${batches[@]}" \
       -e 's/^max_time_s = .*/max_time_s = 100000/' -e '/^time_budget_s = /d' "$source" > "$cfg"
   echo "time_budget_s = $budget" >> "$cfg"

@@ -103,15 +103,21 @@ def prefetched(plan, make, depth: int = 2):
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be at least 1, not {depth}")
     plan = iter(plan)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="molopt-batches") as pool:
         pending = deque(pool.submit(make, m) for _, m in zip(range(depth), plan, strict=False))
-        while pending:
-            batch = pending.popleft().result()
-            following = next(plan, None)
-            if following is not None:
-                pending.append(pool.submit(make, following))
-            yield batch
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                following = next(plan, None)
+                if following is not None:
+                    pending.append(pool.submit(make, following))
+                yield batch
+        finally:  # closed early (an error, an interrupt): build nothing more
+            for future in pending:
+                future.cancel()
 
 
 class Batcher:

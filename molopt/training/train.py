@@ -51,6 +51,8 @@ class TrainConfig:
     precision: str = "float32"
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # the keys a TOML file set (from_toml); () for a config built in code: every field counts
+    explicit: tuple = ()
 
     @classmethod
     def from_toml(cls, path) -> TrainConfig:
@@ -58,12 +60,12 @@ class TrainConfig:
 
         data = read_toml(path, "training config")
         data = data.get("train", data)
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"explicit", "extra"}
         reject_unknown(data, known | {"description"}, path, "training config")
         values = {k: v for k, v in data.items() if k in known}
         if "elements" in values:
             values["elements"] = tuple(values["elements"])
-        return cls(**values)
+        return cls(**values, explicit=tuple(sorted(values)))
 
 
 def reference_energies(data: list[Labelled], elements) -> np.ndarray:
@@ -179,10 +181,15 @@ class Trainer:
             declared = [el.number(s) for s in config.elements]
             missing = set(numbers) - set(declared)
             if missing:
+                names = ", ".join(el.symbol(z) for z in sorted(missing))
+                if init is not None:
+                    raise ConfigError(
+                        f"training data contains element(s) {names}, which --init {init.name} "
+                        f"({', '.join(config.elements)}) does not cover: fine-tuning cannot add "
+                        "elements"
+                    )
                 raise ConfigError(
-                    "training data contains element(s) "
-                    + ", ".join(el.symbol(z) for z in sorted(missing))
-                    + " not in the config's elements"
+                    f"training data contains element(s) {names} not in the config's elements"
                 )
             numbers = declared
         self.elements = tuple(numbers)
@@ -409,7 +416,7 @@ class Trainer:
         )
         if c.keep == "last":
             # with a schedule that decays to a small learning rate the last model is the one
-            # meant; the validation loss (mean squares) can be ruled by a few outliers
+            # meant; the validation loss can be ruled by a few outliers
             best = model
             state["best_epoch"] = state["epoch"] - 1
         self.best = best
@@ -447,7 +454,9 @@ class Trainer:
                 "stopped": self.state["stopped"],
                 "wall_time_s": round(self.state["elapsed_s"], 1),
                 "config": {
-                    k: v for k, v in asdict(c).items() if k not in ("extra",) and v not in ((), "")
+                    k: v
+                    for k, v in asdict(c).items()
+                    if k not in ("extra", "explicit") and v not in ((), "")
                 },
             },
             "errors": errors or {},
@@ -483,10 +492,12 @@ def _fine_tuning(config: TrainConfig, spec) -> TrainConfig:
     }
     differ = []
     for key, value in own.items():
+        if config.explicit and key not in config.explicit:
+            continue  # not set in the file: the potential's
         mine = getattr(config, key)
         if key == "elements":
             mine = tuple(el.symbol(el.number(s)) for s in mine)
-            if mine and mine != value:
+            if mine and set(mine) != set(value):
                 differ.append(f"elements {list(mine)} (the potential's: {list(value)})")
         elif mine != value:
             differ.append(f"{key} = {mine} (the potential's: {value})")

@@ -69,7 +69,9 @@ class MessageBlock(eqx.Module):
                 d = recomputed(*part)
                 return (total[0] + d[0], total[1] + d[1]), None
 
-            zeros = (jnp.zeros_like(s), jnp.zeros_like(v))
+            # zeros of the group sums' own shapes and types (weights may be wider than s)
+            shapes = jax.eval_shape(slots, *(a[0] for a in parts))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             (ds, dv), _ = jax.lax.scan(body, zeros, parts)
         return s + ds, v + dv
 
