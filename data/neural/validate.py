@@ -21,6 +21,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 FMAX = 0.005  # eV/A for both relaxations
+# validate this checkout's molopt and potentials/, not an older installed copy (run as a
+# script, the directory on sys.path is data/neural/)
+sys.path.insert(0, str(ROOT))
 
 
 def reference_calculator(name: str):
