@@ -95,6 +95,28 @@ def slot_group(capacity: int, n_atoms: int, itemsize: int) -> int:
     return max(d for d in range(1, min(target, capacity) + 1) if capacity % d == 0)
 
 
+def sum_over_groups(fn, parts, group: int, recompute: bool = False):
+    """``fn(*chunk)`` summed over chunks of ``group`` rows along the leading axis K of every
+    array in ``parts`` (``group`` a divisor of K); ``fn`` returns a pytree of sums over the rows
+    it is given. One call when ``group >= K``, else a ``lax.scan`` from zeros shaped like
+    ``fn``'s output (one copy of ``fn`` in the compiled program). ``recompute``: the body is
+    ``jax.checkpoint``ed, so its temporaries are rebuilt in the backward pass instead of K of
+    them being stored."""
+    K = parts[0].shape[0]
+    if group >= K:
+        return fn(*parts)
+    chunks = tuple(a.reshape((K // group, group) + a.shape[1:]) for a in parts)
+    step = jax.checkpoint(fn) if recompute else fn
+
+    def body(total, chunk):
+        return jax.tree.map(jnp.add, total, step(*chunk)), None
+
+    shapes = jax.eval_shape(fn, *(a[0] for a in chunks))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, chunks)
+    return total
+
+
 def sum_over_slots(fn, nbrs: Neighbors, dtype):
     """``fn(part)`` summed over groups ``part`` of the neighbour slots of ``nbrs`` (each a
     :class:`Neighbors` with the same fields and g <= K slots); ``fn`` returns a pytree of
@@ -104,23 +126,11 @@ def sum_over_slots(fn, nbrs: Neighbors, dtype):
     g = slot_group(K, A, np.dtype(dtype).itemsize)
     if g == K:
         return fn(nbrs)
-    n = K // g
-    index = nbrs.index.reshape(n, g, A)
-    mask = nbrs.mask.reshape(n, g, A)
-    shift = jnp.moveaxis(nbrs.shift.reshape(nbrs.shift.shape[0], n, g, A), 1, 0)
 
-    def group(part):
-        i, s, m = part
-        return fn(replace(nbrs, index=i, shift=s, mask=m))
+    def part(index, shift, mask):  # shift arrives slot-major: (g, 3, A)
+        return fn(replace(nbrs, index=index, shift=jnp.moveaxis(shift, 0, 1), mask=mask))
 
-    def body(total, part):
-        return jax.tree.map(jnp.add, total, group(part)), None
-
-    # start from zeros of fn's output shapes: one copy of fn in the compiled program
-    shapes = jax.eval_shape(group, (index[0], shift[0], mask[0]))
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    total, _ = jax.lax.scan(body, zeros, (index, shift, mask))
-    return total
+    return sum_over_groups(part, (nbrs.index, jnp.moveaxis(nbrs.shift, 1, 0), nbrs.mask), g)
 
 
 def stale_systems(

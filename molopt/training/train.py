@@ -214,12 +214,12 @@ class Trainer:
 
         from molopt.potentials.neural.painn import PaiNN
 
+        if self.init is not None:  # fine-tuning: its reference energies and scale too
+            return _cast(self.init.potential, self.dtype)
         reference = reference_energies(self.train_data, self.elements)
         forces = np.concatenate([d.forces.ravel() for d in self.train_data])
         scale = float(np.sqrt(np.mean(forces**2))) or 1.0
         c = self.config
-        if self.init is not None:
-            return _cast(self.init.potential, self.dtype)
         model = PaiNN(
             self.elements,
             cutoff=c.cutoff,

@@ -20,7 +20,7 @@ import numpy as np
 
 from molopt._jax import jax as _configured  # noqa: F401  (x64 available)
 from molopt.batch import system_sum
-from molopt.neighbors import pair_vectors, slot_group
+from molopt.neighbors import pair_vectors, slot_group, sum_over_groups
 from molopt.potentials.base import Potential
 
 
@@ -55,24 +55,7 @@ class MessageBlock(eqx.Module):
             dv = v[idx] * dv_v[..., None] + dv_r[..., None] * un[:, :, None, :]
             return jnp.sum(ds, axis=0), jnp.sum(dv, axis=0)
 
-        K = index.shape[0]
-        if group >= K:
-            ds, dv = slots(index, radial, unit, weight)
-        else:
-            n = K // group
-            parts = tuple(
-                a.reshape((n, group) + a.shape[1:]) for a in (index, radial, unit, weight)
-            )
-            recomputed = jax.checkpoint(slots)
-
-            def body(total, part):
-                d = recomputed(*part)
-                return (total[0] + d[0], total[1] + d[1]), None
-
-            # zeros of the group sums' own shapes and types (weights may be wider than s)
-            shapes = jax.eval_shape(slots, *(a[0] for a in parts))
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            (ds, dv), _ = jax.lax.scan(body, zeros, parts)
+        ds, dv = sum_over_groups(slots, (index, radial, unit, weight), group, recompute=True)
         return s + ds, v + dv
 
 
