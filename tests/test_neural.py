@@ -377,6 +377,54 @@ def test_training_is_reproducible(tmp_path):
         Trainer(replace(config, keep="worst"), data, tmp_path / "bad")
 
 
+def test_exponential_moving_average_of_weights(tmp_path):
+    """ema_decay > 0: the averaged weights (ramped decay min(d, (1 + step) / (10 + step)))
+    are the ones validated, kept and checkpointed; the raw weights train on unchanged."""
+    from dataclasses import replace
+
+    import equinox as eqx
+
+    from molopt.errors import ConfigError
+    from molopt.training.train import Trainer
+
+    data = emt_copper(6, 0.1)
+    # one batch per epoch and a flat learning rate: the raw trajectory does not depend on
+    # the number of epochs, so a one-epoch run gives the weights after step 1
+    config = tiny_config(
+        epochs=2, batch_atoms=64, batch_structures=8, learning_rate=1e-2,
+        final_learning_rate=1e-2, warmup_steps=1, keep="last", ema_decay=0.5,
+    )  # fmt: skip
+    trainer = Trainer(config, data, tmp_path / "ema")
+    assert trainer.steps_per_epoch() == 1
+    init = trainer.initial_model()
+    state = trainer.run()
+    one = Trainer(replace(config, epochs=1, ema_decay=0.0), data, tmp_path / "one")
+    one.run()
+    raw2 = eqx.tree_deserialise_leaves(tmp_path / "ema" / "checkpoints" / "model.eqx", init)
+    ema = eqx.tree_deserialise_leaves(tmp_path / "ema" / "checkpoints" / "ema.eqx", init)
+
+    def leaves(m):
+        return [np.asarray(x, np.float64) for x in jax.tree.leaves(eqx.filter(m, eqx.is_array))]
+
+    d1, d2 = 1 / 10, 2 / 11
+    for x0, x1, x2, e, kept in zip(
+        leaves(init), leaves(one.best), leaves(raw2), leaves(ema), leaves(trainer.best),
+        strict=True,
+    ):  # fmt: skip
+        e1 = d1 * x0 + (1 - d1) * x1
+        np.testing.assert_allclose(e, d2 * e1 + (1 - d2) * x2, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(e, kept)
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(ema), leaves(raw2), strict=True))
+    # the validation figures are the averaged model's
+    b = trainer.valid_batches.make(trainer.valid_batches.plan(None)[0])
+    from molopt.training.train import make_loss
+
+    valid, _ = make_loss(config)[0](trainer.best, b)
+    assert state["history"][-1]["valid_loss"] == pytest.approx(float(valid), rel=1e-5)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        Trainer(replace(config, ema_decay=1.0), data, tmp_path / "bad")
+
+
 def test_fine_tuning_starts_from_a_potential(tmp_path):
     """--init: training starts from a written potential's weights (fresh optimizer); the
     architecture comes from the potential and a config that contradicts it is refused."""
@@ -597,6 +645,9 @@ def test_gfn2_test_molecules_never_seen_in_training():
     coverage = molecules(data / "train-coverage.extxyz.gz")
     assert len(coverage) >= 40 and not set(coverage) & set(train)
     train.update(coverage)
+    extra = molecules(data / "train-extra.extxyz.gz")  # generate_gfn2.py extra 1 9 2000
+    assert len(extra) >= 1900 and not set(extra) & set(train)
+    train.update(extra)
     test = molecules(data / "test.extxyz.gz")
     assert len(train) >= 700 and len(test) >= 25
     shared = set(train.values()) & set(test.values())

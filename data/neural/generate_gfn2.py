@@ -15,6 +15,7 @@ structure) with the test molecules.
     python data/neural/generate_gfn2.py train 0        # two worker processes, one core each
                                 # -> gfn2-chno/train.extxyz.gz + train-coverage.extxyz.gz
     python data/neural/generate_gfn2.py test 12345
+    python data/neural/generate_gfn2.py extra 1 9 2000   # 2000 more molecules -> train-extra
 Energies in eV, forces in eV/A (tblite's ASE calculator).
 """
 
@@ -292,15 +293,20 @@ def hand_picked(split: str, seed: int):
 
 def molecules(split: str, seed: int, n_enumerated: int):
     """(name, structure) of the split's molecules, and how many come before the coverage list;
-    training never shares a graph with test."""
-    out = hand_picked(split, seed)
-    if split == "test":
-        return out, len(out)
+    training never shares a graph with test. The "extra" split samples further enumerated
+    molecules with its own seed, none of them in the seed-0 training set (nor test)."""
+    if split == "extra":
+        first, _ = molecules("train", 0, 600)
+        out, seen = [], {graph_key(a) for _, a in first}
+    else:
+        out = hand_picked(split, seed)
+        if split == "test":
+            return out, len(out)
+        seen = {graph_key(a) for _, a in out}
     # bond graphs do not depend on the embedding seed: any seed gives the same keys
     held_out = {graph_key(a) for _, a in hand_picked("test", 12345)}
     pool = enumerated()
     rng = np.random.default_rng(seed)
-    seen = {graph_key(a) for _, a in out}
     clash = seen & held_out
     if clash:
         raise SystemExit(f"training molecules also in the test set: {sorted(clash)}")
@@ -317,6 +323,8 @@ def molecules(split: str, seed: int, n_enumerated: int):
         out.append((pool[k], atoms))
         n_enumerated -= 1
     n_main = len(out)
+    if split == "extra":
+        return out, n_main
     for k, s in enumerate(COVERAGE_SMILES):
         atoms = from_smiles(s, seed + 100_000 + k)
         if atoms is None:
@@ -374,7 +382,8 @@ if __name__ == "__main__":
     # the main file first and then on both (configs/train-gfn2-chno.toml)
     for images, suffix in ((main, ""), (coverage, "-coverage")):
         if images:
-            target = Path(__file__).parent / "gfn2-chno" / f"{split}{suffix}.extxyz.gz"
+            stem = "train-extra" if split == "extra" else split
+            target = Path(__file__).parent / "gfn2-chno" / f"{stem}{suffix}.extxyz.gz"
             write(images, target)
             atoms = sum(len(a) for a in images)
             print(f"{len(images)} configurations, {atoms} atoms -> {target}")

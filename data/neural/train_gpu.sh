@@ -7,6 +7,8 @@
 # FINETUNE=1 starts each from the shipped potential's weights (molopt train --init) with a
 # peak learning rate of 5e-4 instead of training from scratch: GPU time adds up over sessions.
 # NAMES="gfn2-chno" trains only the potentials named (default: both).
+# SET="learning_rate = 1e-3; batch_atoms = 2048" overrides config keys (after FINETUNE's);
+# Several runs may share one GPU, each with its own OUT_DIR (the config used is copied there).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-data/neural/trained}
@@ -15,13 +17,17 @@ mkdir -p "$out"
 # float32 matrix products at full precision (not TF32) on the GPU
 export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest
 for name in ${NAMES:-emt-metals gfn2-chno}; do
-  cfg=/tmp/train-$name.toml
+  work=$(mktemp -d "/tmp/molopt-train-$name.XXXXXX")
+  cfg=$work.toml
   data="data/neural/$name/train.extxyz.gz"
   source="configs/train-$name.toml"
   batches=(-e 's/^batch_atoms = .*/batch_atoms = 1024/' -e 's/^batch_structures = .*/batch_structures = 96/')
   if [ "$name" = gfn2-chno ]; then
-    # the GPU recipe: 128 features, batches of 1024 atoms; plus the coverage molecules
+    # the GPU recipe: 128 features, batches of 1024 atoms; plus the coverage molecules and,
+    # where generated, the extra molecules (generate_gfn2.py extra)
     data="$data data/neural/$name/train-coverage.extxyz.gz"
+    extra=data/neural/$name/train-extra.extxyz.gz
+    [ -f "$extra" ] && data="$data $extra"
     source="configs/train-$name-gpu.toml"
     batches=()
   fi
@@ -36,8 +42,15 @@ for name in ${NAMES:-emt-metals gfn2-chno}; do
     init=(--init "nn-$name")
     sed -i 's/^learning_rate = .*/learning_rate = 5e-4/' "$cfg"
   fi
-  work=/tmp/molopt-train/$name
-  rm -rf "$work"
+  IFS=';' read -ra sets <<< "${SET:-}"
+  for kv in "${sets[@]}"; do
+    key=${kv%%=*}; key=${key//[[:space:]]/}
+    value=$(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' <<< "${kv#*=}")
+    [ -z "$key" ] && continue
+    if grep -q "^$key = " "$cfg"; then sed -i "s|^$key = .*|$key = $value|" "$cfg"
+    else echo "$key = $value" >> "$cfg"; fi
+  done
+  cp "$cfg" "$out/train-$name.toml"
   timeout $((budget + 240)) python -m molopt.cli train $data "${init[@]}" \
       -c "$cfg" -o "$work" --test "data/neural/$name/test.extxyz.gz" 2>&1 | tail -n 400 > "$out/train-$name.log"
   tail -n 5 "$out/train-$name.log"

@@ -43,6 +43,9 @@ class TrainConfig:
     huber_delta: float = 0.05  # eV/A, per force component
     stress_weight: float = 0.0  # on (eV/A^3)^2
     gradient_clip: float = 10.0
+    # >0: validate, keep and write an exponential moving average of the weights (decay per
+    # step, ramped up as (1 + step) / (10 + step) early on), not the raw weights
+    ema_decay: float = 0.0
     valid_fraction: float = 0.1
     patience: int = 40  # epochs without validation improvement
     checkpoint_every: int = 5
@@ -162,6 +165,8 @@ class Trainer:
 
         if config.keep not in ("best", "last"):
             raise ConfigError(f"keep must be 'best' or 'last', not {config.keep!r}")
+        if not 0.0 <= config.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), not {config.ema_decay}")
         if config.force_loss not in ("mse", "huber") or config.huber_delta <= 0:
             raise ConfigError(
                 f"force_loss must be 'mse' or 'huber' (with huber_delta > 0), not "
@@ -297,16 +302,31 @@ class Trainer:
         best = model
         if (checkpoints / "best.eqx").exists() and resume:
             best = eqx.tree_deserialise_leaves(checkpoints / "best.eqx", model)
+        # the averaged weights (ema_decay > 0) start from the initial (or resumed) model
+        ema = model if c.ema_decay > 0 else None
+        if ema is not None and resume and (checkpoints / "ema.eqx").exists():
+            ema = eqx.tree_deserialise_leaves(checkpoints / "ema.eqx", model)
 
         @eqx.filter_jit
-        def train_step(model, opt_state, b, step, total_steps):
+        def train_step(model, opt_state, ema, b, step, total_steps):
             (value, _), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, b)
             updates, opt_state = optimizer.update(
                 grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
             )
             rate = self.learning_rate(step, total_steps)
             updates = jax.tree.map(lambda u: -rate * u, updates)
-            return eqx.apply_updates(model, updates), opt_state, value
+            model = eqx.apply_updates(model, updates)
+            if ema is not None:
+                decay = jnp.minimum(c.ema_decay, (1.0 + step) / (10.0 + step))
+                ema = eqx.apply_updates(
+                    ema,
+                    jax.tree.map(
+                        lambda e, m: ((1 - decay) * (m - e)).astype(e.dtype),
+                        eqx.filter(ema, eqx.is_inexact_array),
+                        eqx.filter(model, eqx.is_inexact_array),
+                    ),
+                )
+            return model, opt_state, ema, value
 
         @eqx.filter_jit
         def valid_step(model, b):
@@ -343,8 +363,8 @@ class Trainer:
                 if first_of_shape:
                     jax.block_until_ready(losses)
                     step_started = time.perf_counter()
-                model, opt_state, value = train_step(
-                    model, opt_state, b, jnp.asarray(state["step"]), total_steps
+                model, opt_state, ema, value = train_step(
+                    model, opt_state, ema, b, jnp.asarray(state["step"]), total_steps
                 )
                 losses.append(value)
                 state["step"] += 1
@@ -369,9 +389,10 @@ class Trainer:
                 )
                 state["epochs"] = int(max(2, min(c.epochs, affordable)))
             train_loss = float(np.mean(jax.device_get(losses)))
+            judged = model if ema is None else ema  # the weights validated, kept, written
             sums = np.zeros(7)
             for b in valid_batches:
-                sums += np.array([float(x) for x in valid_step(model, b)])
+                sums += np.array([float(x) for x in valid_step(judged, b)])
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -392,7 +413,7 @@ class Trainer:
             if valid_loss < state["best_valid"]:
                 state["best_valid"] = float(valid_loss)
                 state["best_epoch"] = epoch
-                best = model
+                best = judged
                 stale_epochs = 0
             else:
                 stale_epochs += 1
@@ -404,7 +425,7 @@ class Trainer:
                 or stop
                 or state["epoch"] == state["epochs"]
             ):
-                self._checkpoint(checkpoints, model, best, opt_state, state)
+                self._checkpoint(checkpoints, model, best, opt_state, state, ema)
             if stop:
                 break
         state["stopped"] = (
@@ -417,17 +438,18 @@ class Trainer:
         if c.keep == "last":
             # with a schedule that decays to a small learning rate the last model is the one
             # meant; the validation loss can be ruled by a few outliers
-            best = model
+            best = model if ema is None else ema
             state["best_epoch"] = state["epoch"] - 1
         self.best = best
         self.state = state
         return state
 
-    def _checkpoint(self, directory: Path, model, best, opt_state, state):
+    def _checkpoint(self, directory: Path, model, best, opt_state, state, ema=None):
         import equinox as eqx
 
         directory.mkdir(parents=True, exist_ok=True)
-        for name, tree in (("model", model), ("best", best), ("optimizer", opt_state)):
+        trees = [("model", model), ("best", best), ("optimizer", opt_state)]
+        for name, tree in trees + ([("ema", ema)] if ema is not None else []):
             tmp = directory / f".{name}.eqx.tmp"
             eqx.tree_serialise_leaves(tmp, tree)
             os.replace(tmp, directory / f"{name}.eqx")
