@@ -188,6 +188,9 @@ SUBSTITUENTS = [
 ]  # fmt: skip
 
 
+TRAIN_ENUMERATED = 600  # enumerated molecules in the seed-0 training set
+
+
 def enumerated() -> list[str]:
     """Canonical SMILES of every scaffold + substituent combination with 3 to 30 atoms."""
     from rdkit import Chem, RDLogger
@@ -296,7 +299,7 @@ def molecules(split: str, seed: int, n_enumerated: int):
     training never shares a graph with test. The "extra" split samples further enumerated
     molecules with its own seed, none of them in the seed-0 training set (nor test)."""
     if split == "extra":
-        first, _ = molecules("train", 0, 600)
+        first, _ = molecules("train", 0, TRAIN_ENUMERATED)
         out, seen = [], {graph_key(a) for _, a in first}
     else:
         out = hand_picked(split, seed)
@@ -376,7 +379,8 @@ if __name__ == "__main__":
     split = sys.argv[1] if len(sys.argv) > 1 else "train"
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else (0 if split == "train" else 12345)
     per_molecule = int(sys.argv[3]) if len(sys.argv) > 3 else (10 if split == "train" else 8)
-    n_enumerated = int(sys.argv[4]) if len(sys.argv) > 4 else (600 if split == "train" else 0)
+    default = TRAIN_ENUMERATED if split == "train" else 0
+    n_enumerated = int(sys.argv[4]) if len(sys.argv) > 4 else default
     main, coverage = generate(split, seed, per_molecule, n_enumerated)
     # the coverage molecules go to a file of their own: the shipped network was trained on
     # the main file first and then on both (configs/train-gfn2-chno.toml)

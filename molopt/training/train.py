@@ -274,6 +274,7 @@ class Trainer:
         import equinox as eqx
         import jax
         import jax.numpy as jnp
+        import optax
 
         c = self.config
         loss_fn, errors_fn = make_loss(c)
@@ -304,6 +305,7 @@ class Trainer:
             best = eqx.tree_deserialise_leaves(checkpoints / "best.eqx", model)
         # the averaged weights (ema_decay > 0) start from the initial (or resumed) model
         ema = model if c.ema_decay > 0 else None
+        ema_dtype = self.dtype
         if ema is not None and resume and (checkpoints / "ema.eqx").exists():
             ema = eqx.tree_deserialise_leaves(checkpoints / "ema.eqx", model)
 
@@ -318,14 +320,12 @@ class Trainer:
             model = eqx.apply_updates(model, updates)
             if ema is not None:
                 decay = jnp.minimum(c.ema_decay, (1.0 + step) / (10.0 + step))
-                ema = eqx.apply_updates(
-                    ema,
-                    jax.tree.map(
-                        lambda e, m: ((1 - decay) * (m - e)).astype(e.dtype),
-                        eqx.filter(ema, eqx.is_inexact_array),
-                        eqx.filter(model, eqx.is_inexact_array),
-                    ),
+                averaged = optax.incremental_update(
+                    eqx.filter(model, eqx.is_inexact_array),
+                    eqx.filter(ema, eqx.is_inexact_array),
+                    (1.0 - decay).astype(ema_dtype),
                 )
+                ema = eqx.combine(averaged, ema)
             return model, opt_state, ema, value
 
         @eqx.filter_jit
