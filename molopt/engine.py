@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from types import SimpleNamespace
 from typing import Any, Protocol
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from molopt import interrupt
 from molopt import neighbors as nl
-from molopt._jax import jax, relieve_mapping_pressure
+from molopt._jax import jax, precompiled, relieve_mapping_pressure
 from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
@@ -174,7 +173,7 @@ def _keep_finished(new: RelaxState, old: RelaxState, running, batch, program):
     return dataclasses.replace(new, **out)
 
 
-@partial(jax.jit, static_argnames=("program",))
+@precompiled(static_argnames=("program",))
 def start(x, cell, batch, nbrs, potential, reference, targets, program: Program) -> RelaxState:
     """Initial state: evaluate at ``x`` (step 0; converged already if fmax < target)."""
     rows = _rows(batch, program)
@@ -237,7 +236,7 @@ def _empty_frames(state: RelaxState, k: int) -> Frames:
     )
 
 
-@partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
+@precompiled(static_argnames=("program",), donate_argnames=("state",))
 def advance(state: RelaxState, batch, nbrs, potential, reference, targets, program: Program):
     """Run up to ``program.chunk`` steps. Returns (state, frames, n_frames, stale (S,)).
 
@@ -331,7 +330,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     return state, frames, n_frames, stale
 
 
-@partial(jax.jit, static_argnames=("stress",))
+@precompiled(static_argnames=("stress",))
 def evaluate_once(positions, cell, batch, nbrs, potential, stress: bool):
     """Plain energy/forces(/dE_dstrain) of a packed batch (for final results, the API)."""
     return potential.evaluate(positions, cell, batch, nbrs, stress)
