@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from molopt import interrupt
 from molopt import neighbors as nl
-from molopt._jax import jax, precompiled, relieve_mapping_pressure
+from molopt._jax import jax, relieve_mapping_pressure
 from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
@@ -173,7 +174,7 @@ def _keep_finished(new: RelaxState, old: RelaxState, running, batch, program):
     return dataclasses.replace(new, **out)
 
 
-@precompiled(static_argnames=("program",))
+@partial(jax.jit, static_argnames=("program",))
 def start(x, cell, batch, nbrs, potential, reference, targets, program: Program) -> RelaxState:
     """Initial state: evaluate at ``x`` (step 0; converged already if fmax < target)."""
     rows = _rows(batch, program)
@@ -236,7 +237,7 @@ def _empty_frames(state: RelaxState, k: int) -> Frames:
     )
 
 
-@precompiled(static_argnames=("program",), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
 def advance(state: RelaxState, batch, nbrs, potential, reference, targets, program: Program):
     """Run up to ``program.chunk`` steps. Returns (state, frames, n_frames, stale (S,)).
 
@@ -330,7 +331,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     return state, frames, n_frames, stale
 
 
-@precompiled(static_argnames=("stress",))
+@partial(jax.jit, static_argnames=("stress",))
 def evaluate_once(positions, cell, batch, nbrs, potential, stress: bool):
     """Plain energy/forces(/dE_dstrain) of a packed batch (for final results, the API)."""
     return potential.evaluate(positions, cell, batch, nbrs, stress)

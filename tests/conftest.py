@@ -8,9 +8,6 @@ os.environ.setdefault(
 )
 
 import molopt._jax  # noqa: E402  (x64 on for every test)
-
-# as `molopt relax` runs: JAX's persistent cache and molopt's executables by call signature
-molopt._jax.enable_compilation_cache()
 from molopt.structure import make_structure  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "data", "examples")

@@ -8,9 +8,7 @@ import sys
 import time
 
 import ase.io
-import equinox as eqx
 import h5py
-import jax
 import pytest
 from ase import Atoms
 from conftest import rattled_cluster
@@ -118,55 +116,3 @@ def test_signal_is_acted_on_at_a_safe_point():
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is before and not interrupt.requested()
     interrupt.check()  # outside: nothing pending
-
-
-class Scale(eqx.Module):
-    factor: jax.Array
-    power: int = eqx.field(static=True)  # static data: part of the program
-
-
-def test_precompiled_programs_load_without_tracing(tmp_path, monkeypatch):
-    """A warm run loads each compiled program by its call signature without tracing it; a
-    different static argument, static field or shape is another program; results equal
-    plain jax.jit's; a donated argument is still donated; no cache: plain jax.jit."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from molopt import _jax
-
-    traced = []
-
-    def f(x, model, y, offset):
-        traced.append(offset)
-        return {"out": model.factor * x**model.power + offset, "y": 2 * y}, x.sum()
-
-    g = _jax.Precompiled(f, static_argnames=("offset",), donate_argnames=("y",))
-    store = tmp_path / "executables"
-    monkeypatch.setattr(_jax, "_executables", store)
-    monkeypatch.setattr(_jax.Precompiled, "_cleared", False)  # compiled code not yet dropped
-    x, m = jnp.arange(4.0), Scale(jnp.asarray(3.0), 2)
-    first = g(x, m, jnp.ones(3), 1.5)
-    assert len(traced) == 1 and len(list(store.glob("*.exe"))) == 1
-    g.clear()  # as in a new process: nothing compiled in memory
-    y = jnp.ones(3)
-    second = g(x, m, y, offset=1.5)
-    assert len(traced) == 1  # loaded from disk, not traced
-    assert y.is_deleted()  # the donated buffer was given to the program
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
-        np.testing.assert_array_equal(a, b)
-    variants = [
-        (x, m, jnp.ones(3), 2.5),
-        (x, Scale(jnp.asarray(3.0), 3), jnp.ones(3), 1.5),
-        (jnp.arange(5.0), m, jnp.ones(3), 1.5),
-    ]
-    for args in variants:
-        want = jax.jit(f, static_argnames=("offset",))(*args)
-        got = g(*args)  # after: g donates y
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_array_equal(a, b)
-    assert len(list(store.glob("*.exe"))) == 4
-    monkeypatch.setattr(_jax, "_executables", None)
-    before = len(traced)
-    g(jnp.arange(6.0), m, jnp.ones(3), 1.5)
-    assert len(traced) == before + 1 and len(list(store.glob("*.exe"))) == 4
