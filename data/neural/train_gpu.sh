@@ -6,6 +6,8 @@
 # number is recorded in the model card, so `molopt train ... --epochs N` reproduces it.
 # FINETUNE=1 starts each from the shipped potential's weights (molopt train --init) with a
 # peak learning rate of 5e-4 instead of training from scratch: GPU time adds up over sessions.
+# For gfn2-chno it continues the CPU fine-tuning recipe the shipped model came from
+# (configs/train-gfn2-chno-finetune2.toml): peak 3e-4, huber_delta 0.02, ema_decay 0.999.
 # NAMES="gfn2-chno" trains only the potentials named (default: both).
 # SET="learning_rate = 1e-3; batch_atoms = 2048" overrides config keys (after FINETUNE's);
 # Several runs may share one GPU, each with its own OUT_DIR (the config used is copied there).
@@ -41,6 +43,11 @@ for name in ${NAMES:-emt-metals gfn2-chno}; do
   if [ "${FINETUNE:-0}" = 1 ]; then
     init=(--init "nn-$name")
     sed -i 's/^learning_rate = .*/learning_rate = 5e-4/' "$cfg"
+    if [ "$name" = gfn2-chno ]; then
+      sed -i -e 's/^learning_rate = .*/learning_rate = 3e-4/' \
+          -e 's/^huber_delta = .*/huber_delta = 0.02/' "$cfg"
+      grep -q '^ema_decay = ' "$cfg" || echo "ema_decay = 0.999" >> "$cfg"
+    fi
   fi
   IFS=';' read -ra sets <<< "${SET:-}"
   for kv in "${sets[@]}"; do
