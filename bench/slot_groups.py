@@ -34,7 +34,7 @@ def main():
     potential = load("argon").potential
     rng = np.random.default_rng(0)
     settings = [("at once", 1 << 60, 0)] + [
-        (f"groups<={b >> 10}KiB", 0, b) for b in (512 << 10, 1 << 20, 2 << 20, 4 << 20)
+        (f"groups<={b >> 10}KiB", 0, b) for b in (256 << 10, 512 << 10, 1 << 20, 2 << 20)
     ]
     print("atoms  K  (K,A) MiB  " + "  ".join(name for name, _, _ in settings))
     for n in sizes:

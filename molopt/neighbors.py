@@ -15,6 +15,7 @@ deformation. Small non-periodic systems get every pair (``complete``) and never 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,18 +71,36 @@ def pair_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, n
     return tuple(components)
 
 
+def l2_cache_bytes(
+    default: int = 1 << 20, base: Path = Path("/sys/devices/system/cpu/cpu0/cache")
+) -> int:
+    """Per-core L2 cache size of this machine (Linux sysfs), or ``default``."""
+    try:
+        for entry in sorted(base.glob("index*")):
+            if (entry / "level").read_text().strip() != "2":
+                continue
+            if (entry / "type").read_text().strip() not in ("Unified", "Data"):
+                continue
+            text = (entry / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
+
+
 #: On CPU, pair terms over more than this many bytes per (K, A) array are summed over groups of
 #: neighbour slots in a loop (:func:`sum_over_slots`) instead of all at once. XLA:CPU gives
 #: each intermediate (K, A) array its own buffer (and hoists the periodic-image products out of
-#: the relaxation loop as nine more), so memory grows with K x A x ~20 x 8 bytes; in groups
-#: it grows with g x A. Argon, 2-core CPU (`python bench/slot_groups.py`): one force call on
-#: 11,000 atoms 30 ms at once, 10-15 ms in groups; 32,000 atoms 74 ms and 35-40 ms; memory of W2
-#: 0.9-1.0 GiB -> 0.6-0.7, W4 1.9 -> 1.4 GiB. Steps inside a relaxation measured the same
-#: either way (jax.profiler: the scan's kernels take 15% less time, but it runs 3x as many
-#: thunks, and their dispatch costs the difference).
-SLOT_GROUP_ABOVE_BYTES = 6 << 20
-#: ... and each group's (g, A) arrays are kept under this size.
-SLOT_GROUP_BYTES = 2 << 20
+#: the relaxation loop as nine more), so memory traffic grows with K x A x ~20 x 8 bytes; in
+#: groups it grows with g x A and stays in cache. Argon, 2-core AMD EPYC with 1 MiB of L2 per
+#: core (`python bench/slot_groups.py`, and steps inside relaxations): W2 (32,000 atoms,
+#: K = 104) 32 ms per FIRE step with 2 MiB groups, 23 ms with 512 KiB ones; W3 (256 clusters,
+#: A = 12,288, K = 72) 16 ms per step with 2 MiB groups (or all at once), 4 ms with 0.4-0.9
+#: MiB ones; W1 (4,000 atoms, 3.3 MiB arrays) the same either way (3.5-3.8 ms).
+SLOT_GROUP_ABOVE_BYTES = 4 << 20
+#: ... and each group's (g, A) arrays are kept under this size: half the L2 cache.
+SLOT_GROUP_BYTES = max(128 << 10, min(l2_cache_bytes() // 2, 2 << 20))
 
 
 def slot_group(capacity: int, n_atoms: int, itemsize: int) -> int:

@@ -100,3 +100,21 @@ def test_hundred_thousand_atom_crystal_matches_unit_cell():
     large, fmax = energy_per_atom((30, 30, 28))
     assert large == pytest.approx(small, rel=1e-12)
     assert fmax < 1e-11
+
+
+def test_slot_groups_sized_from_the_l2_cache(tmp_path):
+    """The group size for summing neighbour slots comes from the per-core L2 size (sysfs)."""
+    for index, (level, kind, size) in enumerate(
+        [("1", "Data", "32K"), ("1", "Instruction", "32K"), ("2", "Unified", "1024K")]
+    ):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(level + "\n")
+        (entry / "type").write_text(kind + "\n")
+        (entry / "size").write_text(size + "\n")
+    assert N.l2_cache_bytes(base=tmp_path) == 1 << 20
+    assert N.l2_cache_bytes(default=123, base=tmp_path / "missing") == 123
+    assert 128 << 10 <= N.SLOT_GROUP_BYTES <= 2 << 20
+    # W3-like table (K = 72, A = 12,288, float64): groups of whole divisors of K, within budget
+    g = N.slot_group(72, 12288, 8)
+    assert 72 % g == 0 and g * 12288 * 8 <= max(N.SLOT_GROUP_BYTES, 12288 * 8)
