@@ -60,6 +60,27 @@ def test_refilled_batches_equal_relaxing_alone(argon, optimizer, relax_cell):
         np.testing.assert_allclose(got.structure.positions, alone.structure.positions, atol=1e-7)
 
 
+@pytest.mark.parametrize("cost", [0.0, float("inf")])
+def test_tail_compaction_keeps_results_exact(argon, cost):
+    """With no structure waiting, a batch whose systems are mostly done moves to a smaller
+    bucket once the time it wastes reaches ``compaction_cost`` (0: at once; inf: never). Either
+    way each structure follows the path it follows alone."""
+    structures = [compact_cluster(3.8, seed=k) for k in range(7)] + [rattled_cluster(40, seed=9)]
+    items = list(enumerate(structures))
+    settings = EngineSettings(fmax=1e-3, chunk=8)
+    engine = E.Engine(argon, settings)
+    engine.compaction_cost = cost
+    results = {r.key: r for r in engine.relax(items)}
+    assert (len(engine.shapes_seen) > 1) == (cost == 0.0)
+    for key, s in items:
+        (alone,) = relax([(key, s)], argon, settings)
+        assert results[key].status == alone.status == "converged"
+        assert results[key].steps == alone.steps
+        np.testing.assert_allclose(
+            results[key].structure.positions, alone.structure.positions, atol=1e-10
+        )
+
+
 def test_new_mix_in_same_bucket_does_not_recompile(argon):
     settings = EngineSettings(fmax=1e-2)
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]

@@ -159,6 +159,10 @@ def file_sha256(path: Path) -> str:
 
 _COMPRESSED = (".gz", ".bz2", ".xz")
 
+#: Extensions read with a named ASE format instead of ASE's detection, which opens and sniffs
+#: every file (0.9 ms against 0.2 ms per small xyz file; ASE reads both as extxyz anyway).
+KNOWN_FORMATS = {".xyz": "extxyz", ".extxyz": "extxyz"}
+
 
 def ase_read(path, index=":", fmt: str | None = None):
     """``ase.io.read``, except that a compressed file (.gz, .bz2, .xz) is decompressed once
@@ -170,7 +174,7 @@ def ase_read(path, index=":", fmt: str | None = None):
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _COMPRESSED:
-        return ase.io.read(str(path), index=index, format=fmt)
+        return ase.io.read(str(path), index=index, format=fmt or KNOWN_FORMATS.get(suffix))
     import shutil
     import tempfile
 
