@@ -282,26 +282,25 @@ def build(
     shifts = shifts.astype(shift_dtype)
     order = np.argsort(i, kind="stable")
     counts = np.bincount(i, minlength=A)
-    i = np.repeat(np.arange(A, dtype=np.int32), counts)
     j, shifts = j[order], shifts[order]
     needed = int(counts.max()) if len(counts) else 0
 
     if previous is not None and systems is not None and needed <= previous.capacity:
-        # work in (A, K) / (A, K, 3) here; stored transposed
+        # work in (A, K) and (3, A, K) here; stored as (K, A) and (3, K, A)
         index = previous.index.T.copy()
         mask = previous.mask.T.copy()
-        shift = np.transpose(previous.shift, (2, 1, 0)).astype(
-            np.promote_types(previous.shift.dtype, shift_dtype)
-        )
-        if shift.shape[2] == 0:
-            shift = np.zeros(index.shape + (3,), shift_dtype)
+        dtype = np.promote_types(previous.shift.dtype, shift_dtype)
+        if previous.shift.shape[0] == 0:
+            shift = np.zeros((3,) + index.shape, dtype)
+        else:
+            shift = np.transpose(previous.shift, (0, 2, 1)).astype(dtype)
         ref_positions = previous.ref_positions.copy()
         ref_cell = previous.ref_cell.copy()
         for k in todo:
             rows = layout.atoms_of(k)
             index[rows] = np.arange(rows.start, rows.stop)[:, None]
             mask[rows] = False
-            shift[rows] = 0
+            shift[:, rows] = 0
     else:
         if previous is not None and systems is not None:
             # overflow in a partial rebuild: rebuild everything at a larger capacity
@@ -309,24 +308,29 @@ def build(
         capacity = _capacity_for(needed)
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
         mask = np.zeros((A, capacity), bool)
-        shift = np.zeros((A, capacity, 3), shift_dtype)
+        shift = np.zeros((3, A, capacity), shift_dtype)
         ref_positions = np.zeros_like(positions)
         ref_cell = np.zeros_like(cells)
-    if len(i):
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        slot = np.arange(len(i)) - starts[i]
-        index[i, slot] = j
-        mask[i, slot] = True
-        shift[i, slot] = shifts
+    if len(j):
+        # row a holds its counts[a] pairs in its first slots: a boolean mask in row-major
+        # order takes the grouped pairs as they come (no per-pair slot numbers to scatter to;
+        # one image component at a time: W2 0.07-0.12 -> 0.01 s)
+        filled = np.arange(index.shape[1])[None, :] < counts[:, None]
+        index[filled] = j
+        mask |= filled
+        for c in range(3):
+            shift[c][filled] = shifts[:, c]
     for k in todo:
         rows = layout.atoms_of(k)
         ref_positions[rows] = positions[rows]
         ref_cell[k] = cells[k]
-    if not periodic:
-        shift = np.zeros(shift.shape[:2] + (0,), np.int8)  # no periodic system: no offsets
+    if periodic:
+        shift = np.ascontiguousarray(np.transpose(shift, (0, 2, 1)))
+    else:  # no periodic system: no offsets
+        shift = np.zeros((0,) + index.shape[::-1], np.int8)
     return HostNeighbors(
         np.ascontiguousarray(index.T),
-        np.ascontiguousarray(np.transpose(shift, (2, 1, 0))),
+        shift,
         np.ascontiguousarray(mask.T),
         ref_positions,
         ref_cell,
