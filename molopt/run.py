@@ -7,6 +7,7 @@ gets a JSON-able record with its status.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,7 @@ class OutputSink:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molopt-writer")
         self.pending: list = []
         self.in_flight: set = set()
+        self.template: Path | None = None  # run-wide H5MD layout and parameters (hidden file)
 
     def _common(self) -> dict:
         if self.common is None:
@@ -115,13 +117,28 @@ class OutputSink:
             }
         return self.common
 
+    def _template(self) -> Path:
+        """Written once per run, on the main thread (the common parameters ask JAX for the
+        device), beside the outputs; removed by :meth:`abort_all`."""
+        if self.template is None:
+            from molopt.io.h5md import write_template
+
+            path = self.out_dir / f".molopt-template.{os.getpid()}.tmp"
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.template = write_template(path, self._common())
+        return self.template
+
     def begin(self, key, structure):
         from molopt.io.h5md import TrajectoryWriter
 
         frame = self.frame_of[key]
         h5md_path, _ = out.output_paths(self.out_dir, frame.stem)
         self.writers[key] = TrajectoryWriter(
-            h5md_path, structure.numbers, structure.pbc, self.settings.relax_cell
+            h5md_path,
+            structure.numbers,
+            structure.pbc,
+            self.settings.relax_cell,
+            template=self._template(),
         )
 
     def frames(self, key, block):
@@ -174,7 +191,7 @@ class OutputSink:
                 )
             )
             return
-        params = dict(self._common())
+        params = {} if writer.template is not None else dict(self._common())
         params.update(
             {
                 "input": str(frame.path),
@@ -231,6 +248,9 @@ class OutputSink:
             writer.abort()
         self.writers.clear()
         self.in_flight.clear()
+        if self.template is not None:
+            self.template.unlink(missing_ok=True)
+            self.template = None
 
 
 def frame_run_hash(frame, settings: RunSettings, spec) -> str:

@@ -174,6 +174,10 @@ def test_config_file_and_flag_precedence(tmp_path):
 
     params = read_parameters(tmp_path / "o" / "a.h5md")
     assert params["optimizer"] == "lbfgs" and params["max_steps"] == 500
+    # run-wide parameters come from the run's template file, the structure's own from close()
+    assert params["status"] == "converged" and params["input"] == str(src)
+    assert params["molopt_version"] and params["device"].startswith("cpu")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.extxyz", "a.h5md"]
     bad = tmp_path / "bad.toml"
     bad.write_text("fmaks = 0.1\n")
     result = invoke("relax", src, "--config", bad)

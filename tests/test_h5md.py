@@ -153,3 +153,42 @@ def test_parameters_are_json(tmp_path):
     writer.close({"potential_spec": {"kind": "lennard-jones", "sigma": 3.4}, "status": "x"})
     with h5py.File(tmp_path / "x.h5md") as f:
         assert json.loads(f["parameters"].attrs["potential_spec"])["sigma"] == 3.4
+
+
+def test_template_gives_the_same_file(tmp_path):
+    """A writer that starts from a run's template writes the same groups, arrays and
+    attributes as one that builds the file itself."""
+    block = {
+        "step": np.array([0, 7]),
+        "positions": np.arange(12.0).reshape(2, 2, 3),
+        "forces": np.ones((2, 2, 3)),
+        "energy": np.array([-1.0, -2.0]),
+        "fmax": np.array([0.5, 0.01]),
+        "cell": np.stack([np.eye(3) * 5.0] * 2),
+    }
+    common = {"molopt_version": "x", "settings": {"fmax": 1e-3}, "pressure_GPa": 0.0}
+    own = {"status": "converged", "steps": 7, "index": -1}
+    template = h5md.write_template(tmp_path / "t.tmp", common)
+    for name, kwargs, params in (
+        ("a.h5md", {}, {**common, **own}),
+        ("b.h5md", {"template": template}, own),
+    ):
+        writer = h5md.TrajectoryWriter(tmp_path / name, [18, 18], [True] * 3, False, **kwargs)
+        writer.append(block)
+        writer.close(params)
+
+    def contents(path):
+        out = {}
+        with h5py.File(path) as f:
+
+            def visit(name, obj):
+                attrs = {k: np.asarray(v).tolist() for k, v in obj.attrs.items()}
+                data = obj[()].tolist() if isinstance(obj, h5py.Dataset) else None
+                out[name] = (attrs, data)
+
+            f.visititems(visit)
+            out["/"] = {k: np.asarray(v).tolist() for k, v in f.attrs.items()}
+        return out
+
+    assert contents(tmp_path / "a.h5md") == contents(tmp_path / "b.h5md")
+    assert h5md.read(tmp_path / "b.h5md")["parameters"]["settings"] == {"fmax": 1e-3}
