@@ -440,11 +440,13 @@ class _Live:
     cells0: np.ndarray
     pbc: np.ndarray = field(default=None)
     # what starting this batch cost (packing, neighbours, tracing and compiling or loading its
-    # programs: the first ``advance`` call included), and the time spent since it became
-    # sparse that a compacted batch would have saved (see ``Engine._should_repack``)
+    # programs: the first ``advance`` call included) and whether its shape was new; the
+    # device time spent since it became sparse that a compacted batch would have saved, and
+    # the fraction it would save now (see ``Engine._should_repack``)
     setup_s: float = 0.0
+    new_shape: bool = True
     wasted_s: float = 0.0
-    last_tick: float = 0.0
+    idle_fraction: float = 0.0
     advanced: bool = False
 
 
@@ -485,8 +487,12 @@ class Engine:
         )
         self.compiles = 0
         self.shapes_seen: set = set()
-        #: seconds a compaction is taken to cost; None: what starting the current batch cost
+        #: seconds a compaction is taken to cost; None: measured (``_compaction_cost``)
         self.compaction_cost: float | None = None
+        #: the most starting a batch has cost, by whether its shape was new to this engine (a
+        #: new shape traces and compiles, or loads, its programs; a known one only packs)
+        self.start_cost: dict = {}
+        self.clock = time.perf_counter  # for the compaction policy's timings
 
     # -- batching --------------------------------------------------------------------------
     def _take(self, queue: deque, keep: list) -> list:
@@ -549,16 +555,19 @@ class Engine:
             return positions
         return np.concatenate([positions, np.zeros((3 * layout.n_systems, 3), self.dtype)])
 
-    def _note_shape(self, live: _Live):
+    def _note_shape(self, live: _Live) -> bool:
+        """Count a new shape (a compilation); whether it was new."""
         key = (
             live.layout.n_padded_atoms,
             live.layout.n_systems,
             live.nbrs.capacity,
             live.nbrs.shift.shape[0],
         )
-        if key not in self.shapes_seen:
-            self.shapes_seen.add(key)
-            self.compiles += 1
+        if key in self.shapes_seen:
+            return False
+        self.shapes_seen.add(key)
+        self.compiles += 1
+        return True
 
     def _launch(self, items: list, carry: dict | None = None) -> _Live:
         """Pack ``items`` into a new batch; continuing systems keep their state (``carry``)."""
@@ -609,7 +618,7 @@ class Engine:
         if carry:
             state = self._restore(state, items, layout, carry)
         live = _Live(items, layout, batch, host, nbrs, reference, state, program, cells, pbc)
-        self._note_shape(live)
+        live.new_shape = self._note_shape(live)
         return live
 
     # -- state transplant for continuing systems --------------------------------------------
@@ -862,10 +871,9 @@ class Engine:
                     it.started_at = now
                     it.begun = True
                     self.sink.begin(it.key, it.structure)
-            began = time.perf_counter()
+            began = self.clock()
             live = self._launch(chosen, carry)
-            live.last_tick = time.perf_counter()
-            live.setup_s = live.last_tick - began
+            live.setup_s = self.clock() - began
             self._initial_frames(live, fresh)
             keep, carry = self._run_batch(live, queue, results)
             if self.progress:
@@ -876,9 +884,9 @@ class Engine:
         """Advance ``live`` until it should be repacked; returns (still running, carry)."""
         done: set = set()
         while True:
+            waiting = self.clock()
             status = np.asarray(jax.device_get(live.state.status))
-            now = time.perf_counter()
-            elapsed, live.last_tick = now - live.last_tick, now
+            computed = self.clock() - waiting  # about the last chunk's device time
             interrupt.check()  # a Ctrl-C acts here, between compiled chunks
             finished = [
                 k for k in range(live.layout.n_real) if status[k] != RUNNING and k not in done
@@ -906,11 +914,13 @@ class Engine:
             running = [k for k in range(live.layout.n_real) if status[k] == RUNNING]
             if not running:
                 return [], {}
-            if (finished or not queue) and self._should_repack(live, running, queue, done, elapsed):
+            if (finished or not queue) and self._should_repack(
+                live, running, queue, done, computed
+            ):
                 host_state = jax.device_get(live.state)
                 carry = {live.items[k].key: self._extract(live, k, host_state) for k in running}
                 return [live.items[k] for k in running], carry
-            dispatched = time.perf_counter()
+            dispatched = self.clock()
             state, frames, n_frames, stale = advance(
                 live.state,
                 live.batch,
@@ -922,7 +932,9 @@ class Engine:
             )
             if not live.advanced:  # its first call traces and compiles (or loads) the program
                 live.advanced = True
-                live.setup_s += time.perf_counter() - dispatched
+                live.setup_s += self.clock() - dispatched
+                kind = "new" if live.new_shape else "known"
+                self.start_cost[kind] = max(self.start_cost.get(kind, 0.0), live.setup_s)
             live.state = state
             n = int(n_frames)
             if n and live.program.record:
@@ -942,17 +954,18 @@ class Engine:
                 self._rebuild(live, np.nonzero(stale)[0])
 
     def _should_repack(
-        self, live: _Live, running: list, queue: deque, done: set, elapsed: float
+        self, live: _Live, running: list, queue: deque, done: set, computed: float
     ) -> bool:
         """Refill when a quarter of the batch is free and structures wait. With none waiting,
-        compact (a smaller bucket, compiled once per size) once three quarters are idle *and*
-        the time this sparse batch has wasted since then (``elapsed`` per call, scaled by the
-        idle fraction) has reached what a new batch costs to start (rent or buy: never more
-        than twice the better of the two choices). A short tail then finishes where it is
-        (W3, 256 clusters: warm 5.2 -> 4.6 s, cold 8.2 -> 6.0 s, no second and third program),
-        and a long one still moves to a small batch."""
+        compact (a smaller bucket) once three quarters are idle *and* the device time this
+        sparse batch has wasted since (``computed`` per chunk, times the fraction of the
+        padded atoms a compacted batch would drop) has reached what starting the compacted
+        batch costs: rent or buy, never more than twice the better of the two choices. A
+        short tail then finishes where it is (W3, 256 clusters: warm 5.5 -> 5.0-5.2 s, cold
+        8.2 -> 6.0-6.3 s: no second and third program), and a long one still moves."""
         A = live.layout.n_padded_atoms
-        atoms = sum(live.items[k].structure.n_atoms for k in running)
+        sizes = [live.items[k].structure.n_atoms for k in running]
+        atoms = sum(sizes)
         if queue:
             free_atoms = A - atoms
             return free_atoms >= A // 4 or len(done) >= max(1, live.layout.n_systems // 4)
@@ -960,11 +973,24 @@ class Engine:
         sparse = smaller <= A // 4 or (
             len(running) <= live.layout.n_systems // 4 and live.layout.n_systems > 4
         )
+        # the chunk just computed ran at the idle fraction seen when it was launched
+        live.wasted_s += computed * live.idle_fraction
+        live.idle_fraction = max(0.0, 1.0 - smaller / A) if sparse else 0.0
         if not sparse:
             return False
-        live.wasted_s += elapsed * max(0.0, 1.0 - smaller / A)
-        cost = live.setup_s if self.compaction_cost is None else self.compaction_cost
-        return live.wasted_s >= cost
+        return live.wasted_s >= self._compaction_cost(sizes)
+
+    def _compaction_cost(self, sizes: list) -> float:
+        """Seconds a move to a batch of ``sizes`` is expected to cost: the most a start of a
+        batch of a new shape has cost this engine, or, when the compacted shape has run
+        before, the most a start of a known shape has."""
+        if self.compaction_cost is not None:
+            return self.compaction_cost
+        target = plan_layout(sizes)
+        known = any(k[:2] == (target.n_padded_atoms, target.n_systems) for k in self.shapes_seen)
+        if known and "known" in self.start_cost:
+            return self.start_cost["known"]
+        return self.start_cost.get("new", 0.0)
 
     def _rebuild(self, live: _Live, systems: np.ndarray):
         positions = np.asarray(live.state.positions, np.float64)

@@ -81,6 +81,27 @@ def test_tail_compaction_keeps_results_exact(argon, cost):
         )
 
 
+@pytest.mark.parametrize("cost, compacts", [(2.0, True), (1e6, False)])
+def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
+    """The idle device time of a sparse tail is counted chunk by chunk (a fake clock: each
+    reading one second later, so each chunk computes for one second) until it reaches the
+    cost of a move; a move that costs more than the whole tail wastes never happens."""
+    structures = [compact_cluster(3.8, seed=k) for k in range(7)] + [rattled_cluster(40, seed=9)]
+    items = list(enumerate(structures))
+    settings = EngineSettings(fmax=1e-3, chunk=4)
+    engine = E.Engine(argon, settings)
+    engine.compaction_cost = cost
+    ticks = iter(range(10**6))
+    engine.clock = lambda: float(next(ticks))
+    results = {r.key: r for r in engine.relax(items)}
+    assert (len(engine.shapes_seen) > 1) == compacts
+    (alone,) = relax([(7, structures[7])], argon, settings)
+    assert results[7].steps == alone.steps
+    np.testing.assert_allclose(
+        results[7].structure.positions, alone.structure.positions, atol=1e-10
+    )
+
+
 def test_new_mix_in_same_bucket_does_not_recompile(argon):
     settings = EngineSettings(fmax=1e-2)
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]

@@ -165,3 +165,34 @@ def test_compressed_files_read_like_plain_ones(tmp_path, suffix, monkeypatch):
     broken.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
     (frame,) = read_frames(broken)
     assert frame.structure is None and "cannot be read" in frame.error
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("plain.xyz", "2\n\nAr 0 0 0\nAr 0 0 3\n"),
+        ("ext.extxyz", '2\nPbc="F F F"\nAr 0 0 0\nAr 0 0 3\n'),
+        ("padded.xyz", " 2\n c\nAr 0 0 0\nAr 1 1 1\n"),
+        ("POSCAR.xyz", "2\n\nAr 0 0 0\nAr 0 0 3\n"),  # ASE: VASP, by its name
+        ("dump.xyz", "ITEM: TIMESTEP\n1\n"),  # LAMMPS dump, by its content
+        ("late.xyz", "2\nITEM: TIMESTEP\n"),
+        ("xsf.xyz", "3\nxsf\nATOMS\n"),
+        ("pw.xyz", "1\nProgram PWSCF\nAr 0 0 0\n"),
+        ("abinit.xyz", "1\nznucl 3\nAr 0 0 0\n"),
+    ],
+)
+def test_xyz_fast_path_agrees_with_ase_detection(tmp_path, name, text):
+    """The fast path names extxyz exactly where ASE's own detection would pick it, and
+    otherwise leaves detection to ASE."""
+    from ase.io.formats import filetype
+
+    from molopt.io.read import xyz_format
+
+    path = tmp_path / name
+    path.write_text(text)
+    fast = xyz_format(path)
+    assert fast in (None, "extxyz")
+    if fast is not None:
+        assert filetype(str(path)) == fast
+    else:
+        assert name.startswith(("POSCAR", "dump", "late", "xsf", "pw", "abinit"))

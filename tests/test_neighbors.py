@@ -115,6 +115,62 @@ def test_slot_groups_sized_from_the_l2_cache(tmp_path):
     assert N.l2_cache_bytes(base=tmp_path) == 1 << 20
     assert N.l2_cache_bytes(default=123, base=tmp_path / "missing") == 123
     assert 128 << 10 <= N.SLOT_GROUP_BYTES <= 2 << 20
-    # W3-like table (K = 72, A = 12,288, float64): groups of whole divisors of K, within budget
+    # W3-like table (K = 72, A = 12,288, float64): on CPU, groups of whole divisors of K
+    # within budget; elsewhere all slots at once
+    from molopt._jax import jax
+
     g = N.slot_group(72, 12288, 8)
-    assert 72 % g == 0 and g * 12288 * 8 <= max(N.SLOT_GROUP_BYTES, 12288 * 8)
+    if jax.default_backend() == "cpu":
+        assert 72 % g == 0 and g * 12288 * 8 <= max(N.SLOT_GROUP_BYTES, 12288 * 8)
+    else:
+        assert g == 72
+
+
+def test_partial_rebuild_equals_full_build():
+    """Rebuilding some systems of a batch (the others' rows kept) gives the arrays a full
+    build gives, slot for slot: periodic and molecular systems mixed, 8-bit image shifts
+    promoted to 32 bits when a rebuilt system needs them; a batch without periodic systems
+    carries no shift array."""
+    crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
+    slab = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 1))
+    slab.pbc = [True, True, False]
+    molecule = make_structure([18] * 6, np.arange(18.0).reshape(6, 3) * 1.3)
+    structures = [structure_from_atoms(crystal), structure_from_atoms(slab), molecule]
+    batch, pos, cells, layout = B.pack(structures, {18: 0}, np.float64)
+    pbc = np.asarray(batch.pbc)
+    before = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    assert before.shift.dtype == np.int8 and before.shift.shape == (3,) + before.index.shape
+    rng = np.random.default_rng(0)
+    moved = pos + rng.uniform(-0.3, 0.3, pos.shape)
+    # the slab's and molecule's rows come from a rebuild of systems 1 and 2 after they moved;
+    # the crystal's are kept: the same as a full build of that geometry
+    partial = N.build(moved, cells, pbc, layout, 8.5, 1.0, previous=before, systems=[1, 2])
+    hybrid = pos.copy()
+    start = layout.offsets[1]
+    hybrid[start:] = moved[start:]
+    full = N.build(hybrid, cells, pbc, layout, 8.5, 1.0)
+    assert partial.capacity == full.capacity
+    for name in ("index", "mask", "shift", "complete"):
+        got, want = getattr(partial, name), getattr(full, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert not np.array_equal(partial.index, before.index)  # the rebuild changed something
+    # a badly reduced cell (its shortest lattice vector is a2 - 100 a1) lists images more
+    # than 127 cells away: 32-bit shifts, for the rebuilt system and the kept ones alike
+    from ase import Atoms
+
+    skewed = Atoms("Ar", cell=[[10.0, 0, 0], [1000.3, 0.5, 0], [0, 0, 10.0]], pbc=True)
+    structures = [structure_from_atoms(crystal), structure_from_atoms(skewed)]
+    batch, pos, cells, layout = B.pack(structures, {18: 0}, np.float64)
+    pbc = np.asarray(batch.pbc)
+    crystal_only = N.build(pos, cells, pbc, layout, 8.5, 1.0, systems=[0])
+    assert crystal_only.shift.dtype == np.int8
+    promoted = N.build(pos, cells, pbc, layout, 8.5, 1.0, previous=crystal_only, systems=[1])
+    full = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    assert full.shift.dtype == promoted.shift.dtype == np.int32
+    assert np.abs(full.shift).max() > 127
+    for name in ("index", "mask", "shift"):
+        assert np.array_equal(getattr(promoted, name), getattr(full, name)), name
+    # molecules only: no image shifts at all
+    batch, pos, cells, layout = B.pack([molecule, molecule], {18: 0}, np.float64)
+    host = N.build(pos, cells, np.asarray(batch.pbc), layout, 8.5, 1.0)
+    assert host.shift.shape == (0,) + host.index.shape
