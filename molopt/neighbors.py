@@ -279,10 +279,10 @@ def build(
     shift_dtype = np.int8 if big < 127 else np.int32
     # pairs grouped by i, in vesin's order within each group (32-bit indices and 8-bit image
     # shifts before the permutation: W2's 2.8 million pairs 0.45 -> 0.25 s on the host)
-    shifts = shifts.astype(shift_dtype)
     order = np.argsort(i, kind="stable")
     counts = np.bincount(i, minlength=A)
-    j, shifts = j[order], shifts[order]
+    j = j[order]
+    shifts = shifts.astype(shift_dtype)[order] if periodic else None
     needed = int(counts.max()) if len(counts) else 0
 
     if previous is not None and systems is not None and needed <= previous.capacity:
@@ -290,7 +290,9 @@ def build(
         index = previous.index.T.copy()
         mask = previous.mask.T.copy()
         dtype = np.promote_types(previous.shift.dtype, shift_dtype)
-        if previous.shift.shape[0] == 0:
+        if not periodic:
+            shift = None  # molecules only: no image shifts
+        elif previous.shift.shape[0] == 0:
             shift = np.zeros((3,) + index.shape, dtype)
         else:
             shift = np.transpose(previous.shift, (0, 2, 1)).astype(dtype)
@@ -300,7 +302,8 @@ def build(
             rows = layout.atoms_of(k)
             index[rows] = np.arange(rows.start, rows.stop)[:, None]
             mask[rows] = False
-            shift[:, rows] = 0
+            if shift is not None:
+                shift[:, rows] = 0
     else:
         if previous is not None and systems is not None:
             # overflow in a partial rebuild: rebuild everything at a larger capacity
@@ -308,7 +311,7 @@ def build(
         capacity = _capacity_for(needed)
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
         mask = np.zeros((A, capacity), bool)
-        shift = np.zeros((3, A, capacity), shift_dtype)
+        shift = np.zeros((3, A, capacity), shift_dtype) if periodic else None
         ref_positions = np.zeros_like(positions)
         ref_cell = np.zeros_like(cells)
     if len(j):
@@ -318,8 +321,9 @@ def build(
         filled = np.arange(index.shape[1])[None, :] < counts[:, None]
         index[filled] = j
         mask |= filled
-        for c in range(3):
-            shift[c][filled] = shifts[:, c]
+        if shift is not None:
+            for c in range(3):
+                shift[c][filled] = shifts[:, c]
     for k in todo:
         rows = layout.atoms_of(k)
         ref_positions[rows] = positions[rows]
