@@ -253,6 +253,17 @@ class OutputSink:
             self.template = None
 
 
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create the output directory, or fail before any work with the reason."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot create the output directory {out_dir} ({reason})") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output directory {out_dir} is not writable")
+
+
 def frame_run_hash(frame, settings: RunSettings, spec) -> str:
     return out.run_hash(frame.sha256, frame.index, settings.result_settings(), spec.sha256)
 
@@ -403,6 +414,7 @@ def relax_files(
         items.append((key, f.structure))
 
     if items:
+        _prepare_out_dir(out_dir)
         from molopt._jax import enable_compilation_cache
         from molopt.engine import Engine
 

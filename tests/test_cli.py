@@ -257,3 +257,14 @@ def test_unreadable_or_unknown_config_is_a_clear_error(tmp_path, command):
         assert result.exit_code == 2, result.output
         assert str(config) in result.stderr and "Traceback" not in result.output
     assert "learning_rat" in result.stderr
+
+
+def test_unusable_output_directory_is_a_clear_error(tmp_path):
+    src = write_cluster(tmp_path / "a.xyz")
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the output directory should be\n")
+    for out in (blocker, blocker / "sub"):
+        result = invoke("relax", src, "-o", out, "-q")
+        assert result.exit_code == 2
+        assert str(out) in result.stderr and "output directory" in result.stderr
+        assert "Traceback" not in result.stderr
