@@ -259,6 +259,7 @@ def build(
     """
     A = layout.n_padded_atoms
     S = layout.n_systems
+    periodic = bool(np.asarray(pbc)[: layout.n_real].any())  # else no image shifts at all
     todo = range(layout.n_real) if systems is None else [int(k) for k in systems]
     pieces = []
     complete = np.zeros(S, bool) if previous is None else previous.complete.copy()
@@ -270,12 +271,11 @@ def build(
     if pieces:
         i = np.concatenate([p[0] for p in pieces])
         j = np.concatenate([p[1] for p in pieces])
-        shifts = np.concatenate([p[2] for p in pieces])
+        shifts = np.concatenate([p[2] for p in pieces]) if periodic else None
     else:
         i = j = np.zeros(0, np.int32)
-        shifts = np.zeros((0, 3), np.int32)
-    big = int(np.abs(shifts).max()) if len(shifts) else 0
-    periodic = bool(np.asarray(pbc)[: layout.n_real].any())
+        shifts = np.zeros((0, 3), np.int32) if periodic else None
+    big = int(np.abs(shifts).max()) if periodic and len(shifts) else 0
     shift_dtype = np.int8 if big < 127 else np.int32
     # pairs grouped by i, in vesin's order within each group (32-bit indices and 8-bit image
     # shifts before the permutation: W2's 2.8 million pairs 0.45 -> 0.25 s on the host)

@@ -119,12 +119,12 @@ class OutputSink:
 
     def _template(self) -> Path:
         """Written once per run, on the main thread (the common parameters ask JAX for the
-        device), beside the outputs; removed by :meth:`abort_all`."""
+        device), beside the outputs (``relax_files`` created the directory); removed by
+        :meth:`abort_all`."""
         if self.template is None:
             from molopt.io.h5md import write_template
 
             path = self.out_dir / f".molopt-template.{os.getpid()}.tmp"
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             self.template = write_template(path, self._common())
         return self.template
 
@@ -145,7 +145,6 @@ class OutputSink:
         self.writers[key].append(block)
 
     def end(self, key, result):
-        self._common()  # on the main thread (it asks JAX for the device)
         writer = self.writers.pop(key)
         self.in_flight.add(writer)
         self.pending.append(self.pool.submit(self._finish, key, writer, result))
@@ -191,22 +190,20 @@ class OutputSink:
                 )
             )
             return
-        params = {} if writer.template is not None else dict(self._common())
-        params.update(
-            {
-                "input": str(frame.path),
-                "input_sha256": frame.sha256,
-                "index": -1 if frame.index is None else frame.index,
-                "run_hash": frame_run_hash(frame, self.settings, self.spec),
-                "status": result.status,
-                "steps": result.steps,
-                "energy_initial": result.initial_energy,
-                "energy_final": result.energy,
-                "fmax_final": result.fmax,
-                "wall_time_s": result.wall_time,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        )
+        # the run-wide parameters are in the template the trajectory started from
+        params = {
+            "input": str(frame.path),
+            "input_sha256": frame.sha256,
+            "index": -1 if frame.index is None else frame.index,
+            "run_hash": frame_run_hash(frame, self.settings, self.spec),
+            "status": result.status,
+            "steps": result.steps,
+            "energy_initial": result.initial_energy,
+            "energy_final": result.energy,
+            "fmax_final": result.fmax,
+            "wall_time_s": result.wall_time,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         extra = getattr(result, "extra", None) or {}
         params.update({k: v for k, v in extra.items() if v is not None})
         info = {
