@@ -129,6 +129,9 @@ def _frame_index(frames, n: int):
     if isinstance(frames, int | slice):
         selection = frames
     else:
+        from molopt.io.ase_import import ase_io
+
+        ase_io()
         from ase.io.formats import string2index
 
         selection = string2index(str(frames))

@@ -617,9 +617,8 @@ def convert(
     format: Annotated[str | None, typer.Option(help="ASE format name (default: guess).")] = None,
 ):
     """Write trajectory frames in any format ASE writes (energies/forces where it can)."""
-    import ase.io
-
     from molopt.api import read_trajectory
+    from molopt.io.ase_import import ase_io
 
     path = Path(trajectory)
     if not path.is_file():
@@ -631,7 +630,7 @@ def convert(
     except (IndexError, ValueError) as exc:
         _fail(f"--frames {frames}: {exc}")
     try:
-        ase.io.write(output, images if len(images) > 1 else images[0], format=format)
+        ase_io().write(output, images if len(images) > 1 else images[0], format=format)
     except Exception as exc:  # ASE raises many kinds for formats it cannot write
         _fail(f"cannot write {output}: {exc}")
     err.print(f"wrote {len(images)} frame(s) to {output}")

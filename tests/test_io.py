@@ -196,3 +196,57 @@ def test_xyz_fast_path_agrees_with_ase_detection(tmp_path, name, text):
         assert filetype(str(path)) == fast
     else:
         assert name.startswith(("POSCAR", "dump", "late", "xsf", "pw", "abinit"))
+
+
+def test_ase_io_import_defers_only_what_it_does_not_use(tmp_path):
+    """A fresh process reads and writes structures without importing SciPy, and every name of
+    the deferred ASE packages is still there (the real initializer runs on first use)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "data" / "examples" / "ar108-fcc.extxyz"
+    copy, cif = tmp_path / "ar.extxyz", tmp_path / "cu.cif"
+    code = f"""
+import sys
+from molopt.io.ase_import import ase_io
+from molopt.io.read import read_frames
+
+assert read_frames(r"{example}")[0].structure.n_atoms == 108
+aseio = ase_io()
+aseio.write(r"{copy}", aseio.read(r"{example}"))
+assert len(aseio.read(r"{copy}")) == 108
+assert "scipy" not in sys.modules, "scipy imported"
+
+from ase.build import bulk  # (imports SciPy itself)
+aseio.write(r"{cif}", bulk("Cu", cubic=True))
+
+import ase.dft.kpoints
+import ase.spacegroup
+from ase.spacegroup.spacegroup import Spacegroup as direct
+assert ase.dft.kpoints.monkhorst_pack((2, 2, 2)).shape == (8, 3)
+from ase.spacegroup import Spacegroup, crystal, get_spacegroup
+assert Spacegroup is direct
+from ase.dft import DOS, monkhorst_pack
+assert "crystal" in ase.spacegroup.__all__ and callable(ase.dft.DOS)
+al = crystal("Al", [(0, 0, 0)], spacegroup=225, cellpar=[4.05, 4.05, 4.05, 90, 90, 90])
+assert len(al) == 4 and len(aseio.read(r"{cif}")) == 4
+try:
+    ase.spacegroup.no_such_name
+except AttributeError:
+    pass
+else:
+    raise AssertionError("missing names must still raise AttributeError")
+print("ok")
+"""
+    import os
+
+    import molopt
+
+    # the molopt this test imports (a source tree or an installed copy), in the child too
+    env = dict(os.environ, PYTHONPATH=str(Path(molopt.__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"

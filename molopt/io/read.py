@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from molopt.errors import ConfigError, InputError
+from molopt.io.ase_import import ase_io
 from molopt.structure import Structure, make_structure
 
 #: Extensions that ASE maps to a format by name but that are never structures in practice
@@ -72,6 +73,7 @@ def _readable_extensions() -> dict:
     """Extension -> ASE format for formats ASE can read (computed once)."""
     global _EXTENSIONS
     if _EXTENSIONS is None:
+        ase_io()
         from ase.io.formats import extension2format, ioformats
 
         table = {}
@@ -90,6 +92,7 @@ _EXTENSIONS = None
 
 
 def _is_structure_file(path: Path) -> bool:
+    ase_io()
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     if path.name.startswith(".") or path.suffix.lower() in NOT_STRUCTURES:
@@ -170,6 +173,7 @@ def _xyz_checks():
         import fnmatch
         import re
 
+        ase_io()
         from ase.io.formats import ioformats
 
         globs = [g for fmt in ioformats.values() for g in fmt.globs]
@@ -218,12 +222,11 @@ def ase_read(path, index=":", fmt: str | None = None):
     into a temporary file first. ASE seeks back to each frame it has indexed, and every
     backward seek in a compressed stream decompresses again from the start, so reading a
     gzipped trajectory directly costs time quadratic in its number of frames."""
-    import ase.io
-
+    aseio = ase_io()
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _COMPRESSED:
-        return ase.io.read(str(path), index=index, format=fmt or xyz_format(path))
+        return aseio.read(str(path), index=index, format=fmt or xyz_format(path))
     import shutil
     import tempfile
 
@@ -237,7 +240,7 @@ def ase_read(path, index=":", fmt: str | None = None):
         inner = Path(tmp) / path.stem  # keeps the inner name (x.extxyz) for format detection
         with codec.open(path, "rb") as source, open(inner, "wb") as target:
             shutil.copyfileobj(source, target, 1 << 20)
-        return ase.io.read(str(inner), index=index, format=fmt)
+        return aseio.read(str(inner), index=index, format=fmt)
 
 
 def _reason(exc: Exception) -> str:

@@ -35,10 +35,12 @@ def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
 def write_extxyz(path: Path, result, info: dict) -> Path:
     """The relaxed structure with energy, forces and (periodic) stress, written as ASE writes
     a calculator's results; ``info`` goes into the comment line. Atomic (temp + rename)."""
-    import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
+    from molopt.io.ase_import import ase_io
+
+    aseio = ase_io()
     atoms = to_atoms(result.structure)
     results = {"energy": float(result.energy), "forces": np.asarray(result.forces)}
     if result.stress is not None:
@@ -49,7 +51,7 @@ def write_extxyz(path: Path, result, info: dict) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ase.io.write(str(tmp), atoms, format="extxyz")
+        aseio.write(str(tmp), atoms, format="extxyz")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
