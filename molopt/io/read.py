@@ -69,26 +69,33 @@ class Frame:
     sha256: str = ""
 
 
-def _readable_extensions() -> dict:
-    """Extension -> ASE format for formats ASE can read (computed once)."""
+def _extension_formats() -> dict:
+    """Extension -> the ASE formats named for it (computed once, from ASE's tables only)."""
     global _EXTENSIONS
     if _EXTENSIONS is None:
         ase_io()
         from ase.io.formats import extension2format, ioformats
 
-        table = {}
-        for name, fmt in ioformats.items():
-            if fmt.can_read:
-                for ext in fmt.extensions:
-                    table["." + ext.lower()] = name
+        table: dict[str, list] = {}
+        for fmt in ioformats.values():
+            for ext in fmt.extensions:
+                table.setdefault("." + ext.lower(), []).append(fmt)
         for ext, fmt in extension2format.items():
-            if getattr(fmt, "can_read", False):
-                table["." + ext.lower()] = fmt.name
+            table.setdefault("." + ext.lower(), []).append(fmt)
         _EXTENSIONS = table
     return _EXTENSIONS
 
 
 _EXTENSIONS = None
+
+
+def _has_readable_extension(path: Path) -> bool:
+    """Whether ASE names a format it can read for this file's extension. ``can_read`` imports
+    the format's module, so only the formats of extensions actually met are asked (asking all
+    of them imported ~90 ASE modules, 0.45 s, to scan one directory)."""
+    return any(
+        getattr(fmt, "can_read", False) for fmt in _extension_formats().get(path.suffix.lower(), ())
+    )
 
 
 def _is_structure_file(path: Path) -> bool:
@@ -97,7 +104,7 @@ def _is_structure_file(path: Path) -> bool:
 
     if path.name.startswith(".") or path.suffix.lower() in NOT_STRUCTURES:
         return False
-    if path.suffix.lower() in _readable_extensions():
+    if _has_readable_extension(path):
         return not _is_molopt_output(path)
     try:
         fmt = filetype(str(path), read=False)
