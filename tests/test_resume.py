@@ -116,3 +116,18 @@ def test_signal_is_acted_on_at_a_safe_point():
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is before and not interrupt.requested()
     interrupt.check()  # outside: nothing pending
+
+
+def test_exit_codes_and_complete_output_of_the_process(tmp_path):
+    """The console entry point ends the process without the interpreter's teardown: the exit
+    code, every JSON record and every output file must still be there."""
+    inputs = tmp_path / "in"
+    make_inputs(inputs)
+    ran = subprocess.run(command(inputs, tmp_path / "a", "--steps", "3"), capture_output=True)
+    assert ran.returncode == 1, ran.stderr  # not converged in 3 steps
+    records = [json.loads(line) for line in ran.stdout.decode().splitlines()]
+    assert len(records) == N_FILES and {r["status"] for r in records} == {"not_converged"}
+    assert len(complete_outputs(tmp_path / "a")) == N_FILES
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+    missing = subprocess.run(command(tmp_path / "nothing", tmp_path / "b"), capture_output=True)
+    assert missing.returncode == 2 and b"no such file" in missing.stderr
