@@ -28,7 +28,7 @@ import numpy as np
 from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
-from molopt.batch import Batch, Layout, bucket, pack, plan_layout, system_sum
+from molopt.batch import Batch, Layout, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
 from molopt.optimizers.rows import Rows, field_axis
@@ -969,7 +969,7 @@ class Engine:
         if queue:
             free_atoms = A - atoms
             return free_atoms >= A // 4 or len(done) >= max(1, live.layout.n_systems // 4)
-        smaller = bucket(atoms)
+        smaller = plan_layout(sizes).n_padded_atoms
         sparse = smaller <= A // 4 or (
             len(running) <= live.layout.n_systems // 4 and live.layout.n_systems > 4
         )

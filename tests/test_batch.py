@@ -220,6 +220,7 @@ def test_bucket_ladder_bounds_padding():
         worst = max(p / n for p, n in zip(padded, sizes, strict=True) if n > 4096)
         assert worst <= (1.125 if fine else 1.5)
     assert len({bucket(n) for n in sizes}) < len({bucket(n, fine=True) for n in sizes}) < 80
-    # one large structure alone gets the fine ladder; a batch of several the coarse one
+    # one large structure and batches of several get the fine ladder
     assert plan_layout([100_920]).n_padded_atoms == 106_496
-    assert plan_layout([50_000, 50_920]).n_padded_atoms == 131_072
+    assert plan_layout([50_000, 50_920]).n_padded_atoms == 106_496
+    assert plan_layout([40] * 241 + [20]).n_padded_atoms == 10_240
