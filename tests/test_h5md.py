@@ -75,6 +75,50 @@ def test_layout_and_units(trajectories):
         box = f["particles/trajectory/box"]
         assert [b.decode() for b in box.attrs["boundary"]] == ["none"] * 3
         assert "edges" not in box
+    for name, n_elements in (("crystal", 6), ("cluster", 5), ("cellrelax", 8)):
+        with h5py.File(directory / f"{name}.h5md") as f:
+            assert_units(f, n_elements)
+
+
+def assert_units(f, n_elements):
+    """Every time series has its ``value`` unit and a ``time`` in fs."""
+    elements = [e for e in h5md.UNITS if e in f]
+    assert len(elements) == n_elements
+    for element in elements:
+        assert f[element]["value"].attrs["unit"] == h5md.UNITS[element], element
+        assert f[element]["time"].attrs["unit"] == "fs", element
+
+
+def test_streamed_trajectory_equals_one_written_at_once(tmp_path, monkeypatch):
+    """Past BUFFER_BYTES frames go to resizable datasets as they come: same content, units."""
+    rng = np.random.default_rng(0)
+    blocks = [
+        {
+            "step": np.arange(3 * k, 3 * k + 3),
+            "positions": rng.normal(size=(3, 4, 3)),
+            "forces": rng.normal(size=(3, 4, 3)),
+            "energy": rng.normal(size=3),
+            "fmax": rng.random(3),
+            "cell": np.tile(np.eye(3) * 6.0, (3, 1, 1)),
+        }
+        for k in range(4)
+    ]
+    paths = []
+    for buffer_bytes in (h5md.BUFFER_BYTES, 1):
+        monkeypatch.setattr(h5md, "BUFFER_BYTES", buffer_bytes)
+        path = tmp_path / f"buffer{buffer_bytes}.h5md"
+        writer = h5md.TrajectoryWriter(path, [18] * 4, [True] * 3, False)
+        for block in blocks:
+            writer.append(block)
+        writer.close({"status": "converged"})
+        paths.append(path)
+    once, streamed = (h5md.read(p) for p in paths)
+    for key in ("step", "positions", "forces", "energy", "fmax", "cell"):
+        np.testing.assert_array_equal(once[key], streamed[key])
+    for path in paths:
+        with h5py.File(path) as f:
+            assert_units(f, 6)
+            assert f["particles/trajectory/position/value"].shape == (12, 4, 3)
 
 
 def test_round_trip_matches_results(trajectories):

@@ -37,6 +37,18 @@ EV_TO_KJ_PER_MOL = 96.48533212331002
 #: frames are kept in memory up to this many bytes, then streamed to the file
 BUFFER_BYTES = 64 * 1024 * 1024
 
+#: the ``unit`` attribute of each element's ``value``; every ``time`` is in "fs"
+UNITS = {
+    "particles/trajectory/position": "Angstrom",
+    "particles/trajectory/force": "kJ mol-1 Angstrom-1",
+    "particles/trajectory/force_ev": "eV Angstrom-1",
+    "observables/potential_energy": "eV",
+    "observables/fmax": "eV Angstrom-1",
+    "particles/trajectory/box/edges": "Angstrom",
+    "observables/stress": "eV Angstrom-3",
+    "observables/volume": "Angstrom3",
+}
+
 
 def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -151,9 +163,11 @@ class TrajectoryWriter:
                     data=values,
                     maxshape=(None,) + values.shape[1:],
                     chunks=(max(1, min(64, len(values))),) + values.shape[1:],
-                )
+                ).attrs["unit"] = UNITS[element]
                 group.create_dataset("step", data=step, maxshape=(None,), chunks=(256,))
-                group.create_dataset("time", data=time, maxshape=(None,), chunks=(256,))
+                group.create_dataset("time", data=time, maxshape=(None,), chunks=(256,)).attrs[
+                    "unit"
+                ] = "fs"
             else:
                 for name, array in (("value", values), ("step", step), ("time", time)):
                     ds = group[name]
@@ -169,12 +183,13 @@ class TrajectoryWriter:
         shared = None
         for element, values, step, time in self._series(data):
             group = f.create_group(element)
-            group.create_dataset("value", data=values)
+            group.create_dataset("value", data=values).attrs["unit"] = UNITS[element]
             if shared is None:
                 shared = (
                     group.create_dataset("step", data=step),
                     group.create_dataset("time", data=time),
                 )
+                shared[1].attrs["unit"] = "fs"
             else:
                 group["step"], group["time"] = shared
         self.n_frames += len(data["step"])
@@ -207,31 +222,6 @@ class TrajectoryWriter:
         )
         traj.create_dataset("species", data=self.numbers.astype(np.int32))
 
-    def _write_units(self, f: h5py.File) -> None:
-        units = {
-            "particles/trajectory/position": "Angstrom",
-            "particles/trajectory/force": "kJ mol-1 Angstrom-1",
-            "particles/trajectory/force_ev": "eV Angstrom-1",
-            "observables/potential_energy": "eV",
-            "observables/fmax": "eV Angstrom-1",
-            "particles/trajectory/box/edges": "Angstrom",
-            "observables/stress": "eV Angstrom-3",
-            "observables/volume": "Angstrom3",
-        }
-        for element, unit in units.items():
-            if element.startswith("observables/stress") and not self.variable_cell:
-                continue
-            if element.startswith("observables/volume") and not self.variable_cell:
-                continue
-            if element.endswith("box/edges") and not self.pbc.any():
-                continue
-            f[f"{element}/value"].attrs["unit"] = unit
-        f["particles/trajectory/position/time"].attrs["unit"] = "fs"  # shared by all elements
-        for element in units:
-            time = f.get(f"{element}/time")
-            if time is not None and "unit" not in time.attrs:
-                time.attrs["unit"] = "fs"
-
     # -- finish ------------------------------------------------------------------------------
     def close(self, parameters: dict) -> Path:
         """Write everything, the ``parameters`` (JSON-able values), then rename into place."""
@@ -240,7 +230,6 @@ class TrajectoryWriter:
             if self.blocks:
                 self._write_all(self.file)
         self._flush()
-        self._write_units(self.file)
         _write_parameters(self.file, parameters)
         self.file.close()
         self.file = None
