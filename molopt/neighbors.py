@@ -233,10 +233,12 @@ def _system_pairs(positions, cell, pbc, cutoff):
     return i.astype(np.int32), j.astype(np.int32), np.array(shifts, np.int32, copy=True), False
 
 
-def _capacity_for(count: int) -> int:
+def _capacity_for(count: int, headroom: bool = True) -> int:
     """Capacity K for ``count`` neighbours: 8% headroom (lists rebuilt during a relaxation
-    rarely need a new shape), rounded up to a multiple of 8 (then of 32 above 256)."""
-    wanted = int(np.ceil(count * 1.08)) + 1
+    rarely need a new shape), rounded up to a multiple of 8 (then of 32 above 256). Without
+    ``headroom`` (every system lists all its pairs: its list never changes) just rounded:
+    W3's clusters of up to 64 atoms get 64 slots instead of 72."""
+    wanted = int(np.ceil(count * 1.08)) + 1 if headroom else count
     step = 8 if wanted <= 256 else 32
     return max(8, -(-wanted // step) * step)
 
@@ -308,7 +310,7 @@ def build(
         if previous is not None and systems is not None:
             # overflow in a partial rebuild: rebuild everything at a larger capacity
             return build(positions, cells, pbc, layout, cutoff, skin)
-        capacity = _capacity_for(needed)
+        capacity = _capacity_for(needed, headroom=not complete[: layout.n_real].all())
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
         mask = np.zeros((A, capacity), bool)
         shift = np.zeros((3, A, capacity), shift_dtype) if periodic else None

@@ -47,6 +47,23 @@ def test_small_molecules_list_every_pair():
     assert len(pairs_of(host, layout, 0)) == 5 * 4  # far pairs included: never stale
 
 
+def test_capacity_headroom_only_where_lists_can_change():
+    """Systems listing all their pairs never change their list: K is just rounded up. A
+    batch with any other system keeps 8% headroom for rebuilds."""
+    grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3), -1).reshape(-1, 3) * 3.8
+    clusters = [make_structure([18] * n, grid[:n]) for n in (64, 20)]
+    _, pos, cells, layout = B.pack(clusters, {18: 0}, np.float64)
+    pbc = np.zeros((layout.n_systems, 3), bool)
+    host = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    assert host.complete[:2].all() and host.capacity == 64  # 63 partners, no headroom
+    crystal = structure_from_atoms(bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2))
+    _, pos, cells, layout = B.pack(clusters + [crystal], {18: 0}, np.float64)
+    pbc = np.array([s.pbc for s in clusters + [crystal]] + [[False] * 3])
+    host = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    needed = int(host.mask.sum(axis=0).max())
+    assert not host.complete[2] and host.capacity >= 1.08 * needed
+
+
 def test_stale_bound_triggers_only_past_half_skin():
     import jax.numpy as jnp
 
