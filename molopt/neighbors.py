@@ -103,14 +103,15 @@ SLOT_GROUP_ABOVE_BYTES = 4 << 20
 SLOT_GROUP_BYTES = max(128 << 10, min(l2_cache_bytes() // 2, 2 << 20))
 
 
-def slot_group(capacity: int, n_atoms: int, itemsize: int) -> int:
+def slot_group(capacity: int, n_atoms: int, itemsize: int, minimum: int = 1) -> int:
     """Neighbour slots per group for :func:`sum_over_slots`; ``capacity`` (all at once) off
-    CPU or when the (K, A) arrays are small. A divisor of ``capacity``. Static (shapes only).
-    For per-slot arrays wider than one number per atom pass ``n_atoms`` x width."""
+    CPU or when the (K, A) arrays are small. A divisor of ``capacity``, at least ``minimum``
+    when ``minimum`` divides it (capacities are multiples of 8). Static (shapes only). For
+    per-slot arrays wider than one number per atom pass ``n_atoms`` x width."""
     row = max(1, n_atoms * itemsize)
     if jax.default_backend() != "cpu" or capacity * row <= SLOT_GROUP_ABOVE_BYTES:
         return capacity
-    target = max(1, SLOT_GROUP_BYTES // row)
+    target = max(minimum, SLOT_GROUP_BYTES // row)
     return max(d for d in range(1, min(target, capacity) + 1) if capacity % d == 0)
 
 
@@ -142,7 +143,10 @@ def sum_over_slots(fn, nbrs: Neighbors, dtype):
     per-atom sums over the slots it is given. One call when the list is small or off CPU, a
     ``lax.scan`` over groups otherwise, so the (g, A) temporaries stay in cache."""
     K, A = nbrs.index.shape
-    g = slot_group(K, A, np.dtype(dtype).itemsize)
+    # at least two slots a group: past 65,536 atoms the cache budget would give one, and a
+    # scan step per slot costs more than the cache it saves (argon force call, K = 104:
+    # 65,536 atoms 72 -> 42 ms, W4's 106,496 atoms 107 -> 76 ms; W2 and W3 unchanged)
+    g = slot_group(K, A, np.dtype(dtype).itemsize, minimum=2)
     if g == K:
         return fn(nbrs)
 

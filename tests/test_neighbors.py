@@ -139,6 +139,9 @@ def test_slot_groups_sized_from_the_l2_cache(tmp_path):
     g = N.slot_group(72, 12288, 8)
     if jax.default_backend() == "cpu":
         assert 72 % g == 0 and g * 12288 * 8 <= max(N.SLOT_GROUP_BYTES, 12288 * 8)
+        # a table too wide for the budget: one slot a group, or the minimum asked for
+        assert N.slot_group(104, 106_496, 8) == 1
+        assert N.slot_group(104, 106_496, 8, minimum=2) == 2
     else:
         assert g == 72
 
