@@ -694,7 +694,7 @@ def _leave(code) -> None:
     module: 0.3 s of each `molopt relax` (a third of the whole of a small run). That is
     skipped, after flushing the standard streams, when no other thread is alive."""
     if isinstance(code, str):
-        err.print(code)
+        err.print(code, markup=False, highlight=False)
         code = 1
     code = 0 if code is None else int(code)
     jax = sys.modules.get("jax")

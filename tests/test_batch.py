@@ -102,6 +102,29 @@ def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
     )
 
 
+def test_tail_compaction_prices_the_batch_it_would_build(argon):
+    """The idle fraction a compaction would save is measured against the bucket the
+    compacted batch would really get (the fine ladder, as ``plan_layout`` builds it)."""
+    from types import SimpleNamespace
+
+    from molopt.batch import bucket, plan_layout
+
+    sizes = [1000, 1000, 1000, 1000, 1000]  # 5,000 atoms still running in a 32,768-atom batch
+    live = SimpleNamespace(
+        layout=plan_layout([1000] * 32),
+        items=[SimpleNamespace(structure=SimpleNamespace(n_atoms=n)) for n in sizes],
+        wasted_s=0.0,
+        idle_fraction=0.0,
+    )
+    engine = E.Engine(argon, EngineSettings())
+    engine.compaction_cost = float("inf")
+    A = live.layout.n_padded_atoms
+    assert not engine._should_repack(live, list(range(5)), [], set(), 0.0)
+    target = plan_layout(sizes).n_padded_atoms
+    assert target != bucket(sum(sizes))  # (5,120 on the fine ladder, 6,144 on the coarse)
+    assert live.idle_fraction == pytest.approx(1.0 - target / A)
+
+
 def test_new_mix_in_same_bucket_does_not_recompile(argon):
     settings = EngineSettings(fmax=1e-2)
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]

@@ -209,6 +209,7 @@ def test_ase_io_import_defers_only_what_it_does_not_use(tmp_path):
     copy, cif = tmp_path / "ar.extxyz", tmp_path / "cu.cif"
     code = f"""
 import sys
+import threading
 from molopt.io.ase_import import ase_io
 from molopt.io.read import read_frames
 
@@ -218,11 +219,40 @@ aseio.write(r"{copy}", aseio.read(r"{example}"))
 assert len(aseio.read(r"{copy}")) == 108
 assert "scipy" not in sys.modules, "scipy imported"
 
-from ase.build import bulk  # (imports SciPy itself)
-aseio.write(r"{cif}", bulk("Cu", cubic=True))
-
-import ase.dft.kpoints
+import ase.dft
 import ase.spacegroup
+
+# two threads reach for names of a deferred package at once: both get them
+barrier, errors = threading.Barrier(2), []
+def first():
+    barrier.wait()
+    try:
+        ase.dft.DOS
+    except Exception as exc:
+        errors.append(exc)
+def second():
+    barrier.wait()
+    try:
+        from ase.dft import monkhorst_pack
+    except Exception as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=f) for f in (first, second)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not errors, errors
+try:  # the first access of the other package: a missing name is still an AttributeError
+    ase.spacegroup.no_such_name
+except AttributeError:
+    pass
+else:
+    raise AssertionError("missing names must still raise AttributeError")
+assert "crystal" in dir(ase.spacegroup) and "scipy" in sys.modules
+
+from ase.build import bulk
+aseio.write(r"{cif}", bulk("Cu", cubic=True))
+import ase.dft.kpoints
 from ase.spacegroup.spacegroup import Spacegroup as direct
 assert ase.dft.kpoints.monkhorst_pack((2, 2, 2)).shape == (8, 3)
 from ase.spacegroup import Spacegroup, crystal, get_spacegroup
@@ -231,12 +261,6 @@ from ase.dft import DOS, monkhorst_pack
 assert "crystal" in ase.spacegroup.__all__ and callable(ase.dft.DOS)
 al = crystal("Al", [(0, 0, 0)], spacegroup=225, cellpar=[4.05, 4.05, 4.05, 90, 90, 90])
 assert len(al) == 4 and len(aseio.read(r"{cif}")) == 4
-try:
-    ase.spacegroup.no_such_name
-except AttributeError:
-    pass
-else:
-    raise AssertionError("missing names must still raise AttributeError")
 print("ok")
 """
     import os

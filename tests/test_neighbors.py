@@ -139,11 +139,38 @@ def test_slot_groups_sized_from_the_l2_cache(tmp_path):
     g = N.slot_group(72, 12288, 8)
     if jax.default_backend() == "cpu":
         assert 72 % g == 0 and g * 12288 * 8 <= max(N.SLOT_GROUP_BYTES, 12288 * 8)
-        # a table too wide for the budget: one slot a group, or the minimum asked for
-        assert N.slot_group(104, 106_496, 8) == 1
-        assert N.slot_group(104, 106_496, 8, minimum=2) == 2
     else:
         assert g == 72
+
+
+def test_pair_sums_take_at_least_two_slots_a_group(monkeypatch):
+    """A table too wide for the cache budget gets one slot a group by the budget alone;
+    the pair sums ask for (and use) two."""
+    from molopt._jax import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("slot groups are a CPU layout")
+    monkeypatch.setattr(N, "SLOT_GROUP_BYTES", 512 << 10)
+    assert N.slot_group(104, 106_496, 8) == 1
+    assert N.slot_group(104, 106_496, 8, minimum=2) == 2
+    used = []
+    monkeypatch.setattr(
+        N, "sum_over_groups", lambda fn, parts, group, **kw: used.append(group) or fn(*parts)
+    )
+    n = 8192
+    nbrs = N.Neighbors(
+        index=np.zeros((104, n), np.int32),
+        shift=np.zeros((0, 104, n), np.int8),
+        mask=np.zeros((104, n), bool),
+        ref_positions=np.zeros((n, 3)),
+        ref_cell=np.zeros((1, 3, 3)),
+        complete=np.ones(1, bool),
+        cutoff=8.5,
+        skin=1.0,
+    )
+    monkeypatch.setattr(N, "SLOT_GROUP_BYTES", n * 8 // 2)  # the budget alone: one slot
+    N.sum_over_slots(lambda part: part.index.shape[0], nbrs, np.float64)
+    assert used == [2]
 
 
 def test_partial_rebuild_equals_full_build():

@@ -119,8 +119,10 @@ def test_signal_is_acted_on_at_a_safe_point():
 
 
 def test_exit_codes_and_complete_output_of_the_process(tmp_path):
-    """The console entry point ends the process without the interpreter's teardown: the exit
-    code, every JSON record and every output file must still be there."""
+    """The console entry point ends the process without the interpreter's teardown once JAX
+    has run: the exit code, every JSON record and every output file must still be there
+    (code 1 here; 130 in the interrupt test above). A usage error (code 2) stops before
+    JAX is imported and exits as usual."""
     inputs = tmp_path / "in"
     make_inputs(inputs)
     ran = subprocess.run(command(inputs, tmp_path / "a", "--steps", "3"), capture_output=True)

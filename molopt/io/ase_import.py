@@ -11,9 +11,11 @@ without the package initializer.
 So, before the first ``import ase.io`` of a process, those two packages are registered with
 their initializer deferred: the package module exists (its ``__path__`` is real, so its
 submodules import normally), and the first attribute it does not have yet -- ``DOS``,
-``crystal``, ``get_spacegroup``, ``__all__`` ... -- runs the real initializer into that same
-module, once, under a lock. Code that uses those names gets exactly what a plain import
-gives, only later. Nothing happens when ``ase.io`` (or either package) was imported already.
+``crystal``, ``get_spacegroup``, ``__all__``, ``dir()`` ... -- runs the real initializer into
+that same module, once. Other threads asking meanwhile wait for it, as they would for a plain
+import; if it fails, the error propagates and the next access tries again. Code that uses
+those names gets exactly what a plain import gives, only later. Nothing happens when
+``ase.io`` (or either package) was imported already.
 """
 
 from __future__ import annotations
@@ -25,25 +27,43 @@ import threading
 #: ASE packages whose initializer ``ase.io`` runs but never needs (each pulls SciPy).
 DEFERRED = ("ase.dft", "ase.spacegroup")
 
+_SETUP = threading.Lock()
+
 
 def _defer_initializer(name: str) -> None:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return
     module = importlib.util.module_from_spec(spec)
-    lock = threading.Lock()
+    lock = threading.RLock()
+    state = {"done": False, "running": False}
+
+    def initialize() -> None:
+        with lock:  # other threads wait here until the initializer has run
+            if state["done"] or state["running"]:
+                return  # done, or this thread is inside it (names it sets come from __dict__)
+            state["running"] = True
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                state["running"] = False
+            state["done"] = True
+            for hook in ("__getattr__", "__dir__"):
+                module.__dict__.pop(hook, None)
 
     def __getattr__(attr: str):
-        with lock:
-            if module.__dict__.get("__getattr__") is __getattr__:
-                del module.__getattr__
-                spec.loader.exec_module(module)
+        initialize()
         try:
             return module.__dict__[attr]
         except KeyError:
             raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
 
+    def __dir__():
+        initialize()
+        return sorted(module.__dict__)
+
     module.__getattr__ = __getattr__
+    module.__dir__ = __dir__
     sys.modules[name] = module
     parent, _, child = name.rpartition(".")
     setattr(sys.modules[parent], child, module)
@@ -53,12 +73,15 @@ def ase_io():
     """The ``ase.io`` module, imported with :data:`DEFERRED` package initializers deferred
     when this is the process's first import of it."""
     if "ase.io" not in sys.modules:
-        import ase
+        with _SETUP:
+            if "ase.io" not in sys.modules:
+                import ase
 
-        for name in DEFERRED:
-            if name not in sys.modules:
-                _defer_initializer(name)
-        del ase
+                for name in DEFERRED:
+                    if name not in sys.modules:
+                        _defer_initializer(name)
+                del ase
+                import ase.io  # noqa: F401  (under the lock: one set of deferred modules)
     import ase.io
 
     return ase.io
