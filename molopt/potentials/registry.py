@@ -99,15 +99,17 @@ def shipped() -> dict[str, PotentialSpec]:
 def load(name_or_path: str | Path) -> PotentialSpec:
     """A shipped potential by name, or a potential file by path."""
     text = str(name_or_path)
-    catalogue = shipped()
-    if text in catalogue:
-        return catalogue[text]
+    # a shipped name is read alone: reading them all hashes every shipped weights file
+    for directory in shipped_directories():
+        candidate = directory / f"{text}.toml"
+        if "/" not in text and candidate.is_file():
+            return read_spec(candidate)
     path = Path(text)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise PotentialError(f"potential file {path} does not exist")
         return read_spec(path)
-    names = ", ".join(sorted(catalogue)) or "none"
+    names = ", ".join(sorted(shipped())) or "none"
     raise PotentialError(f"unknown potential {text!r}; shipped potentials: {names}")
 
 
