@@ -236,3 +236,53 @@ def test_template_gives_the_same_file(tmp_path):
 
     assert contents(tmp_path / "a.h5md") == contents(tmp_path / "b.h5md")
     assert h5md.read(tmp_path / "b.h5md")["parameters"]["settings"] == {"fmax": 1e-3}
+
+
+def test_attributes_stored_as_h5py_stores_them(tmp_path, monkeypatch):
+    """The fast attribute writer gives the same HDF5 types and values as ``obj.attrs[k] = v``."""
+    rng = np.random.default_rng(1)
+    block = {
+        "step": np.arange(2),
+        "positions": rng.normal(size=(2, 3, 3)),
+        "forces": rng.normal(size=(2, 3, 3)),
+        "energy": rng.normal(size=2),
+        "fmax": rng.random(2),
+        "cell": np.tile(np.eye(3) * 6.0, (2, 1, 1)),
+    }
+    parameters = {
+        "status": "converged",
+        "steps": 12,
+        "energy_final": -1.5,
+        "relax_cell": False,
+        "pressure_GPa": None,
+        "settings": {"fmax": 1e-3, "optimizer": "fire"},
+        "créé": "ünïcode",
+    }
+
+    def write(path):
+        writer = h5md.TrajectoryWriter(path, [18] * 3, [True, True, False], False)
+        writer.append(block)
+        writer.close(parameters)
+
+    write(tmp_path / "fast.h5md")
+    monkeypatch.setattr(h5md, "_set_attribute", lambda obj, k, v: obj.attrs.__setitem__(k, v))
+    write(tmp_path / "plain.h5md")
+
+    def attributes(path):
+        found = {}
+        with h5py.File(path) as f:
+
+            def visit(name, obj):
+                for key in obj.attrs:
+                    stored = obj.attrs.get_id(key)
+                    found[(name, key)] = (obj.attrs[key], stored.get_type(), stored.shape)
+
+            f.visititems(visit)
+        return found
+
+    fast, plain = attributes(tmp_path / "fast.h5md"), attributes(tmp_path / "plain.h5md")
+    assert fast.keys() == plain.keys() and len(fast) >= 15
+    for key, (value, htype, shape) in plain.items():
+        got, got_type, got_shape = fast[key]
+        assert got_type == htype and got_shape == shape, key
+        assert type(got) is type(value) and np.array_equal(got, value), key
