@@ -130,9 +130,9 @@ def test_new_mix_in_same_bucket_does_not_recompile(argon):
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]
     second = [(k, rattled_cluster(n, seed=10 + k)) for k, n in enumerate((11, 8, 13))]
     relax(first, argon, settings)
-    sizes = (E.start._cache_size(), E.advance._cache_size())
+    sizes = (E.initial_state._cache_size(), E.advance._cache_size())
     relax(second, argon, settings)
-    assert (E.start._cache_size(), E.advance._cache_size()) == sizes
+    assert (E.initial_state._cache_size(), E.advance._cache_size()) == sizes
 
 
 def test_nan_in_one_system_leaves_others_bit_identical(argon):

@@ -105,6 +105,17 @@ def test_already_converged_takes_zero_steps(argon):
     assert result.status == "converged" and result.steps == 0
 
 
+def test_zero_max_steps_only_evaluates(argon):
+    """``steps = 0``: the structure is evaluated (step 0), not moved, and not converged."""
+    atoms = cluster()
+    result = molopt_relax(atoms, argon, "fire", fmax=1e-3, steps=0)
+    assert result.status == "not_converged" and result.steps == 0
+    np.testing.assert_array_equal(result.structure.positions, atoms.positions)
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5, smooth=False)
+    assert result.energy == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
+    assert result.initial_energy == result.energy
+
+
 def lj13_start():
     from ase.cluster import Icosahedron
 
