@@ -438,9 +438,9 @@ class _Live:
     cells0: np.ndarray
     pbc: np.ndarray = field(default=None)
     # what starting this batch cost (packing, neighbours, tracing and compiling or loading its
-    # programs: the first ``advance`` call included) and whether its shape was new; the
-    # device time spent since it became sparse that a compacted batch would have saved, and
-    # the fraction it would save now (see ``Engine._should_repack``)
+    # programs in ``_launch``, and the first regular ``advance`` call's dispatch) and whether
+    # its shape was new; the device time spent since it became sparse that a compacted batch
+    # would have saved, and the fraction it would save now (see ``Engine._should_repack``)
     setup_s: float = 0.0
     new_shape: bool = True
     wasted_s: float = 0.0
@@ -606,7 +606,7 @@ class Engine:
         state = initial_state(jax.device_put(x), jax.device_put(cells), batch, program)
         # step 0: the evaluation of the pending initial state, and no step after it
         state, _, _, _ = advance(
-            state, batch, nbrs, self.potential, reference, self.targets, program, 0
+            state, batch, nbrs, self.potential, reference, self.targets, program, np.int32(0)
         )
         if carry:
             state = self._restore(state, items, layout, carry)
@@ -922,9 +922,9 @@ class Engine:
                 live.reference,
                 self.targets,
                 live.program,
-                live.program.chunk,
+                np.int32(live.program.chunk),  # (one type for every limit: no retrace)
             )
-            if not live.advanced:  # its first call traces and compiles (or loads) the program
+            if not live.advanced:  # its first regular call (``_launch`` traced the program)
                 live.advanced = True
                 live.setup_s += self.clock() - dispatched
                 kind = "new" if live.new_shape else "known"
