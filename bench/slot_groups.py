@@ -50,7 +50,7 @@ def main():
         for _, above, group_bytes in settings:
             N.SLOT_GROUP_ABOVE_BYTES, N.SLOT_GROUP_BYTES = above, group_bytes
             jax.clear_caches()
-            g = N.slot_group(K, A, 8)
+            g = N.slot_group(K, A, 8, minimum=N.SLOT_GROUP_MIN)  # as summed
             ms = median_ms(
                 lambda p=p, c=c, b=batch, nb=nbrs: E.evaluate_once(p, c, b, nb, potential, False)
             )

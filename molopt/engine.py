@@ -963,7 +963,8 @@ class Engine:
         if queue:
             free_atoms = A - atoms
             return free_atoms >= A // 4 or len(done) >= max(1, live.layout.n_systems // 4)
-        smaller = plan_layout(sizes).n_padded_atoms
+        target = plan_layout(sizes)
+        smaller = target.n_padded_atoms
         sparse = smaller <= A // 4 or (
             len(running) <= live.layout.n_systems // 4 and live.layout.n_systems > 4
         )
@@ -972,15 +973,14 @@ class Engine:
         live.idle_fraction = max(0.0, 1.0 - smaller / A) if sparse else 0.0
         if not sparse:
             return False
-        return live.wasted_s >= self._compaction_cost(sizes)
+        return live.wasted_s >= self._compaction_cost(target)
 
-    def _compaction_cost(self, sizes: list) -> float:
-        """Seconds a move to a batch of ``sizes`` is expected to cost: the most a start of a
-        batch of a new shape has cost this engine, or, when the compacted shape has run
-        before, the most a start of a known shape has."""
+    def _compaction_cost(self, target: Layout) -> float:
+        """Seconds a move to a batch of layout ``target`` is expected to cost: the most a
+        start of a batch of a new shape has cost this engine, or, when the compacted shape
+        has run before, the most a start of a known shape has."""
         if self.compaction_cost is not None:
             return self.compaction_cost
-        target = plan_layout(sizes)
         known = any(k[:2] == (target.n_padded_atoms, target.n_systems) for k in self.shapes_seen)
         if known and "known" in self.start_cost:
             return self.start_cost["known"]

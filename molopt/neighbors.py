@@ -101,6 +101,10 @@ def l2_cache_bytes(
 SLOT_GROUP_ABOVE_BYTES = 4 << 20
 #: ... and each group's (g, A) arrays are kept under this size: half the L2 cache.
 SLOT_GROUP_BYTES = max(128 << 10, min(l2_cache_bytes() // 2, 2 << 20))
+#: ... but pair sums take at least this many slots a group: past 65,536 atoms the budget
+#: would give one, and a scan step per slot costs more than the cache it saves (argon force
+#: call, K = 104: 65,536 atoms 72 -> 42 ms, W4's 106,496 atoms 107 -> 76 ms; W2, W3 unchanged)
+SLOT_GROUP_MIN = 2
 
 
 def slot_group(capacity: int, n_atoms: int, itemsize: int, minimum: int = 1) -> int:
@@ -143,10 +147,7 @@ def sum_over_slots(fn, nbrs: Neighbors, dtype):
     per-atom sums over the slots it is given. One call when the list is small or off CPU, a
     ``lax.scan`` over groups otherwise, so the (g, A) temporaries stay in cache."""
     K, A = nbrs.index.shape
-    # at least two slots a group: past 65,536 atoms the cache budget would give one, and a
-    # scan step per slot costs more than the cache it saves (argon force call, K = 104:
-    # 65,536 atoms 72 -> 42 ms, W4's 106,496 atoms 107 -> 76 ms; W2 and W3 unchanged)
-    g = slot_group(K, A, np.dtype(dtype).itemsize, minimum=2)
+    g = slot_group(K, A, np.dtype(dtype).itemsize, minimum=SLOT_GROUP_MIN)
     if g == K:
         return fn(nbrs)
 

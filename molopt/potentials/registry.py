@@ -100,10 +100,10 @@ def load(name_or_path: str | Path) -> PotentialSpec:
     """A shipped potential by name, or a potential file by path."""
     text = str(name_or_path)
     # a shipped name is read alone: reading them all hashes every shipped weights file
-    for directory in shipped_directories():
-        candidate = directory / f"{text}.toml"
-        if "/" not in text and candidate.is_file():
-            return read_spec(candidate)
+    if Path(text).name == text:
+        for directory in shipped_directories():
+            if (directory / f"{text}.toml").is_file():
+                return read_spec(directory / f"{text}.toml")
     path = Path(text)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
