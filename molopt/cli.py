@@ -677,6 +677,9 @@ def plot(
 
 
 def main():  # console-script entry point
+    from . import _vesin
+
+    _vesin.standalone()  # this process is molopt's alone: vesin without PyTorch and CuPy
     try:
         app()
         code = 0

@@ -223,14 +223,15 @@ class HostNeighbors:
 
 def _system_pairs(positions, cell, pbc, cutoff):
     """Full pair list (i, j, S) of one system, local indices; and whether it is complete."""
-    import vesin
+    from ._vesin import vesin
+
 
     n = positions.shape[0]
     if not pbc.any() and n <= ALL_PAIRS_MAX_ATOMS:
         i, j = np.nonzero(~np.eye(n, dtype=bool))
         return i.astype(np.int32), j.astype(np.int32), np.zeros((len(i), 3), np.int32), True
     box = cell if pbc.any() else np.zeros((3, 3))
-    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    calculator = vesin().NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, shifts = calculator.compute(
         np.asarray(positions, np.float64), np.asarray(box, np.float64), pbc, "ijS", copy=False
     )

@@ -268,3 +268,72 @@ def test_unusable_output_directory_is_a_clear_error(tmp_path):
         assert result.exit_code == 2
         assert str(out) in result.stderr and "output directory" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+_FAKE_ARRAY_LIBRARY = """
+import os
+from pathlib import Path
+Path(os.environ["MARKS"], __name__).write_text("imported")
+uint64 = int32 = float64 = bool_ = object()
+class ndarray: pass
+class Tensor: pass
+"""
+
+
+def test_the_program_imports_vesin_without_torch_or_cupy(tmp_path):
+    """vesin imports PyTorch and CuPy when installed (2-3 s on a GPU machine): the molopt
+    program refuses them to it, a library user's process imports vesin as usual, and
+    PyTorch stays importable after the refusal."""
+    import os
+    import subprocess
+    import sys
+
+    import molopt
+
+    fake, marks = tmp_path / "fake", tmp_path / "marks"
+    for name in ("torch", "cupy"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(_FAKE_ARRAY_LIBRARY)
+    root = Path(molopt.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{root}", MARKS=str(marks))
+
+    def child(args, out_name):
+        marks.mkdir()
+        proc = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imported = sorted(p.name for p in marks.iterdir())
+        marks.rename(tmp_path / out_name)
+        return proc.stdout, imported
+
+    # the program: a periodic crystal (its neighbour list comes from vesin)
+    stdout, imported = child(
+        [
+            "-m",
+            "molopt.cli",
+            "relax",
+            str(Path(EXAMPLES) / "ar108-fcc.extxyz"),
+            "-p",
+            "argon",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+            "--json",
+        ],
+        "program",
+    )
+    assert json.loads(stdout.splitlines()[-1])["status"] == "converged"
+    assert imported == []
+    # after the refusal, the process can still import PyTorch itself
+    code = (
+        "import sys; from molopt import _vesin; _vesin.standalone(); v = _vesin.vesin();"
+        "assert not v._neighbors.HAS_TORCH and 'torch' not in sys.modules;"
+        "import torch; print(torch.Tensor.__name__)"
+    )
+    stdout, imported = child(["-c", code], "after")
+    assert stdout.strip() == "Tensor" and imported == ["torch"]
+    # a library user's process: vesin gets both, as it would without molopt
+    code = "from molopt import _vesin; v = _vesin.vesin(); print(v._neighbors.HAS_TORCH)"
+    stdout, imported = child(["-c", code], "library")
+    assert stdout.strip() == "True" and imported == ["cupy", "torch"]
