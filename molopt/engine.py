@@ -32,7 +32,7 @@ from molopt.batch import Batch, Layout, pack, plan_layout, system_sum
 from molopt.optimizers import OPTIMIZERS
 from molopt.optimizers import cell as cellfilter
 from molopt.optimizers.rows import Rows, field_axis
-from molopt.potentials.base import Potential
+from molopt.potentials.base import PotentialMethods as Potential
 from molopt.structure import Structure
 
 RUNNING, CONVERGED, NOT_CONVERGED, FAILED = 0, 1, 2, 3

@@ -225,7 +225,6 @@ def _system_pairs(positions, cell, pbc, cutoff):
     """Full pair list (i, j, S) of one system, local indices; and whether it is complete."""
     from ._vesin import vesin
 
-
     n = positions.shape[0]
     if not pbc.any() and n <= ALL_PAIRS_MAX_ATOMS:
         i, j = np.nonzero(~np.eye(n, dtype=bool))

@@ -204,3 +204,62 @@ def test_float32_close_to_float64(argon):
     ((e32, f32, _),) = evaluate([s], argon, precision="float32")
     assert e32 == pytest.approx(e64, rel=1e-5)
     assert np.abs(f32 - f64).max() < 1e-5
+
+
+def test_lennard_jones_is_a_pytree_without_equinox():
+    """Lennard-Jones relaxes without importing Equinox (0.12 s a process); its tree keeps
+    the static configuration, rebuilds without re-running the constructor's checks, and
+    user potentials still subclass the Equinox ``Potential``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import molopt
+
+    code = """
+import sys
+from ase.build import bulk
+import molopt
+out = molopt.relax(bulk("Ar", "fcc", a=5.4, cubic=True), "argon", fmax=1e-3)
+assert out.info["molopt_status"] == "converged", out.info
+assert "equinox" not in sys.modules, "equinox imported"
+from molopt.potentials.base import Potential
+assert "equinox" in sys.modules and Potential.__name__ == "Potential"
+print("ok")
+"""
+    root = Path(molopt.__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+    import jax
+
+    lj = molopt.load_potential("argon")
+    placeholders = jax.tree.map(lambda leaf: None, lj)  # no constructor check on rebuild
+    assert placeholders.epsilon is None and placeholders.cutoff == lj.cutoff
+    doubled = jax.tree.map(lambda leaf: 2 * leaf, lj)
+    assert float(doubled.epsilon[0]) == 2 * float(lj.epsilon[0])
+    assert (doubled.elements, doubled.pair_cutoff, doubled.shift) == (
+        lj.elements,
+        lj.pair_cutoff,
+        lj.shift,
+    )
+    assert jax.tree.structure(doubled) == jax.tree.structure(lj)
+    with pytest.raises(ValueError, match="parameter tables"):
+        LennardJones(
+            elements=(18, 36),
+            cutoff=8.5,
+            epsilon=lj.epsilon,
+            sigma=lj.sigma,
+            pair_epsilon=lj.pair_epsilon,
+            pair_sigma=lj.pair_sigma,
+            override=lj.override,
+            pair_cutoff=lj.pair_cutoff,
+        )

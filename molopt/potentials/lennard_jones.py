@@ -8,14 +8,15 @@ pair is given explicitly.
 
 from __future__ import annotations
 
-import equinox as eqx
+from dataclasses import dataclass, field
+
 import jax.numpy as jnp
 import numpy as np
 
 from molopt._jax import jax
 from molopt.batch import system_sum
 from molopt.neighbors import pair_vectors, sum_over_slots
-from molopt.potentials.base import Evaluation, Potential
+from molopt.potentials.base import Evaluation, PotentialMethods, static_pytree
 
 
 def _nested_tuple(table) -> tuple:
@@ -23,20 +24,33 @@ def _nested_tuple(table) -> tuple:
     return tuple(tuple(row) for row in np.asarray(table).tolist())
 
 
-class LennardJones(Potential):
+def _static(**kwargs):
+    return field(metadata={"static": True}, **kwargs)
+
+
+@static_pytree
+@dataclass(frozen=True, eq=False)
+class LennardJones(PotentialMethods):
     """Parameters per element: ``epsilon`` (n,) eV, ``sigma`` (n,) A; pair overrides where
     ``override`` (n, n) is True: ``pair_epsilon``/``pair_sigma`` (n, n). ``pair_cutoff`` (n, n) A
-    (static numpy), ``shift`` static."""
+    (static numpy), ``shift`` static. A pytree (parameters are leaves); frozen, compared by
+    identity."""
 
+    elements: tuple = _static()
+    cutoff: float = _static()
     epsilon: jax.Array
     sigma: jax.Array
     pair_epsilon: jax.Array
     pair_sigma: jax.Array
-    override: tuple = eqx.field(static=True, converter=_nested_tuple)
-    pair_cutoff: tuple = eqx.field(static=True, converter=_nested_tuple)
-    shift: bool = eqx.field(static=True, default=True)
+    override: tuple = _static()
+    pair_cutoff: tuple = _static()
+    shift: bool = _static(default=True)
 
-    def __check_init__(self):
+    def __post_init__(self):
+        object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
+        object.__setattr__(self, "cutoff", float(self.cutoff))
+        object.__setattr__(self, "override", _nested_tuple(self.override))
+        object.__setattr__(self, "pair_cutoff", _nested_tuple(self.pair_cutoff))
         n = len(self.elements) or 1
         if np.shape(self.epsilon) != (n,) or np.shape(self.pair_cutoff) != (n, n):
             raise ValueError("parameter tables do not match the number of elements")

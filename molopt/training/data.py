@@ -157,8 +157,10 @@ class Batcher:
                     + " not among the potential's elements",
                 )
             box = s.cell if s.pbc.any() else np.zeros((3, 3))
-            i, j, shifts = vesin().NeighborList(cutoff=cutoff, full_list=True).compute(
-                s.positions, box, s.pbc, "ijS"
+            i, j, shifts = (
+                vesin()
+                .NeighborList(cutoff=cutoff, full_list=True)
+                .compute(s.positions, box, s.pbc, "ijS")
             )
             order = np.argsort(i, kind="stable")
             i, j, shifts = i[order], j[order], shifts[order]
