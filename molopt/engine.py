@@ -558,7 +558,7 @@ class Engine:
         key = (
             live.layout.n_padded_atoms,
             live.layout.n_systems,
-            live.nbrs.capacity,
+            live.nbrs_host.shapes,
             live.nbrs.shift.shape[0],
         )
         if key in self.shapes_seen:
@@ -989,11 +989,11 @@ class Engine:
     def _rebuild(self, live: _Live, systems: np.ndarray):
         positions = np.asarray(live.state.positions, np.float64)
         cells = np.asarray(live.state.cell, np.float64)
-        old_capacity = live.nbrs.capacity
+        old_shapes = live.nbrs_host.shapes
         live.nbrs_host, live.nbrs = self._neighbors(
             positions, cells, live.pbc, live.layout, previous=live.nbrs_host, systems=systems
         )
-        if live.nbrs.capacity != old_capacity:
+        if live.nbrs_host.shapes != old_shapes:
             self._note_shape(live)
 
 

@@ -7,6 +7,16 @@ array (vectorizes along atoms on CPU; measured 1.5-2x faster than (A, K, 3)). It
 list (each pair appears from both ends): forces then need only a reduction over K, no
 scatter-add.
 
+Beside it, the same list through *ghost atoms* (as LAMMPS builds them): every periodic image
+(j, S) that some atom lists becomes a ghost, an extra row of an extended position array
+rebuilt each step from its source atom (:func:`extended_positions`), and ``ext_index`` (K, A)
+indexes that array directly, with empty slots pointing to a sentinel row far away. A pair
+term then gathers from one array with no image arithmetic and streams no image shifts: the
+fused Lennard-Jones force call (argon, float64, 2-core AMD EPYC) went 2.4 -> 1.8 ms on W1
+(4,096 atoms), 20 -> 10.6 ms on W2 (32,768), 74 -> 38 ms on W4 (106,496), unchanged on W3's
+clusters (no ghosts). It still ANDs the mask into the cutoff test: without it XLA:CPU ran
+W3 40% slower. The plain fields stay the interface for every other potential.
+
 The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
 the cutoff; :func:`stale_systems` is the jittable test (Verlet 1967), exact for any cell
 deformation. Small non-periodic systems get every pair (``complete``) and never go stale.
@@ -33,7 +43,10 @@ class Neighbors:
     """``index`` (K, A) int32; ``shift`` (3, K, A) integer images (int8/int32; shape (0, K, A)
     when no system is periodic); ``mask`` (K, A) bool; ``ref_positions`` (A, 3) and
     ``ref_cell`` (S, 3, 3) at build time (A); ``complete`` (S,) bool (all pairs listed, never
-    stale); ``cutoff``/``skin`` scalars (A)."""
+    stale); ``cutoff``/``skin`` scalars (A). The ghost form of the same list (module
+    docstring; None when not built): ``ext_index`` (K, A) int32 into
+    :func:`extended_positions`, ``ghost_source`` (G,) int32 and ``ghost_shift`` (3, G)
+    integer images of the ghosts (G a capacity: unused ghosts copy atom 0)."""
 
     index: jax.Array
     shift: jax.Array
@@ -43,10 +56,35 @@ class Neighbors:
     complete: jax.Array
     cutoff: jax.Array
     skin: jax.Array
+    ext_index: jax.Array | None = None
+    ghost_source: jax.Array | None = None
+    ghost_shift: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
         return int(self.index.shape[0])
+
+
+#: Where the sentinel row of :func:`extended_positions` sits (A): beyond any cutoff, and its
+#: squared distance (1e12) is finite in float32 too.
+SENTINEL = 1.0e6
+
+
+def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Array:
+    """(A + G + 1, 3): the atoms, then the ghosts (source position + image shift . cell of the
+    source's system), then the sentinel. Differentiable in ``positions`` and ``cell``.
+    Materialized (an optimization barrier): fused into the per-pair gathers, XLA:CPU would
+    evaluate the concatenation once per pair."""
+    source = nbrs.ghost_source
+    images = nbrs.ghost_shift.astype(positions.dtype)  # (3, G)
+    if cell.shape[0] == 1:
+        offsets = images.T @ cell[0]
+    else:
+        cell_of = cell[jnp.minimum(system_idx[source], cell.shape[0] - 1)]  # (G, 3, 3)
+        offsets = jnp.einsum("gk,gkc->gc", images.T, cell_of)
+    sentinel = jnp.full((1, 3), SENTINEL, positions.dtype)
+    extended = jnp.concatenate([positions, positions[source] + offsets, sentinel], axis=0)
+    return jax.lax.optimization_barrier(extended)
 
 
 def pair_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
@@ -202,13 +240,29 @@ class HostNeighbors:
     complete: np.ndarray
     cutoff: float
     skin: float
+    ext_index: np.ndarray | None = None
+    ghost_source: np.ndarray | None = None
+    ghost_shift: np.ndarray | None = None
 
     @property
     def capacity(self) -> int:
         return int(self.index.shape[0])
 
+    @property
+    def shapes(self) -> tuple[int, int]:
+        """What a new compiled program depends on: slot and ghost capacities."""
+        ghosts = 0 if self.ghost_source is None else int(self.ghost_source.shape[0])
+        return self.capacity, ghosts
+
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
+        ghosts = {}
+        if self.ext_index is not None:
+            ghosts = dict(
+                ext_index=jax.device_put(self.ext_index),
+                ghost_source=jax.device_put(self.ghost_source),
+                ghost_shift=jax.device_put(self.ghost_shift),
+            )
         return Neighbors(
             index=jax.device_put(self.index),
             shift=jax.device_put(self.shift),
@@ -218,7 +272,58 @@ class HostNeighbors:
             complete=jax.device_put(self.complete),
             cutoff=jax.device_put(np.asarray(self.cutoff, dtype)),
             skin=jax.device_put(np.asarray(self.skin, dtype)),
+            **ghosts,
         )
+
+
+def _ghost_capacity(count: int, previous: int = 0) -> int:
+    """Ghost capacity for ``count`` ghosts: the previous one while it suffices (no new
+    program), else 10% headroom rounded up to a multiple of 256."""
+    if count <= previous:
+        return previous
+    return -(-int(np.ceil(count * 1.1)) // 256) * 256 if count else 0
+
+
+#: Above this many (atom, image) cells the ghosts are numbered by sorting instead of a table.
+_GHOST_TABLE_MAX = 1 << 26
+
+
+def ghost_tables(index, shift, mask, previous_capacity: int = 0):
+    """The ghost form (:class:`Neighbors`) of a host list: ``index``/``mask`` (K, A),
+    ``shift`` (3, K, A) (or (0, K, A)). Returns ``ext_index`` (K, A) int32, ``ghost_source``
+    (G,) int32, ``ghost_shift`` (3, G) with G = :func:`_ghost_capacity`; ghosts are numbered
+    in (atom, image) order, the sentinel is row A + G."""
+    K, A = index.shape
+    if shift.shape[0]:
+        imaged = mask & np.any(shift != 0, axis=0)
+        images = shift[:, imaged].astype(np.int64)  # (3, P)
+    else:  # no periodic system
+        imaged, images = np.zeros_like(mask), np.zeros((3, 0), np.int64)
+    j = index[imaged].astype(np.int64)
+    reach = int(np.abs(images).max()) if images.size else 0
+    width = 2 * reach + 1
+    codes = width**3
+    key = j * codes + ((images[0] + reach) * width + images[1] + reach) * width + images[2] + reach
+    if A * codes <= _GHOST_TABLE_MAX:  # a table over (atom, image): no sort
+        used = np.zeros(A * codes, bool)
+        used[key] = True
+        keys = np.flatnonzero(used)
+        number = np.cumsum(used) - 1
+        ghost_of_pair = number[key]
+    else:
+        keys, ghost_of_pair = np.unique(key, return_inverse=True)
+    count = len(keys)
+    capacity = _ghost_capacity(count, previous_capacity)
+    source = np.zeros(capacity, np.int32)
+    source[:count] = keys // codes
+    image_code = keys % codes
+    ghost_shift = np.zeros((3, capacity), shift.dtype if shift.shape[0] else np.int8)
+    ghost_shift[0, :count] = image_code // (width * width) - reach
+    ghost_shift[1, :count] = (image_code // width) % width - reach
+    ghost_shift[2, :count] = image_code % width - reach
+    ext_index = np.where(mask, index, A + capacity).astype(np.int32)
+    ext_index[imaged] = A + ghost_of_pair.reshape(-1).astype(np.int32)
+    return ext_index, source, ghost_shift
 
 
 def _system_pairs(positions, cell, pbc, cutoff):
@@ -339,13 +444,19 @@ def build(
         shift = np.ascontiguousarray(np.transpose(shift, (0, 2, 1)))
     else:  # no periodic system: no offsets
         shift = np.zeros((0,) + index.shape[::-1], np.int8)
+    index, mask = np.ascontiguousarray(index.T), np.ascontiguousarray(mask.T)
+    previous_ghosts = previous.shapes[1] if previous is not None and systems is not None else 0
+    ext_index, ghost_source, ghost_shift = ghost_tables(index, shift, mask, previous_ghosts)
     return HostNeighbors(
-        np.ascontiguousarray(index.T),
+        index,
         shift,
-        np.ascontiguousarray(mask.T),
+        mask,
         ref_positions,
         ref_cell,
         complete,
         cutoff,
         skin,
+        ext_index,
+        ghost_source,
+        ghost_shift,
     )

@@ -221,3 +221,64 @@ def test_partial_rebuild_equals_full_build():
     batch, pos, cells, layout = B.pack([molecule, molecule], {18: 0}, np.float64)
     host = N.build(pos, cells, np.asarray(batch.pbc), layout, 8.5, 1.0)
     assert host.shift.shape == (0,) + host.index.shape
+
+
+def _ghost_vectors(host, pos, cells, batch):
+    """Pair vectors through the ghost form, and through the plain one, of a host list."""
+    import jax.numpy as jnp
+
+    nbrs = host.to_device()
+    p, c = jnp.asarray(pos), jnp.asarray(cells)
+    extended = np.asarray(N.extended_positions(p, c, batch.system_idx, nbrs))
+    ghost = extended[host.ext_index] - pos[None, :, :]  # (K, A, 3)
+    plain = np.stack(N.pair_vectors(p, c, batch.system_idx, nbrs), axis=-1)
+    return extended, ghost, plain
+
+
+def test_ghost_form_lists_the_same_pairs(monkeypatch):
+    """Through ghost atoms every listed pair has the vector the plain list gives (periodic
+    crystal, slab, molecule and a small triclinic cell seen through many images, in one
+    batch); empty slots point to the far sentinel; numbering by sorting equals the table;
+    a partial rebuild keeps the ghost capacity and stays right."""
+    from ase import Atoms
+
+    crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
+    slab = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 1))
+    slab.pbc = [True, True, False]
+    small = Atoms("Ar2", positions=[[0, 0, 0], [1.9, 1.8, 0.3]], pbc=True)
+    small.cell = [[3.7, 0, 0], [1.2, 3.6, 0], [0.4, 0.9, 3.5]]
+    molecule = make_structure([18] * 6, np.arange(18.0).reshape(6, 3) * 1.3)
+    structures = [structure_from_atoms(a) for a in (crystal, slab, small)] + [molecule]
+    batch, pos, cells, layout = B.pack(structures, {18: 0}, np.float64)
+    pbc = np.asarray(batch.pbc)
+    host = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    K, A = host.index.shape
+    G = host.ghost_source.shape[0]
+    assert G % 256 == 0 and np.abs(host.ghost_shift).max() >= 2  # the small cell: far images
+    extended, ghost, plain = _ghost_vectors(host, pos, cells, batch)
+    np.testing.assert_allclose(ghost[host.mask], plain[host.mask], atol=1e-12)
+    assert np.all(host.ext_index[~host.mask] == A + G)
+    assert np.all(extended[A + G] == N.SENTINEL) and extended.shape[0] == A + G + 1
+    assert np.all(host.ext_index[host.mask] < A + G)
+    # numbering by sorting (huge image ranges) gives the same tables
+    monkeypatch.setattr(N, "_GHOST_TABLE_MAX", 0)
+    sorted_form = N.ghost_tables(host.index, host.shift, host.mask)
+    expected = (host.ext_index, host.ghost_source, host.ghost_shift)
+    for got, want in zip(sorted_form, expected, strict=True):
+        assert np.array_equal(got, want)
+    monkeypatch.undo()
+    # a partial rebuild: same ghost capacity (no new program), the pairs still right
+    moved = pos + np.random.default_rng(1).uniform(-0.3, 0.3, pos.shape)
+    partial = N.build(moved, cells, pbc, layout, 8.5, 1.0, previous=host, systems=[0, 2])
+    assert partial.shapes == host.shapes
+    hybrid = pos.copy()
+    for k in (0, 2):
+        rows = layout.atoms_of(k)
+        hybrid[rows] = moved[rows]
+    _, ghost, plain = _ghost_vectors(partial, hybrid, cells, batch)
+    np.testing.assert_allclose(ghost[partial.mask], plain[partial.mask], atol=1e-12)
+    # molecules only: no ghosts, every listed pair direct
+    batch, pos, cells, layout = B.pack([molecule, molecule], {18: 0}, np.float64)
+    host = N.build(pos, cells, np.asarray(batch.pbc), layout, 8.5, 1.0)
+    assert host.ghost_source.shape == (0,)
+    assert np.array_equal(host.ext_index[host.mask], host.index[host.mask])

@@ -15,7 +15,14 @@ import numpy as np
 
 from molopt._jax import jax
 from molopt.batch import system_sum
-from molopt.neighbors import pair_vectors, sum_over_slots
+from molopt.neighbors import (
+    SLOT_GROUP_MIN,
+    extended_positions,
+    pair_vectors,
+    slot_group,
+    sum_over_groups,
+    sum_over_slots,
+)
 from molopt.potentials.base import Evaluation, PotentialMethods, static_pytree
 
 
@@ -81,14 +88,22 @@ class LennardJones(PotentialMethods):
         sig = jnp.where(override, self.pair_sigma, sig)
         return eps, sig
 
-    def _pair_parameters(self, species, nbrs, dtype):
+    def tables_as(self, dtype):
+        """Epsilon, sigma and cutoff tables (n, n) in ``dtype``; scalars for one parameter
+        set (then the pair terms need no gathers)."""
         eps, sig = self.tables()
-        rc = jnp.asarray(self.pair_cutoff, dtype)
-        if eps.shape == (1, 1):  # one parameter set: no gathers
-            return eps[0, 0].astype(dtype), sig[0, 0].astype(dtype), rc[0, 0]
+        eps, sig, rc = eps.astype(dtype), sig.astype(dtype), jnp.asarray(self.pair_cutoff, dtype)
+        if eps.shape == (1, 1):
+            return eps[0, 0], sig[0, 0], rc[0, 0]
+        return eps, sig, rc
+
+    def _pair_parameters(self, species, nbrs, dtype):
+        eps, sig, rc = self.tables_as(dtype)
+        if eps.shape == ():
+            return eps, sig, rc
         s_i = species[None, :]
         s_j = species[nbrs.index]
-        return eps[s_i, s_j].astype(dtype), sig[s_i, s_j].astype(dtype), rc[s_i, s_j]
+        return eps[s_i, s_j], sig[s_i, s_j], rc[s_i, s_j]
 
     def _pair_terms(self, r2, within, eps, sig, rc):
         """Pair energy and its derivative with respect to r^2 (zero outside ``within``)."""
@@ -113,34 +128,39 @@ class LennardJones(PotentialMethods):
         return system_sum(atom_energy, batch.system_idx, cell.shape[0])
 
     # -- fused energy + forces (+ strain derivative): reductions over K only ---------------
-    def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
-        def slot_sums(part):
-            """Per-atom sums over the slots of ``part``: half pair energies, forces and
-            (with ``stress``) the strain derivative."""
-            vectors = pair_vectors(positions, cell, batch.system_idx, part)
-            dx, dy, dz = vectors
-            r2 = dx * dx + dy * dy + dz * dz
-            eps, sig, rc = self._pair_parameters(batch.species, part, positions.dtype)
-            within = part.mask & (r2 < rc * rc)
-            pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
-            # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
-            # F_i is its sum over the neighbours j (full list)
-            scale = 2.0 * d_energy_d_r2
-            forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
-            atom_energy = 0.5 * jnp.sum(pair_energy, axis=0)
-            if not stress:
-                return atom_energy, forces, None
-            half = 0.5 * scale
-            atom_strain = jnp.stack(
-                [
-                    jnp.stack([jnp.sum(half * a * b, axis=0) for b in vectors], axis=1)
-                    for a in vectors
-                ],
-                axis=1,
-            )  # (A, 3, 3)
-            return atom_energy, forces, atom_strain
+    def _slot_sums(self, vectors, within, eps, sig, rc, stress: bool):
+        """Per-atom sums over the given slots: half pair energies, forces and (with
+        ``stress``) the strain derivative."""
+        dx, dy, dz = vectors
+        r2 = dx * dx + dy * dy + dz * dz
+        within = r2 < rc * rc if within is None else within & (r2 < rc * rc)
+        pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
+        # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
+        # F_i is its sum over the neighbours j (full list)
+        scale = 2.0 * d_energy_d_r2
+        forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
+        atom_energy = 0.5 * jnp.sum(pair_energy, axis=0)
+        if not stress:
+            return atom_energy, forces, None
+        half = 0.5 * scale
+        atom_strain = jnp.stack(
+            [jnp.stack([jnp.sum(half * a * b, axis=0) for b in vectors], axis=1) for a in vectors],
+            axis=1,
+        )  # (A, 3, 3)
+        return atom_energy, forces, atom_strain
 
-        atom_energy, forces, atom_strain = sum_over_slots(slot_sums, nbrs, positions.dtype)
+    def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
+        if nbrs.ext_index is not None:
+            sums = self._ghost_sums(positions, cell, batch, nbrs, stress)
+        else:
+
+            def slot_sums(part):
+                vectors = pair_vectors(positions, cell, batch.system_idx, part)
+                eps, sig, rc = self._pair_parameters(batch.species, part, positions.dtype)
+                return self._slot_sums(vectors, part.mask, eps, sig, rc, stress)
+
+            sums = sum_over_slots(slot_sums, nbrs, positions.dtype)
+        atom_energy, forces, atom_strain = sums
         n_systems = cell.shape[0]
         energy = system_sum(atom_energy, batch.system_idx, n_systems)
         if stress:
@@ -148,3 +168,29 @@ class LennardJones(PotentialMethods):
         else:
             dE_dstrain = jnp.zeros((n_systems, 3, 3), positions.dtype)
         return Evaluation(energy=energy, forces=forces, dE_dstrain=dE_dstrain)
+
+    def _ghost_sums(self, positions, cell, batch, nbrs, stress: bool):
+        """The slot sums through the ghost form of the list (:mod:`molopt.neighbors`): one
+        gather per component and pair from the extended positions, no image arithmetic; an
+        empty slot is the far sentinel, outside every cutoff."""
+        extended = extended_positions(positions, cell, batch.system_idx, nbrs)
+        columns = [extended[:, c] for c in range(3)]
+        own = [positions[None, :, c] for c in range(3)]
+        eps, sig, rc = self.tables_as(positions.dtype)
+        if eps.shape != ():
+            species = batch.species
+            ext_species = jnp.concatenate(
+                [species, species[nbrs.ghost_source], jnp.zeros(1, species.dtype)]
+            )
+
+        def slot_sums(index, mask):
+            vectors = tuple(columns[c][index] - own[c] for c in range(3))
+            if eps.shape == ():
+                return self._slot_sums(vectors, mask, eps, sig, rc, stress)
+            s_i, s_j = batch.species[None, :], ext_species[index]
+            pair = (eps[s_i, s_j], sig[s_i, s_j], rc[s_i, s_j])
+            return self._slot_sums(vectors, mask, *pair, stress)
+
+        K, A = nbrs.ext_index.shape
+        group = slot_group(K, A, np.dtype(positions.dtype).itemsize, minimum=SLOT_GROUP_MIN)
+        return sum_over_groups(slot_sums, (nbrs.ext_index, nbrs.mask), group)
