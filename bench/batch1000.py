@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from workloads import precompile_molopt  # noqa: E402
 
 
 def make_inputs(directory: Path, n: int = 1000, seed: int = 11):
@@ -122,6 +124,7 @@ def main():
     args = parser.parse_args()
     inputs = HERE / "out" / "batch1000"
     make_inputs(inputs)
+    print(f"molopt from {precompile_molopt()} (bytecode written)", flush=True)
     cache = Path(tempfile.mkdtemp(prefix="b1000-cache-"))
     cold = run_molopt(inputs, cache)
     warm = run_molopt(inputs, cache)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import molopt_command, write  # noqa: E402
+from workloads import molopt_command, precompile_molopt, write  # noqa: E402
 
 
 def relax(path: Path, cache: Path, optimizer: str = "fire") -> dict:
@@ -50,6 +50,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     paths = write(HERE / "out" / "workloads", names)
+    print(f"molopt from {precompile_molopt()} (bytecode written)", flush=True)
     print(f"workloads ready in {time.perf_counter() - t:.1f} s", flush=True)
     results = {}
     for name in names:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import molopt_command  # noqa: E402
+from workloads import molopt_command, precompile_molopt  # noqa: E402
 from workloads import write as write_workloads  # noqa: E402
 
 
@@ -129,6 +129,7 @@ def main():
     tools = args.tools.split(",")
     out_dir = Path(args.out)
     paths = write_workloads(out_dir / "workloads", names)
+    print(f"molopt from {precompile_molopt()} (bytecode written)", flush=True)
     results: dict = {}
     for name in names:
         workload = paths[name]

@@ -85,6 +85,25 @@ if __name__ == "__main__":
     print(write(out, sys.argv[2:] or ["W1", "W2", "W3", "W4"]))
 
 
+def precompile_molopt() -> str:
+    """Write the bytecode of the molopt package the timed commands import (the one found from
+    the current directory, as ``python -m molopt.cli`` finds it), as ``pip install`` does for
+    users. Run from a source tree under PYTHONDONTWRITEBYTECODE (set on this machine), every
+    timed process would otherwise compile molopt's sources again: 0.07 s of W1. Returns the
+    package directory."""
+    import compileall
+    import subprocess
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import molopt, os; print(os.path.dirname(molopt.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    compileall.compile_dir(where, quiet=1)
+    return where
+
+
 def molopt_command(workload: Path, out: Path, optimizer: str = "fire") -> list[str]:
     """The `molopt relax` command every benchmark times: argon, FIRE to fmax 1e-3 eV/A, JSON
     records, no progress display, final frame only in the trajectory."""
