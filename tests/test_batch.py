@@ -247,3 +247,43 @@ def test_bucket_ladder_bounds_padding():
     assert plan_layout([100_920]).n_padded_atoms == 106_496
     assert plan_layout([50_000, 50_920]).n_padded_atoms == 106_496
     assert plan_layout([40] * 241 + [20]).n_padded_atoms == 10_240
+
+
+def test_accelerator_reductions_equal_segment_reductions(argon, monkeypatch):
+    """On an accelerator per-system sums and maxima are one-hot contractions: the same sums
+    (to rounding) and maxima as the segment reductions, padding rows (index S) dropped, an
+    empty system at ``empty``, NaN kept; a batched relaxation with them takes the same steps
+    to the same energies (forced here on the CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from molopt import batch as B
+
+    rng = np.random.default_rng(5)
+    S, R = 4, 50
+    system_idx = jnp.asarray(np.sort(rng.choice([0, 1, 3, 4], size=R)))  # system 2 empty
+    values = jnp.asarray(rng.normal(size=(R, 3, 3)))
+    row = jnp.asarray(rng.normal(size=R)).at[3].set(jnp.nan)
+    segment = (B.system_sum(values, system_idx, S), B.system_max(row, system_idx, S, -7.0))
+    monkeypatch.setattr(B, "_dense_reductions", lambda rows, systems: True)
+    dense = (B.system_sum(values, system_idx, S), B.system_max(row, system_idx, S, -7.0))
+    np.testing.assert_allclose(dense[0], segment[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(dense[1], segment[1])
+    assert float(dense[1][2]) == -7.0 and np.isnan(dense[1][int(system_idx[3])])
+    ints = jnp.arange(R, dtype=jnp.int32)
+    assert np.array_equal(
+        B.system_max(ints, system_idx, S),
+        [int(ints[system_idx == s].max()) if (system_idx == s).any() else 0 for s in range(S)],
+    )
+
+    settings = EngineSettings(fmax=1e-3)
+    structures = mixed_structures()[:3] + mixed_structures()[5:7]
+    jax.clear_caches()  # traces made with the other reductions must not be reused
+    forced = {r.key: r for r in relax(list(enumerate(structures)), argon, settings)}
+    monkeypatch.undo()
+    jax.clear_caches()
+    plain = {r.key: r for r in relax(list(enumerate(structures)), argon, settings)}
+    for key, result in plain.items():
+        assert forced[key].status == result.status == "converged"
+        assert forced[key].steps == result.steps
+        assert forced[key].energy == pytest.approx(result.energy, rel=1e-10, abs=1e-10)
