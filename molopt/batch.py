@@ -81,7 +81,8 @@ class Batch:
 
 
 #: On an accelerator, per-system sums and maxima over batches of up to this many (systems x
-#: rows) are one-hot contractions instead of segment reductions: XLA:GPU lowers those to
+#: rows) are masked reductions over a (systems, rows) membership mask instead of segment
+#: reductions: XLA:GPU lowers those to
 #: scatters with atomic updates, and with one system every row updates the same element. On an
 #: H100 (engine relaxations in one process, warm, `.diag`-style A/B with the reductions
 #: swapped in every module): W4 2.69 -> 1.66 s (6.3 -> 3.9 ms per FIRE step), W2 0.63 ->
@@ -94,9 +95,11 @@ def _dense_reductions(n_rows: int, n_systems: int) -> bool:
     return jax.default_backend() != "cpu" and n_rows * n_systems <= DENSE_REDUCTION_MAX
 
 
-def _membership(system_idx: jax.Array, n_systems: int) -> jax.Array:
-    """(S, R) bool: row r belongs to system s (rows with index S belong to none)."""
-    return system_idx[None, :] == jnp.arange(n_systems, dtype=system_idx.dtype)[:, None]
+def _membership(system_idx: jax.Array, n_systems: int, ndim: int = 1) -> jax.Array:
+    """(S, R, 1, ...) bool (``ndim`` - 1 trailing ones, to broadcast against per-row values
+    of ``ndim`` dimensions): row r belongs to system s (rows with index S belong to none)."""
+    member = system_idx[None, :] == jnp.arange(n_systems, dtype=system_idx.dtype)[:, None]
+    return member.reshape(member.shape + (1,) * (ndim - 1))
 
 
 def system_sum(values: jax.Array, system_idx: jax.Array, n_systems: int) -> jax.Array:
@@ -105,23 +108,25 @@ def system_sum(values: jax.Array, system_idx: jax.Array, n_systems: int) -> jax.
     On CPU always a segment sum (never a tree reduction, even for one system): each system's
     sum then has the same rounding whatever else is in the batch, so a structure relaxed in a
     batch follows bit for bit the path it follows alone. On an accelerator (see
-    :data:`DENSE_REDUCTION_MAX`) a one-hot contraction: the same sums to rounding (the order
-    of a GPU's atomic additions was not fixed either)."""
+    :data:`DENSE_REDUCTION_MAX`) a masked reduction: the same sums to rounding (the order of
+    a GPU's atomic additions was not fixed either)."""
     if _dense_reductions(values.shape[0], n_systems):
-        member = _membership(system_idx, n_systems).astype(values.dtype)
-        return jnp.tensordot(member, values, axes=(1, 0))
+        # a select, not a product with 0/1: 0 * NaN would spread one system's NaN to all
+        # (and a dot could run in TF32 on a GPU)
+        member = _membership(system_idx, n_systems, values.ndim)
+        return jnp.sum(jnp.where(member, values[None], jnp.zeros((), values.dtype)), axis=1)
     return jax.ops.segment_sum(values, system_idx, num_segments=n_systems, indices_are_sorted=False)
 
 
 def system_max(values: jax.Array, system_idx: jax.Array, n_systems: int, empty=0.0) -> jax.Array:
-    """Max of per-row values (R,) per system; ``empty`` where a system has no rows."""
+    """Max of per-row values (R, ...) per system; ``empty`` where a system has no rows."""
     if _dense_reductions(values.shape[0], n_systems):
         if jnp.issubdtype(values.dtype, jnp.floating):
             lowest = jnp.array(-jnp.inf, values.dtype)
         else:
             lowest = jnp.array(jnp.iinfo(values.dtype).min, values.dtype)
-        member = _membership(system_idx, n_systems)
-        out = jnp.max(jnp.where(member, values[None, :], lowest), axis=1)
+        member = _membership(system_idx, n_systems, values.ndim)
+        out = jnp.max(jnp.where(member, values[None], lowest), axis=1)
     else:
         out = jax.ops.segment_max(values, system_idx, num_segments=n_systems)
     return jnp.maximum(out, empty)

@@ -135,6 +135,7 @@ class _Problem:
         self.pressure = pressure
         self.free = np.nonzero(~structure.fixed)[0]
         self.skin = skin
+        self.ghosts = getattr(potential, "uses_ghosts", False)
         species = potential.species_of(structure.numbers)
         self.batch, _, _, self.layout = pack([structure], species, np.float64)
         self.n = structure.n_atoms
@@ -150,7 +151,13 @@ class _Problem:
         cells = np.zeros((self.layout.n_systems, 3, 3))
         cells[0] = self.cell
         nbrs = build(
-            padded, cells, np.asarray(self.batch.pbc), self.layout, cutoff, self.skin
+            padded,
+            cells,
+            np.asarray(self.batch.pbc),
+            self.layout,
+            cutoff,
+            self.skin,
+            ghosts=self.ghosts,
         ).to_device()
         self.ctx = Context(
             jax.device_put(self.positions),

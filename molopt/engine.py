@@ -532,6 +532,7 @@ class Engine:
             self.settings.skin,
             previous=previous,
             systems=systems,
+            ghosts=getattr(self.potential, "uses_ghosts", False),
         )
         host.ref_positions = host.ref_positions.astype(self.dtype)
         host.ref_cell = host.ref_cell.astype(self.dtype)

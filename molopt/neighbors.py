@@ -12,10 +12,11 @@ Beside it, the same list through *ghost atoms* (as LAMMPS builds them): every pe
 rebuilt each step from its source atom (:func:`extended_positions`), and ``ext_index`` (K, A)
 indexes that array directly, with empty slots pointing to a sentinel row far away. A pair
 term then gathers from one array with no image arithmetic and streams no image shifts: the
-fused Lennard-Jones force call (argon, float64, 2-core AMD EPYC) went 2.4 -> 1.8 ms on W1
-(4,096 atoms), 20 -> 10.6 ms on W2 (32,768), 74 -> 38 ms on W4 (106,496), unchanged on W3's
-clusters (no ghosts). It still ANDs the mask into the cutoff test: without it XLA:CPU ran
-W3 40% slower. The plain fields stay the interface for every other potential.
+fused Lennard-Jones force call (argon, float64, 2-core AMD EPYC) went 20 -> 10.6 ms on W2
+(32,768 atoms) and 74 -> 38 ms on W4 (106,496); on W1 (4,096, summed all at once) and W3's
+clusters (no ghosts) it is unchanged within this machine's noise (W1 1.7-2.5 ms either way).
+It still ANDs the mask into the cutoff test: without it XLA:CPU ran W3 40% slower. The
+plain fields stay the interface for every other potential.
 
 The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
 the cutoff; :func:`stale_systems` is the jittable test (Verlet 1967), exact for any cell
@@ -77,11 +78,14 @@ def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Arra
     evaluate the concatenation once per pair."""
     source = nbrs.ghost_source
     images = nbrs.ghost_shift.astype(positions.dtype)  # (3, G)
+    # multiply-adds, not a matrix product: a GPU may run float32 products in TF32
     if cell.shape[0] == 1:
-        offsets = images.T @ cell[0]
+        rows = [cell[0, k][None, :] for k in range(3)]
     else:
         cell_of = cell[jnp.minimum(system_idx[source], cell.shape[0] - 1)]  # (G, 3, 3)
-        offsets = jnp.einsum("gk,gkc->gc", images.T, cell_of)
+        rows = [cell_of[:, k, :] for k in range(3)]
+    offsets = images[0][:, None] * rows[0] + images[1][:, None] * rows[1]
+    offsets = offsets + images[2][:, None] * rows[2]
     sentinel = jnp.full((1, 3), SENTINEL, positions.dtype)
     extended = jnp.concatenate([positions, positions[source] + offsets, sentinel], axis=0)
     return jax.lax.optimization_barrier(extended)
@@ -308,12 +312,16 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
         used = np.zeros(A * codes, bool)
         used[key] = True
         keys = np.flatnonzero(used)
-        number = np.cumsum(used) - 1
+        number = np.cumsum(used, dtype=np.int32) - 1
         ghost_of_pair = number[key]
     else:
         keys, ghost_of_pair = np.unique(key, return_inverse=True)
     count = len(keys)
+    # a periodic batch gets room for ghosts from the start: a box with vacuum that lists no
+    # image at first would otherwise need a new program at its first image
     capacity = _ghost_capacity(count, previous_capacity)
+    if shift.shape[0]:
+        capacity = max(capacity, 256)
     source = np.zeros(capacity, np.int32)
     source[:count] = keys // codes
     image_code = keys % codes
@@ -362,8 +370,11 @@ def build(
     skin: float,
     previous: HostNeighbors | None = None,
     systems: np.ndarray | None = None,
+    ghosts: bool = True,
 ) -> HostNeighbors:
-    """Build (or, given ``previous`` and ``systems``, partially rebuild) the dense lists.
+    """Build (or, given ``previous`` and ``systems``, partially rebuild) the dense lists;
+    with ``ghosts`` their ghost form too (:func:`ghost_tables`; potentials that do not use it
+    are spared its host work and a program shape).
 
     ``positions`` (A, 3), ``cells`` (S, 3, 3), ``pbc`` (S, 3) numpy; ``cutoff`` is the
     potential's cutoff (A) and the list is built at ``cutoff + skin``. Capacity grows (a new
@@ -419,7 +430,7 @@ def build(
     else:
         if previous is not None and systems is not None:
             # overflow in a partial rebuild: rebuild everything at a larger capacity
-            return build(positions, cells, pbc, layout, cutoff, skin)
+            return build(positions, cells, pbc, layout, cutoff, skin, ghosts=ghosts)
         capacity = _capacity_for(needed, headroom=not complete[: layout.n_real].all())
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
         mask = np.zeros((A, capacity), bool)
@@ -445,8 +456,11 @@ def build(
     else:  # no periodic system: no offsets
         shift = np.zeros((0,) + index.shape[::-1], np.int8)
     index, mask = np.ascontiguousarray(index.T), np.ascontiguousarray(mask.T)
-    previous_ghosts = previous.shapes[1] if previous is not None and systems is not None else 0
-    ext_index, ghost_source, ghost_shift = ghost_tables(index, shift, mask, previous_ghosts)
+    ext_index = ghost_source = ghost_shift = None
+    if ghosts:
+        partial = previous is not None and systems is not None
+        previous_ghosts = previous.shapes[1] if partial else 0
+        ext_index, ghost_source, ghost_shift = ghost_tables(index, shift, mask, previous_ghosts)
     return HostNeighbors(
         index,
         shift,

@@ -270,6 +270,19 @@ def test_accelerator_reductions_equal_segment_reductions(argon, monkeypatch):
     np.testing.assert_allclose(dense[0], segment[0], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(dense[1], segment[1])
     assert float(dense[1][2]) == -7.0 and np.isnan(dense[1][int(system_idx[3])])
+    # a non-finite row stays in its own system (a product with 0/1 would spread it), and a
+    # padding row (index S) is dropped whatever it holds
+    padded_idx = system_idx.at[-1].set(S)
+    poisoned = values.at[3].set(jnp.nan).at[-1].set(jnp.inf)
+    got = B.system_sum(poisoned, padded_idx, S)
+    monkeypatch.setattr(B, "_dense_reductions", lambda rows, systems: False)
+    want = B.system_sum(poisoned, padded_idx, S)
+    wide = B.system_max(values[:, :, 0], system_idx, S, -7.0)  # (R, 3): trailing dimensions
+    monkeypatch.setattr(B, "_dense_reductions", lambda rows, systems: True)
+    bad = int(system_idx[3])
+    assert np.all(np.isnan(got[bad])) and np.all(np.isfinite(np.delete(np.asarray(got), bad, 0)))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(B.system_max(values[:, :, 0], system_idx, S, -7.0), wide)
     ints = jnp.arange(R, dtype=jnp.int32)
     assert np.array_equal(
         B.system_max(ints, system_idx, S),

@@ -277,6 +277,16 @@ def test_ghost_form_lists_the_same_pairs(monkeypatch):
         hybrid[rows] = moved[rows]
     _, ghost, plain = _ghost_vectors(partial, hybrid, cells, batch)
     np.testing.assert_allclose(ghost[partial.mask], plain[partial.mask], atol=1e-12)
+    # potentials that do not read the ghost form do not get it (no host work, no shape)
+    plain = N.build(pos, cells, pbc, layout, 8.5, 1.0, ghosts=False)
+    assert plain.ext_index is None and plain.shapes == (host.capacity, 0)
+    assert plain.to_device().ext_index is None
+    # a periodic batch starts with ghost room even when it lists no image yet (vacuum)
+    boxed = Atoms("Ar2", positions=[[10, 10, 10], [13.5, 10, 10]], cell=[30] * 3, pbc=True)
+    b2, p2, c2, l2 = B.pack([structure_from_atoms(boxed)], {18: 0}, np.float64)
+    lonely = N.build(p2, c2, np.asarray(b2.pbc), l2, 8.5, 1.0)
+    assert lonely.ghost_source.shape == (256,)
+    assert lonely.ext_index.max() == l2.n_padded_atoms + 256  # the sentinel: no image yet
     # molecules only: no ghosts, every listed pair direct
     batch, pos, cells, layout = B.pack([molecule, molecule], {18: 0}, np.float64)
     host = N.build(pos, cells, np.asarray(batch.pbc), layout, 8.5, 1.0)

@@ -14,6 +14,7 @@ every `molopt relax` on this 2-core machine. ``Potential`` itself is made on fir
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ class PotentialMethods:
 
     elements: tuple[int, ...]
     cutoff: float
+    #: Whether ``evaluate`` reads the ghost form of the neighbour list (built only then).
+    uses_ghosts = False
 
     def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
         """Total potential energy per system, (S,) eV. Differentiable in every argument."""
@@ -131,10 +134,14 @@ def _make_potential():
     return Potential
 
 
+_potential_lock = threading.Lock()
+
+
 def __getattr__(name):
     if name == "Potential":
-        potential = globals().get("_Potential")
-        if potential is None:
-            potential = globals()["_Potential"] = _make_potential()
+        with _potential_lock:  # one class, whichever thread asks first
+            potential = globals().get("_Potential")
+            if potential is None:
+                potential = globals()["_Potential"] = _make_potential()
         return potential
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,6 +53,8 @@ class LennardJones(PotentialMethods):
     pair_cutoff: tuple = _static()
     shift: bool = _static(default=True)
 
+    uses_ghosts = True  # (a class constant, not a field)
+
     def __post_init__(self):
         object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
         object.__setattr__(self, "cutoff", float(self.cutoff))
