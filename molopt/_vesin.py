@@ -46,6 +46,11 @@ class _Refuse(importlib.abc.MetaPathFinder):
         return None
 
 
+def neighbor_list(**options):
+    """``vesin.NeighborList(**options)``, vesin imported on first use as above."""
+    return vesin().NeighborList(**options)
+
+
 def vesin():
     """The vesin module (imported on first use; see the module docstring)."""
     module = sys.modules.get("vesin")

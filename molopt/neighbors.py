@@ -10,7 +10,8 @@ scatter-add.
 Beside it, the same list through *ghost atoms* (as LAMMPS builds them): every periodic image
 (j, S) that some atom lists becomes a ghost, an extra row of an extended position array
 rebuilt each step from its source atom (:func:`extended_positions`), and ``ext_index`` (K, A)
-indexes that array directly, with empty slots pointing to a sentinel row far away. A pair
+indexes that array directly (an empty slot keeps the plain list's entry: the atom itself,
+masked out like there). A pair
 term then gathers from one array with no image arithmetic and streams no image shifts: the
 fused Lennard-Jones force call (argon, float64, 2-core AMD EPYC) went 20 -> 10.6 ms on W2
 (32,768 atoms) and 74 -> 38 ms on W4 (106,496); on W1 (4,096, summed all at once) and W3's
@@ -66,14 +67,9 @@ class Neighbors:
         return int(self.index.shape[0])
 
 
-#: Where the sentinel row of :func:`extended_positions` sits (A): beyond any cutoff, and its
-#: squared distance (1e12) is finite in float32 too.
-SENTINEL = 1.0e6
-
-
 def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Array:
-    """(A + G + 1, 3): the atoms, then the ghosts (source position + image shift . cell of the
-    source's system), then the sentinel. Differentiable in ``positions`` and ``cell``.
+    """(A + G, 3): the atoms, then the ghosts (source position + image shift . cell of the
+    source's system). Differentiable in ``positions`` and ``cell``.
     Materialized (an optimization barrier): fused into the per-pair gathers, XLA:CPU would
     evaluate the concatenation once per pair."""
     source = nbrs.ghost_source
@@ -86,8 +82,7 @@ def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Arra
         rows = [cell_of[:, k, :] for k in range(3)]
     offsets = images[0][:, None] * rows[0] + images[1][:, None] * rows[1]
     offsets = offsets + images[2][:, None] * rows[2]
-    sentinel = jnp.full((1, 3), SENTINEL, positions.dtype)
-    extended = jnp.concatenate([positions, positions[source] + offsets, sentinel], axis=0)
+    extended = jnp.concatenate([positions, positions[source] + offsets], axis=0)
     return jax.lax.optimization_barrier(extended)
 
 
@@ -296,7 +291,7 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
     """The ghost form (:class:`Neighbors`) of a host list: ``index``/``mask`` (K, A),
     ``shift`` (3, K, A) (or (0, K, A)). Returns ``ext_index`` (K, A) int32, ``ghost_source``
     (G,) int32, ``ghost_shift`` (3, G) with G = :func:`_ghost_capacity`; ghosts are numbered
-    in (atom, image) order, the sentinel is row A + G."""
+    in (atom, image) order; every other slot keeps its ``index``."""
     K, A = index.shape
     if shift.shape[0]:
         imaged = mask & np.any(shift != 0, axis=0)
@@ -329,21 +324,21 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
     ghost_shift[0, :count] = image_code // (width * width) - reach
     ghost_shift[1, :count] = (image_code // width) % width - reach
     ghost_shift[2, :count] = image_code % width - reach
-    ext_index = np.where(mask, index, A + capacity).astype(np.int32)
+    ext_index = index.astype(np.int32)  # (a copy)
     ext_index[imaged] = A + ghost_of_pair.reshape(-1).astype(np.int32)
     return ext_index, source, ghost_shift
 
 
 def _system_pairs(positions, cell, pbc, cutoff):
     """Full pair list (i, j, S) of one system, local indices; and whether it is complete."""
-    from ._vesin import vesin
+    from ._vesin import neighbor_list
 
     n = positions.shape[0]
     if not pbc.any() and n <= ALL_PAIRS_MAX_ATOMS:
         i, j = np.nonzero(~np.eye(n, dtype=bool))
         return i.astype(np.int32), j.astype(np.int32), np.zeros((len(i), 3), np.int32), True
     box = cell if pbc.any() else np.zeros((3, 3))
-    calculator = vesin().NeighborList(cutoff=float(cutoff), full_list=True)
+    calculator = neighbor_list(cutoff=float(cutoff), full_list=True)
     i, j, shifts = calculator.compute(
         np.asarray(positions, np.float64), np.asarray(box, np.float64), pbc, "ijS", copy=False
     )

@@ -116,15 +116,13 @@ def _check_separation(structure: Structure) -> None:
         k = int(np.argmin(d2))
         i, j, d = k // n, k % n, float(np.sqrt(d2.flat[k]))
     else:
-        from ._vesin import vesin
+        from ._vesin import neighbor_list
 
         box = structure.cell if structure.pbc.any() else np.zeros((3, 3))
         # a cell-list search at a tiny cutoff makes a huge grid of cells: search at 3 A and
         # keep the closest pair
-        ii, jj, dd = (
-            vesin()
-            .NeighborList(cutoff=3.0, full_list=False)
-            .compute(structure.positions, box, structure.pbc, "ijd")
+        ii, jj, dd = neighbor_list(cutoff=3.0, full_list=False).compute(
+            structure.positions, box, structure.pbc, "ijd"
         )
         if not len(ii):
             return

@@ -175,16 +175,16 @@ class TrajectoryWriter:
         for element, values, step, time in self._series(data):
             group = self.file.require_group(element)
             if "value" not in group:
-                group.create_dataset(
+                value = group.create_dataset(
                     "value",
                     data=values,
                     maxshape=(None,) + values.shape[1:],
                     chunks=(max(1, min(64, len(values))),) + values.shape[1:],
-                ).attrs["unit"] = UNITS[element]
+                )
+                _set_attribute(value, "unit", UNITS[element])
                 group.create_dataset("step", data=step, maxshape=(None,), chunks=(256,))
-                group.create_dataset("time", data=time, maxshape=(None,), chunks=(256,)).attrs[
-                    "unit"
-                ] = "fs"
+                times = group.create_dataset("time", data=time, maxshape=(None,), chunks=(256,))
+                _set_attribute(times, "unit", "fs")
             else:
                 for name, array in (("value", values), ("step", step), ("time", time)):
                     ds = group[name]

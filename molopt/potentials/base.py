@@ -96,8 +96,9 @@ def autodiff_evaluate(potential, positions, cell, batch, nbrs, stress: bool) -> 
 def static_pytree(cls):
     """Register a frozen dataclass as a pytree: fields with ``metadata={"static": True}`` are
     part of the structure (hashable), the others are leaves. Rebuilding a tree (``jax.tree``
-    maps, jit) sets the fields directly, without ``__init__`` and its checks, as Equinox
-    does: JAX rebuilds trees with placeholders as leaves."""
+    maps, jit, vmap outputs) sets the fields directly, without ``__init__`` and its checks,
+    as Equinox does: JAX rebuilds trees with placeholders or batched arrays as leaves, which
+    ``jax.tree_util.register_dataclass`` would hand to ``__init__``."""
     fields = dataclasses.fields(cls)
     static = tuple(f.name for f in fields if f.metadata.get("static"))
     leaves = tuple(f.name for f in fields if not f.metadata.get("static"))

@@ -40,8 +40,8 @@ def _static(**kwargs):
 class LennardJones(PotentialMethods):
     """Parameters per element: ``epsilon`` (n,) eV, ``sigma`` (n,) A; pair overrides where
     ``override`` (n, n) is True: ``pair_epsilon``/``pair_sigma`` (n, n). ``pair_cutoff`` (n, n) A
-    (static numpy), ``shift`` static. A pytree (parameters are leaves); frozen, compared by
-    identity."""
+    (static numpy), ``shift`` static. A pytree (parameters are leaves; fields marked static
+    are part of its structure); frozen, compared by identity."""
 
     elements: tuple = _static()
     cutoff: float = _static()
@@ -99,12 +99,13 @@ class LennardJones(PotentialMethods):
             return eps[0, 0], sig[0, 0], rc[0, 0]
         return eps, sig, rc
 
-    def _pair_parameters(self, species, nbrs, dtype):
+    def _pair_parameters(self, species, neighbour_species, index, dtype):
+        """Epsilon, sigma and cutoff of each (slot, atom) pair: atom i's species against that
+        of ``neighbour_species[index]``; scalars for one parameter set."""
         eps, sig, rc = self.tables_as(dtype)
         if eps.shape == ():
             return eps, sig, rc
-        s_i = species[None, :]
-        s_j = species[nbrs.index]
+        s_i, s_j = species[None, :], neighbour_species[index]
         return eps[s_i, s_j], sig[s_i, s_j], rc[s_i, s_j]
 
     def _pair_terms(self, r2, within, eps, sig, rc):
@@ -123,7 +124,9 @@ class LennardJones(PotentialMethods):
     def energy(self, positions, cell, batch, nbrs):
         dx, dy, dz = pair_vectors(positions, cell, batch.system_idx, nbrs)
         r2 = dx * dx + dy * dy + dz * dz
-        eps, sig, rc = self._pair_parameters(batch.species, nbrs, positions.dtype)
+        eps, sig, rc = self._pair_parameters(
+            batch.species, batch.species, nbrs.index, positions.dtype
+        )
         within = nbrs.mask & (r2 < rc * rc)
         pair_energy, _ = self._pair_terms(r2, within, eps, sig, rc)
         atom_energy = 0.5 * jnp.sum(pair_energy, axis=0)
@@ -135,7 +138,7 @@ class LennardJones(PotentialMethods):
         ``stress``) the strain derivative."""
         dx, dy, dz = vectors
         r2 = dx * dx + dy * dy + dz * dz
-        within = r2 < rc * rc if within is None else within & (r2 < rc * rc)
+        within = within & (r2 < rc * rc)
         pair_energy, d_energy_d_r2 = self._pair_terms(r2, within, eps, sig, rc)
         # the gradient of the pair energy with respect to r_j - r_i is 2 dE/dr2 (r_j - r_i);
         # F_i is its sum over the neighbours j (full list)
@@ -158,7 +161,8 @@ class LennardJones(PotentialMethods):
 
             def slot_sums(part):
                 vectors = pair_vectors(positions, cell, batch.system_idx, part)
-                eps, sig, rc = self._pair_parameters(batch.species, part, positions.dtype)
+                species = batch.species
+                eps, sig, rc = self._pair_parameters(species, species, part.index, positions.dtype)
                 return self._slot_sums(vectors, part.mask, eps, sig, rc, stress)
 
             sums = sum_over_slots(slot_sums, nbrs, positions.dtype)
@@ -173,24 +177,16 @@ class LennardJones(PotentialMethods):
 
     def _ghost_sums(self, positions, cell, batch, nbrs, stress: bool):
         """The slot sums through the ghost form of the list (:mod:`molopt.neighbors`): one
-        gather per component and pair from the extended positions, no image arithmetic; an
-        empty slot is the far sentinel, outside every cutoff."""
+        gather per component and pair from the extended positions, no image arithmetic."""
         extended = extended_positions(positions, cell, batch.system_idx, nbrs)
         columns = [extended[:, c] for c in range(3)]
         own = [positions[None, :, c] for c in range(3)]
-        eps, sig, rc = self.tables_as(positions.dtype)
-        if eps.shape != ():
-            species = batch.species
-            ext_species = jnp.concatenate(
-                [species, species[nbrs.ghost_source], jnp.zeros(1, species.dtype)]
-            )
+        species = batch.species
+        ext_species = jnp.concatenate([species, species[nbrs.ghost_source]])
 
         def slot_sums(index, mask):
             vectors = tuple(columns[c][index] - own[c] for c in range(3))
-            if eps.shape == ():
-                return self._slot_sums(vectors, mask, eps, sig, rc, stress)
-            s_i, s_j = batch.species[None, :], ext_species[index]
-            pair = (eps[s_i, s_j], sig[s_i, s_j], rc[s_i, s_j])
+            pair = self._pair_parameters(species, ext_species, index, positions.dtype)
             return self._slot_sums(vectors, mask, *pair, stress)
 
         K, A = nbrs.ext_index.shape

@@ -133,7 +133,7 @@ class Batcher:
         batch_structures: int,
         dtype=np.float32,
     ):
-        from .._vesin import vesin
+        from .._vesin import neighbor_list
 
         self.data = data
         self.species = {int(z): k for k, z in enumerate(elements)}
@@ -157,10 +157,8 @@ class Batcher:
                     + " not among the potential's elements",
                 )
             box = s.cell if s.pbc.any() else np.zeros((3, 3))
-            i, j, shifts = (
-                vesin()
-                .NeighborList(cutoff=cutoff, full_list=True)
-                .compute(s.positions, box, s.pbc, "ijS")
+            i, j, shifts = neighbor_list(cutoff=cutoff, full_list=True).compute(
+                s.positions, box, s.pbc, "ijS"
             )
             order = np.argsort(i, kind="stable")
             i, j, shifts = i[order], j[order], shifts[order]
