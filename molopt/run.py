@@ -7,6 +7,7 @@ gets a JSON-able record with its status.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -265,7 +266,8 @@ def frame_run_hash(frame, settings: RunSettings, spec) -> str:
     return out.run_hash(frame.sha256, frame.index, settings.result_settings(), spec.sha256)
 
 
-def _select_shard(paths: list[Path], settings: RunSettings) -> list[Path]:
+def _select_shard(paths: list, settings: RunSettings) -> list:
+    """Part I of N: the files at positions I, I + N, I + 2N, ... of the ordered inputs."""
     pair = settings.shard_pair()
     if pair is None:
         return paths
@@ -315,11 +317,14 @@ def relax_files(
         if on_record:
             on_record(rec)
 
-    paths = _select_shard(reader.discover(inputs, settings.recursive), settings)
+    paths = _select_shard(reader.discover_with_places(inputs, settings.recursive), settings)
     frames = []
-    for path in paths:
+    for path, place in paths:
         interrupt.check()
-        frames.extend(reader.read_frames(path, settings.index))
+        read = reader.read_frames(path, settings.index)
+        if place != Path("."):  # a recursive search: outputs mirror the input tree
+            read = [dataclasses.replace(f, stem=(place / f.stem).as_posix()) for f in read]
+        frames.extend(read)
     stems: dict[str, Path] = {}
     for f in frames:
         if f.stem in stems and stems[f.stem] != f.path:
@@ -412,6 +417,8 @@ def relax_files(
 
     if items:
         _prepare_out_dir(out_dir)
+        for place in {Path(frames[key].stem).parent for key, _ in items} - {Path(".")}:
+            _prepare_out_dir(out_dir / place)
         from molopt._jax import enable_compilation_cache
         from molopt.engine import Engine
 

@@ -337,3 +337,269 @@ def test_the_program_imports_vesin_without_torch_or_cupy(tmp_path):
     code = "from molopt import _vesin; v = _vesin.vesin(); print(v._neighbors.HAS_TORCH)"
     stdout, imported = child(["-c", code], "library")
     assert stdout.strip() == "True" and imported == ["cupy", "torch"]
+
+
+def ase_argon():
+    from ase.calculators.lj import LennardJones as AseLJ
+
+    return AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5, smooth=False)
+
+
+def test_pressure_flag_is_in_gpa(tmp_path):
+    """``--pressure`` is GPa: the relaxed cell is ASE's FrechetCellFilter minimum under the same
+    pressure in eV/A^3, and the stress written balances it (fails without the conversion)."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import LBFGS
+
+    from molopt.config import GPA
+    from molopt.io.h5md import read_parameters
+
+    atoms = bulk("Ar", "fcc", a=5.2, cubic=True)
+    atoms.rattle(0.02, seed=4)
+    ase.io.write(tmp_path / "ar.extxyz", atoms)
+    result = invoke(
+        "relax",
+        tmp_path / "ar.extxyz",
+        "-o",
+        tmp_path / "o",
+        "--relax-cell",
+        "--pressure",
+        "0.5",
+        "--optimizer",
+        "lbfgs",
+        "--fmax",
+        "1e-5",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    relaxed = ase.io.read(tmp_path / "o" / "ar.extxyz")
+    p = 0.5 * GPA
+    np.testing.assert_allclose(relaxed.get_stress(), [-p, -p, -p, 0, 0, 0], atol=1e-6)
+    reference = atoms.copy()
+    reference.calc = ase_argon()
+    LBFGS(FrechetCellFilter(reference, scalar_pressure=p), logfile=None).run(fmax=1e-5)
+    np.testing.assert_allclose(relaxed.cell.array, reference.cell.array, atol=1e-4)
+    assert relaxed.get_volume() < 5.2**3 * 0.99  # compressed, not the zero-pressure cell
+    assert read_parameters(tmp_path / "o" / "ar.h5md")["pressure_GPa"] == 0.5
+
+
+def test_shards_are_the_files_at_i_mod_n(tmp_path):
+    """``--shard I/N`` relaxes the sorted files at positions I, I+N, ...: each shard exactly
+    its part, none empty, none overlapping (fails if every file goes to one shard)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(7):
+        write_cluster(d / f"s{k}.xyz", n=6, seed=k)
+    names = [f"s{k}.xyz" for k in range(7)]
+    for n in (2, 3):
+        for i in range(n):
+            out = tmp_path / f"o{i}of{n}"
+            result = invoke("relax", d, "-o", out, "--shard", f"{i}/{n}", "--json")
+            assert result.exit_code == 0, result.output
+            got = sorted(Path(r["input"]).name for r in records(result))
+            assert got == names[i::n]
+            assert sorted(p.name for p in out.glob("*.h5md")) == [
+                x.replace(".xyz", ".h5md") for x in names[i::n]
+            ]
+
+
+def test_recursive_mirrors_the_input_tree(tmp_path):
+    """``--recursive`` finds structures in subfolders and writes each one's outputs in the same
+    relative folder under --out-dir, so a/POSCAR and b/POSCAR do not collide; without it only
+    the top folder is searched."""
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    (d / "b" / "deep").mkdir(parents=True)
+    write_cluster(d / "top.xyz", n=6, seed=1)
+    for k, sub in enumerate(("a", "b", "b/deep")):
+        s = rattled_cluster(5 + k, seed=10 + k)
+        ase.io.write(
+            d / sub / "POSCAR",
+            Atoms(numbers=s.numbers, positions=s.positions, cell=[20, 20, 20], pbc=True),
+            format="vasp",
+        )
+    flat = invoke("relax", d, "-o", tmp_path / "flat", "--json", "-p", "argon")
+    assert [Path(r["input"]).name for r in records(flat)] == ["top.xyz"]
+    deep = invoke("relax", d, "-o", tmp_path / "o", "--json", "-p", "argon", "--recursive")
+    assert deep.exit_code == 0, deep.output
+    by_input = {Path(r["input"]).relative_to(d).as_posix(): r for r in records(deep)}
+    assert set(by_input) == {"top.xyz", "a/POSCAR", "b/POSCAR", "b/deep/POSCAR"}
+    for rel, rec in by_input.items():
+        stem = rel.removesuffix(".xyz")
+        assert Path(rec["output"]) == tmp_path / "o" / f"{stem}.h5md"
+        relaxed = ase.io.read(tmp_path / "o" / f"{stem}.extxyz", format="extxyz")
+        n_atoms = len(ase.io.read(d / rel))
+        assert len(relaxed) == n_atoms and relaxed.get_potential_energy() == rec["energy"]
+    again = invoke("relax", d, "-o", tmp_path / "o", "--json", "-p", "argon", "--recursive")
+    assert {r["status"] for r in records(again)} == {"skipped"}
+
+
+def test_traj_interval_samples_every_nth_step(tmp_path):
+    """``--traj-interval N`` keeps steps 0, N, 2N, ... and the last; 0 keeps the first and the
+    last; the kept frames are those of the full trajectory."""
+    from molopt.api import read_trajectory
+
+    src = write_cluster(tmp_path / "a.xyz", n=13, seed=5)
+    full = {}
+    for interval in (1, 5, 0):
+        out = tmp_path / f"o{interval}"
+        result = invoke(
+            "relax", src, "-o", out, "--fmax", "1e-3", "--traj-interval", interval, "--json"
+        )
+        assert result.exit_code == 0, result.output
+        (rec,) = records(result)
+        data = read_trajectory(out / "a.h5md", as_atoms=False)
+        last = rec["steps"]
+        assert last > 20
+        if interval == 1:
+            expected = list(range(last + 1))
+            full = {int(s): e for s, e in zip(data["step"], data["energy"], strict=True)}
+        elif interval == 0:
+            expected = [0, last]
+        else:
+            expected = sorted(set(range(0, last + 1, interval)) | {last})
+        assert data["step"].tolist() == expected
+        assert data["energy"].tolist() == [full[s] for s in expected]
+        assert data["parameters"]["trajectory_interval"] == interval
+
+
+def test_maxstep_flag_is_ases_maxstep(tmp_path):
+    """``--maxstep`` reaches the optimizer: FIRE with maxstep 0.05 takes ASE's FIRE(maxstep=
+    0.05) steps exactly, which differ from the default's."""
+    from ase.optimize import FIRE
+
+    src = write_cluster(tmp_path / "a.xyz", n=13, seed=6)
+    steps = {}
+    for maxstep in (0.05, 0.2):
+        atoms = ase.io.read(src)
+        atoms.calc = ase_argon()
+        opt = FIRE(atoms, maxstep=maxstep, logfile=None)
+        opt.run(fmax=1e-3, steps=5000)
+        out = tmp_path / f"o{maxstep}"
+        result = invoke("relax", src, "-o", out, "--fmax", "1e-3", "--maxstep", maxstep, "--json")
+        (rec,) = records(result)
+        assert rec["status"] == "converged"
+        assert rec["steps"] == opt.nsteps
+        assert rec["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-8)
+        steps[maxstep] = rec["steps"]
+    assert steps[0.05] != steps[0.2]
+
+
+def test_max_batch_atoms_bounds_each_batch(tmp_path, monkeypatch):
+    """``--max-batch-atoms`` and ``--batch-size`` bound every compiled batch; a structure bigger
+    than the bound runs alone; results equal those of one big batch."""
+    from molopt import engine
+
+    launched = []
+    original = engine.Engine._launch
+
+    def spy(self, items, carry=None):
+        launched.append([it.structure.n_atoms for it in items])
+        return original(self, items, carry)
+
+    monkeypatch.setattr(engine.Engine, "_launch", spy)
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, n in enumerate((13, 13, 13, 13, 40, 13)):
+        write_cluster(d / f"c{k}.xyz", n=n, seed=k)
+    together = invoke("relax", d, "-o", tmp_path / "big", "--fmax", "1e-3", "--json")
+    assert max(sum(b) for b in launched) == 105
+    launched.clear()
+    bounded = invoke(
+        "relax",
+        d,
+        "-o",
+        tmp_path / "small",
+        "--fmax",
+        "1e-3",
+        "--json",
+        "--max-batch-atoms",
+        "30",
+    )
+    assert bounded.exit_code == 0, bounded.output
+    assert [40] in launched and all(sum(b) <= 30 for b in launched if b != [40])
+    assert {len(b) for b in launched} == {1, 2}
+    launched.clear()
+    counted = invoke("relax", d, "-o", tmp_path / "two", "--fmax", "1e-3", "--batch-size", "2")
+    assert counted.exit_code == 0 and max(len(b) for b in launched) == 2
+    first = {Path(r["input"]).name: r for r in records(together)}
+    for r in records(bounded):
+        assert r["steps"] == first[Path(r["input"]).name]["steps"]
+        assert r["energy"] == pytest.approx(first[Path(r["input"]).name]["energy"], abs=1e-10)
+
+
+def test_skin_flag_reaches_the_neighbour_lists(tmp_path, monkeypatch):
+    """``--skin`` is the Verlet skin of the lists the engine builds (and a config's value
+    unless a flag overrides it)."""
+    from molopt import neighbors
+
+    skins = []
+    original = neighbors.build
+
+    def spy(*args, **kwargs):
+        skins.append(args[5] if len(args) > 5 else kwargs["skin"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(neighbors, "build", spy)
+    src = tmp_path / "ar.extxyz"
+    ase.io.write(src, bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2))
+    assert invoke("relax", src, "-o", tmp_path / "o1", "--skin", "0.3").exit_code == 0
+    assert skins and set(skins) == {0.3}
+    skins.clear()
+    config = tmp_path / "c.toml"
+    config.write_text("skin = 0.6\n")
+    assert invoke("relax", src, "-o", tmp_path / "o2", "-c", config).exit_code == 0
+    assert set(skins) == {0.6}
+    skins.clear()
+    assert invoke("relax", src, "-o", tmp_path / "o3", "-c", config, "--skin", "0.2").exit_code == 0
+    assert set(skins) == {0.2}
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("tight", dict(optimizer="lbfgs", fmax=1e-3, steps=20000, precision="float64")),
+        ("cell", dict(optimizer="fire", fmax=0.01, relax_cell=True)),
+        (
+            "screening",
+            dict(optimizer="fire2", fmax=0.05, precision="float32", trajectory_interval=0),
+        ),
+    ],
+)
+def test_presets_set_what_they_say(tmp_path, preset, expected):
+    """Each shipped preset's settings reach the run (recorded in /parameters) and act."""
+    from molopt.api import read_trajectory
+
+    atoms = bulk("Ar", "fcc", a=5.1, cubic=True).repeat(2)
+    atoms.rattle(0.1, seed=2)
+    ase.io.write(tmp_path / "ar.extxyz", atoms)
+    result = invoke("relax", tmp_path / "ar.extxyz", "-o", tmp_path / "o", "-c", preset, "--json")
+    assert result.exit_code == 0, result.output
+    (rec,) = records(result)
+    assert rec["status"] == "converged" and rec["fmax"] < expected["fmax"]
+    data = read_trajectory(tmp_path / "o" / "ar.h5md", as_atoms=False)
+    settings = data["parameters"]["settings"]
+    for key, value in expected.items():
+        assert settings[key] == value, key
+    if preset == "cell":
+        assert np.abs(data["cell"][-1] - data["cell"][0]).max() > 0.05  # the cell moved
+        assert "stress" in data
+    if preset == "screening":
+        assert len(data["step"]) == 2 and data["parameters"]["precision"] == "float32"
+
+
+def test_help_does_not_import_jax():
+    """``molopt --help`` and ``molopt relax --help`` stay instant: no JAX, no ASE io."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom molopt.cli import app\n"
+        "for args in (['--help'], ['relax', '--help'], ['train', '--help']):\n"
+        "    try:\n        app(args)\n    except SystemExit as e:\n        assert e.code == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'ase')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--fmax" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

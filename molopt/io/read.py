@@ -135,27 +135,38 @@ def discover(inputs: list[str], recursive: bool = False) -> list[Path]:
 
     Raises :class:`ConfigError` for a path that does not exist or a pattern matching nothing.
     """
-    found: list[Path] = []
+    return [path for path, _ in discover_with_places(inputs, recursive)]
+
+
+def discover_with_places(inputs: list[str], recursive: bool = False) -> list[tuple[Path, Path]]:
+    """Like :func:`discover`, each file with the folder its outputs go to, relative to the
+    output directory: ``Path(".")``, except for files found by a recursive search of a
+    directory, whose outputs mirror the input tree (``DIR/a/POSCAR`` -> ``a/POSCAR.h5md``),
+    so that files with the same name in different folders never collide."""
+    found: list[tuple[Path, Path]] = []
+    here = Path(".")
     for text in inputs:
         path = Path(text)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             found.extend(
-                p for p in sorted(path.glob(pattern)) if p.is_file() and _is_structure_file(p)
+                (p, p.parent.relative_to(path) if recursive else here)
+                for p in sorted(path.glob(pattern))
+                if p.is_file() and _is_structure_file(p)
             )
         elif path.exists():
-            found.append(path)
+            found.append((path, here))
         elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=recursive))
             matches = [m for m in matches if m.is_file() and _is_structure_file(m)]
             if not matches:
                 raise ConfigError(f"{text}: no structure files match this pattern")
-            found.extend(matches)
+            found.extend((m, here) for m in matches)
         else:
             raise ConfigError(f"{text}: no such file or directory")
-    unique: dict[str, Path] = {}
-    for p in found:
-        unique.setdefault(os.path.realpath(p), p)
+    unique: dict[str, tuple[Path, Path]] = {}
+    for p, place in found:
+        unique.setdefault(os.path.realpath(p), (p, place))
     return list(unique.values())
 
 
