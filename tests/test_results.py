@@ -139,6 +139,48 @@ def test_plot_writes_an_image(results):
         assert len(np.unique(pixels, axis=0)) > 50  # lines, not a blank canvas
 
 
+def test_plot_draws_each_trajectorys_energy_and_fmax(results, monkeypatch):
+    """The figure holds, per trajectory, E - E(final) and fmax (log scale) against the step,
+    read here with h5py alone, and the fmax target as a line (fails when a curve is not drawn
+    or is drawn from the wrong data)."""
+    import h5py
+    import matplotlib.figure
+
+    saved = []
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    files = [results / "results" / "ar108-fcc.h5md", results / "results" / "ar55-cluster.h5md"]
+    r = runner.invoke(app, ["plot", *map(str, files), "-o", str(results / "p.png")])
+    assert r.exit_code == 0, r.output
+    (fig,) = saved
+    ax_e, ax_f = fig.axes
+    assert ax_f.get_yscale() == "log"
+    energy_lines = {line.get_label(): line for line in ax_e.get_lines()}
+    fmax_lines = {line.get_label(): line for line in ax_f.get_lines()}
+    assert set(energy_lines) == {"ar108-fcc", "ar55-cluster"}
+    for path in files:
+        with h5py.File(path) as f:
+            step = f["particles/trajectory/position/step"][()]
+            energy = f["observables/potential_energy/value"][()]
+            fmax = f["observables/fmax/value"][()]
+        assert len(step) > 10
+        e_line, f_line = energy_lines[path.stem], fmax_lines[path.stem]
+        np.testing.assert_array_equal(e_line.get_xdata(), step)
+        np.testing.assert_allclose(e_line.get_ydata(), energy - energy[-1], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(f_line.get_xdata(), step)
+        np.testing.assert_array_equal(f_line.get_ydata(), fmax)
+    np.testing.assert_allclose(fmax_lines["fmax target"].get_ydata(), [1e-3, 1e-3])
+    saved.clear()
+    r = runner.invoke(app, ["plot", str(files[0]), "-o", str(results / "a.png"), "--no-relative"])
+    (fig,) = saved
+    with h5py.File(files[0]) as f:
+        energy = f["observables/potential_energy/value"][()]
+    np.testing.assert_array_equal(fig.axes[0].get_lines()[0].get_ydata(), energy)
+
+
 def test_read_trajectory_api(results):
     traj = results / "cellout" / "cell.h5md"
     frames = molopt.read_trajectory(traj)
@@ -215,10 +257,95 @@ def readme_examples():
     return re.findall(r"```python\n(# example: [^\n]+\n.*?)```", text, re.S)
 
 
+def _numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", line)]
+
+
+def _check_h5py(results, stdout):
+    """status, last step, final energy, max |F| of results/ar108-fcc.h5md."""
+    relaxed = ase.io.read(results / "results" / "ar108-fcc.extxyz")
+    status, step, energy, force = stdout.split()
+    assert status == "converged" and int(step) > 10
+    assert float(energy) == pytest.approx(relaxed.get_potential_energy(), abs=1e-9)
+    assert float(force) == pytest.approx(np.abs(relaxed.get_forces()).max(), rel=1e-6)
+    assert float(force) < 1e-3
+
+
+def _check_mdanalysis(results, stdout):
+    """Every tenth frame's number, step, energy and box; then the mean position and the max
+    force (kJ/mol/A) of the last frame, against h5py's reading of the same file."""
+    import h5py
+
+    with h5py.File(results / "results" / "ar108-fcc.h5md") as f:
+        energy = f["observables/potential_energy/value"][()]
+        positions = f["particles/trajectory/position/value"][-1]
+        forces = f["particles/trajectory/force_ev/value"][-1]
+        edges = f["particles/trajectory/box/edges/value"][()]
+    lines = stdout.strip().splitlines()
+    frames = lines[:-1]
+    assert len(frames) == len(range(0, len(energy), 10))
+    for k, line in zip(range(0, len(energy), 10), frames, strict=True):
+        values = _numbers(line)
+        assert values[:2] == [k, k]
+        assert values[2] == pytest.approx(energy[k], abs=1e-9)
+        np.testing.assert_allclose(values[3:6], np.linalg.norm(edges[k], axis=1), rtol=1e-6)
+    values = _numbers(lines[-1])
+    np.testing.assert_allclose(values[:3], positions.mean(axis=0), atol=1e-4)
+    assert values[3] == pytest.approx(forces.max() * 96.485332, rel=1e-5)
+
+
+def _check_api(results, stdout):
+    """The API relaxes the rattled Ar13 icosahedron as ASE's own LBFGS does (same fmax)."""
+    from ase.calculators.lj import LennardJones as AseLJ
+
+    energy, status = stdout.split()
+    atoms = Icosahedron("Ar", 2, latticeconstant=5.26)
+    atoms.rattle(0.1, seed=1)
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5, smooth=False)
+    LBFGS(atoms, logfile=None).run(fmax=1e-3)
+    assert status == "converged"
+    assert float(energy) == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+
+
+def _check_differentiable(results, stdout):
+    """da/dsigma of relaxed fcc argon from implicit differentiation equals a central finite
+    difference of lattice constants relaxed by ASE (FrechetCellFilter, ASE's LennardJones)."""
+    from ase.calculators.lj import LennardJones as AseLJ
+    from ase.filters import FrechetCellFilter
+
+    def lattice(sigma):
+        atoms = bulk("Ar", "fcc", a=5.3, cubic=True)
+        atoms.calc = AseLJ(epsilon=0.0104, sigma=sigma, rc=8.5, smooth=False)
+        LBFGS(FrechetCellFilter(atoms), logfile=None).run(fmax=1e-7, steps=2000)
+        return atoms.cell.lengths().mean()
+
+    a, dadsigma = _numbers(stdout)
+    assert a == pytest.approx(lattice(3.40), abs=1e-6)
+    h = 1e-3
+    finite_difference = (lattice(3.40 + h) - lattice(3.40 - h)) / (2 * h)
+    assert dadsigma == pytest.approx(finite_difference, rel=1e-4)
+
+
+README_CHECKS = {
+    "h5py": _check_h5py,
+    "MDAnalysis": _check_mdanalysis,
+    "API": _check_api,
+    "differentiable": _check_differentiable,
+}
+
+
+def test_every_readme_example_is_checked():
+    names = [code.splitlines()[0][11:] for code in readme_examples()]
+    assert sorted(names) == sorted(README_CHECKS)
+    text = (ROOT / "README.md").read_text()
+    assert text.count("```python") == len(names)  # no Python block escapes the checks
+
+
 @pytest.mark.parametrize("code", readme_examples(), ids=lambda c: c.splitlines()[0][11:])
 def test_readme_examples_run(results, code):
+    """Each Python example in the README runs as written, and what it prints is right."""
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=results, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip()
+    README_CHECKS[code.splitlines()[0][11:]](results, proc.stdout)
