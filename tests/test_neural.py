@@ -261,15 +261,16 @@ def test_gfn2_validation_table_recomputed():
         assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.25)
 
 
-def test_train_resume_evaluate_cli(tmp_path):
-    images = []
+def write_emt_cuau(path: Path, count: int, amplitude: float, first_seed: int = 0) -> Path:
+    """``count`` rattled Cu3Au cells labelled by ASE EMT (energy, forces, stress) as extxyz."""
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    for seed in range(12):
+    images = []
+    for seed in range(first_seed, first_seed + count):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
         atoms.numbers[0] = 79
-        atoms.rattle(0.1, seed=seed)
+        atoms.rattle(amplitude, seed=seed)
         atoms.calc = EMT()
         results = {
             "energy": atoms.get_potential_energy(),
@@ -278,26 +279,46 @@ def test_train_resume_evaluate_cli(tmp_path):
         }
         atoms.calc = SinglePointCalculator(atoms, **results)
         images.append(atoms)
-    ase.io.write(tmp_path / "data.extxyz", images)
-    config = tmp_path / "t.toml"
-    config.write_text(
+    ase.io.write(path, images)
+    return path
+
+
+def tiny_train_toml(path: Path, extra: str = "") -> Path:
+    path.write_text(
         'name = "tiny-cuau"\nreference_method = "EMT"\ncutoff = 4.0\n'
         "n_features = 8\nn_radial = 6\nn_layers = 1\nepochs = 2\n"
-        "batch_atoms = 16\nbatch_structures = 4\ncheckpoint_every = 1\n"
+        "batch_atoms = 16\nbatch_structures = 4\ncheckpoint_every = 1\n" + extra
     )
+    return path
+
+
+def test_train_resume_evaluate_cli(tmp_path):
+    write_emt_cuau(tmp_path / "data.extxyz", 12, 0.1)
+    config = tiny_train_toml(tmp_path / "t.toml")
     out = tmp_path / "model"
     args = ["train", str(tmp_path / "data.extxyz"), "-c", str(config), "-o", str(out)]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     card = (out / "tiny-cuau.toml").read_text()
     assert "weights_sha256" in card and "reference_method" in card
+    written = (out / "tiny-cuau.eqx").read_bytes()
+    # training is seeded (initial weights, split, batch order): a second run into the same
+    # directory without --resume starts over, ignores the checkpoints there and writes the
+    # same weights byte for byte
     again = runner.invoke(app, args)
-    assert again.exit_code == 0
-    assert (out / "tiny-cuau.eqx").read_bytes() == (out / "tiny-cuau.eqx").read_bytes()
+    assert again.exit_code == 0, again.output
+    assert (out / "tiny-cuau.eqx").read_bytes() == written
     resumed = runner.invoke(app, args + ["--resume", "--epochs", "3"])
     assert resumed.exit_code == 0, resumed.output
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 3
+    # --resume continues from the checkpointed weights and Adam moments: 2 epochs + resume to
+    # 3 is the 3-epoch run, bit for bit (all 9 steps are inside the 200-step warm-up, so the
+    # learning rate does not depend on the planned number of epochs)
+    straight = tmp_path / "straight"
+    done = runner.invoke(app, args[:-1] + [str(straight), "--epochs", "3"])
+    assert done.exit_code == 0, done.output
+    assert_same_training(out, straight, "tiny-cuau")
     evaluated = runner.invoke(
         app,
         [
@@ -314,6 +335,46 @@ def test_train_resume_evaluate_cli(tmp_path):
     assert set(metrics["per_element"]) == {"Cu", "Au"} and metrics["force_mae_meV_per_A"] > 0
     assert (tmp_path / "parity.png").stat().st_size > 1000
     shutil.rmtree(out)
+
+
+def assert_same_training(one: Path, other: Path, name: str):
+    """Two training output directories hold the same run: weights, best weights, optimizer
+    state (bytes), written potential and per-epoch history (all but the wall time)."""
+    for path in ("checkpoints/model.eqx", "checkpoints/optimizer.eqx", "checkpoints/best.eqx"):
+        assert (one / path).read_bytes() == (other / path).read_bytes(), path
+    assert (one / f"{name}.eqx").read_bytes() == (other / f"{name}.eqx").read_bytes()
+    states = [json.loads((d / "checkpoints" / "state.json").read_text()) for d in (one, other)]
+    for state in states:
+        del state["elapsed_s"]
+    assert states[0] == states[1]
+
+
+def test_fine_tuning_resume_continues_exactly_cli(tmp_path):
+    """``--init X --resume`` continues an interrupted fine-tuning from its checkpoint (weights
+    and Adam moments), not from X again: 2 epochs, then --resume to 3, is the 3-epoch run."""
+    data = write_emt_cuau(tmp_path / "data.extxyz", 12, 0.1)
+    config = tiny_train_toml(tmp_path / "t.toml")
+    start = PaiNN(
+        [29, 79], cutoff=4.0, n_features=8, n_radial=6, n_layers=1, key=jax.random.PRNGKey(5)
+    )
+    init = save_neural(start, tmp_path / "start", "start", {"description": "test"})
+    args = ["train", str(data), "-c", str(config), "--init", str(init), "-o"]
+    for extra in (["cut", "--epochs", "2"], ["cut", "--resume", "--epochs", "3"]):
+        result = runner.invoke(app, args[:-1] + ["-o", str(tmp_path / extra[0]), *extra[1:]])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, args + [str(tmp_path / "straight"), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert_same_training(tmp_path / "cut", tmp_path / "straight", "tiny-cuau")
+    # the resumed run did train: its weights are not the starting potential's
+    import equinox as eqx
+
+    tuned = load(str(tmp_path / "cut" / "tiny-cuau.toml")).potential
+    pairs = zip(
+        jax.tree.leaves(eqx.filter(tuned, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(load(str(init)).potential, eqx.is_array)),
+        strict=True,
+    )
+    assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
 def emt_copper(count: int, amplitude: float):
