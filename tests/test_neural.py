@@ -349,6 +349,53 @@ def assert_same_training(one: Path, other: Path, name: str):
     assert states[0] == states[1]
 
 
+def test_train_valid_and_test_files_cli(tmp_path):
+    """--valid FILE is the validation set (all of DATA trains; the validation figures in the
+    history are the best weights' errors on FILE), and --test FILE's errors in the model card
+    are what ``molopt evaluate`` gives for the written potential on that file."""
+    import tomllib
+
+    from molopt.training.data import read_labelled
+    from molopt.training.evaluate import errors
+
+    data = write_emt_cuau(tmp_path / "data.extxyz", 12, 0.1)
+    # larger rattles than the training data: errors on them stand apart from a split's
+    valid = write_emt_cuau(tmp_path / "valid.extxyz", 4, 0.25, first_seed=100)
+    test = write_emt_cuau(tmp_path / "test.extxyz", 5, 0.2, first_seed=200)
+    config = tiny_train_toml(tmp_path / "t.toml")
+    out = tmp_path / "model"
+    result = runner.invoke(
+        app,
+        ["train", str(data), "--valid", str(valid), "--test", str(test), "-c", str(config)]
+        + ["-o", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    written = out / "tiny-cuau.toml"
+    card = tomllib.loads(written.read_text())
+    assert (card["training"]["n_train"], card["training"]["n_valid"]) == (12, 4)
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    kept = state["history"][state["best_epoch"]]
+    potential = load(str(written)).potential
+    on_valid = errors(potential, read_labelled([valid]))
+    on_data = errors(potential, read_labelled([data]))
+    # training validates in float32, errors() in float64 (same float32 weights)
+    for key in ("energy_mae_meV_per_atom", "force_mae_meV_per_A", "force_rmse_meV_per_A"):
+        assert kept[f"valid_{key}"] == pytest.approx(on_valid[key], rel=1e-5), key
+        assert abs(on_data[key] - on_valid[key]) > 0.1 * on_valid[key], key
+    evaluated = runner.invoke(app, ["evaluate", str(written), str(test), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    measured = json.loads(evaluated.stdout)
+    assert card["errors"]["test_data"] == [str(test)]
+    assert measured["n_configurations"] == 5 and "stress_mae_meV_per_A3" in measured
+    for key, value in measured.items():
+        if isinstance(value, float):
+            assert card["errors"][key] == pytest.approx(value, rel=1e-9), key
+    for symbol, figures in measured["per_element"].items():
+        for key, value in figures.items():
+            assert card["errors"]["per_element"][symbol][key] == pytest.approx(value, rel=1e-9)
+    assert measured["force_mae_meV_per_A"] != pytest.approx(on_valid["force_mae_meV_per_A"])
+
+
 def test_fine_tuning_resume_continues_exactly_cli(tmp_path):
     """``--init X --resume`` continues an interrupted fine-tuning from its checkpoint (weights
     and Adam moments), not from X again: 2 epochs, then --resume to 3, is the 3-epoch run."""
