@@ -16,7 +16,7 @@ GPA = 1.0 / 160.21766208
 
 OPTIMIZER_NAMES = ("fire", "fire2", "lbfgs", "gd")
 OPTIMIZER_OPTIONS = {
-    "fire": {"dt", "maxstep", "dtmax", "n_min", "finc", "fdec", "astart", "fa"},
+    "fire": {"dt", "maxstep", "dtmax", "n_min", "finc", "fdec", "astart", "fa", "a"},
     "fire2": {"dt", "maxstep", "dtmax", "dtmin", "n_min", "finc", "fdec", "astart", "fa"},
     "lbfgs": {"maxstep", "memory", "damping", "alpha"},
     "gd": {"maxstep", "alpha"},

@@ -59,6 +59,32 @@ def test_parity_with_ase_fixed_cell(argon, name, make):
     np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("fire2", {"dtmin": 0.06}),  # every back-off clamps dt at dtmin
+        ("fire", {"dt": 0.05, "n_min": 3, "finc": 1.2, "astart": 0.2, "a": 0.15}),
+        ("lbfgs", {"memory": 5, "alpha": 50.0, "maxstep": 0.1}),
+    ],
+)
+def test_parity_with_ase_non_default_options(argon, name, options):
+    """Optimizer options other than the defaults keep ASE's step rules step for step."""
+    ase_names = {"n_min": "Nmin"}
+    atoms = cluster()
+    ref = atoms.copy()
+    ref.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    opt = ASE_OPTIMIZERS[name](
+        ref, logfile=None, **{ase_names.get(k, k): v for k, v in options.items()}
+    )
+    opt.run(fmax=1e-3, steps=5000)
+    result = molopt_relax(
+        atoms, argon, name, fmax=1e-3, optimizer_options=tuple(sorted(options.items()))
+    )
+    assert result.status == "converged"
+    assert result.steps == opt.nsteps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+
+
 @pytest.mark.parametrize("name", ["fire", "lbfgs"])
 @pytest.mark.parametrize("pressure_gpa", [0.0, 0.5])
 def test_parity_with_ase_frechet_cell_filter(argon, name, pressure_gpa):

@@ -28,11 +28,11 @@ class FireState:
     started: jax.Array
 
 
-def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype) -> dict:
+def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype, alpha: float) -> dict:
     return dict(
         velocity=jnp.zeros((n_rows, 3), dtype),
         dt=jnp.full((n_systems,), optimizer.dt, dtype),
-        alpha=jnp.full((n_systems,), optimizer.astart, dtype),
+        alpha=jnp.full((n_systems,), alpha, dtype),
         n_positive=jnp.zeros((n_systems,), jnp.int32),
         started=jnp.zeros((n_systems,), bool),
     )
@@ -41,7 +41,8 @@ def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype) -> dict:
 @dataclass(frozen=True)
 class FIRE:
     """ASE ``FIRE`` defaults: dt 0.1, maxstep 0.2 A (norm of the whole step), dtmax 1.0,
-    Nmin 5, finc 1.1, fdec 0.5, astart 0.1, fa 0.99."""
+    Nmin 5, finc 1.1, fdec 0.5, astart 0.1, fa 0.99, a 0.1. As in ASE, ``a`` is the mixing
+    parameter alpha at the start and ``astart`` the value it is reset to on uphill power."""
 
     dt: float = 0.1
     maxstep: float = 0.2
@@ -51,11 +52,12 @@ class FIRE:
     fdec: float = 0.5
     astart: float = 0.1
     fa: float = 0.99
+    a: float = 0.1
 
     name = "fire"
 
     def init(self, n_rows: int, n_systems: int, dtype) -> FireState:
-        return FireState(**_initial_fields(self, n_rows, n_systems, dtype))
+        return FireState(**_initial_fields(self, n_rows, n_systems, dtype, self.a))
 
     def step(self, state: FireState, x, forces, active, rows: Rows):
         """One step for the ``active`` (S,) systems; returns (state, displacement (R, 3),
@@ -132,7 +134,7 @@ class FIRE2:
 
     def init(self, n_rows: int, n_systems: int, dtype) -> Fire2State:
         return Fire2State(
-            **_initial_fields(self, n_rows, n_systems, dtype),
+            **_initial_fields(self, n_rows, n_systems, dtype, self.astart),
             backed_off=jnp.zeros((n_systems,), bool),
         )
 
