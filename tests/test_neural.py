@@ -227,6 +227,46 @@ def test_potential_chosen_automatically_for_metals(tmp_path):
     assert result.exit_code == 0 and "nn-emt-metals" in result.stderr
 
 
+def readme_row(name: str) -> str:
+    """The README's table row of the shipped potential ``name``."""
+    rows = [r for r in (ROOT / "README.md").read_text().splitlines() if r.startswith(f"| `{name}`")]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+@pytest.mark.parametrize("name", ["nn-emt-metals", "nn-gfn2-chno"])
+def test_shipped_network_test_errors_equal_its_card(name):
+    """The shipped networks' test-set errors, recomputed on the card's test data, equal the
+    card's figures (which round to the README's). The evaluation is float64 and deterministic
+    (it reproduces the cards to ~1e-14 meV); 0.01 meV/A and meV/atom leave room for another
+    summation order and catch any change of the weights, the model or the data (about 35 s on
+    2 cores for both)."""
+    from molopt.training.data import read_labelled
+    from molopt.training.evaluate import errors
+
+    spec = load(name)
+    card = spec.data["errors"]
+    got = errors(spec.potential, read_labelled([ROOT / p for p in card["test_data"]]))
+    assert (got["n_configurations"], got["n_atoms"]) == (
+        card["n_configurations"],
+        card["n_atoms"],
+    )
+    for key in (
+        "energy_mae_meV_per_atom",
+        "energy_rmse_meV_per_atom",
+        "force_mae_meV_per_A",
+        "force_rmse_meV_per_A",
+    ):
+        assert got[key] == pytest.approx(card[key], abs=0.01), key
+    assert set(got["per_element"]) == set(card["per_element"])
+    for symbol, figures in card["per_element"].items():
+        mae = got["per_element"][symbol]["force_mae_meV_per_A"]
+        assert mae == pytest.approx(figures["force_mae_meV_per_A"], abs=0.01), symbol
+    # the README's claim, e.g. "4.3 meV/A (energy 4.5 meV/atom)", is the card's, rounded
+    force, energy = card["force_mae_meV_per_A"], card["energy_mae_meV_per_atom"]
+    assert f"| {force:.1f} meV/A (energy {energy:.1f} meV/atom) |" in readme_row(name)
+
+
 def test_validation_table_recomputed_on_a_subset():
     import sys
 
