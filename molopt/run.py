@@ -62,7 +62,6 @@ def _engine_settings(settings: RunSettings):
         batch_size=settings.batch_size,
         max_batch_atoms=settings.max_batch_atoms,
         trajectory_interval=settings.trajectory_interval,
-        check_hessian=settings.check_hessian,
     )
 
 
@@ -426,7 +425,12 @@ def relax_files(
         potential = spec.potential
         frame_of = {key: frames[key] for key, _ in items}
         sink = OutputSink(frame_of, settings, spec, emit)
-        engine = Engine(potential, _engine_settings(settings), sink, progress)
+        after_converged = None
+        if settings.check_hessian:
+            from molopt.analysis.saddle import SaddleEscape
+
+            after_converged = SaddleEscape()
+        engine = Engine(potential, _engine_settings(settings), sink, progress, after_converged)
         try:
             engine.relax(items)
             sink.flush()

@@ -102,27 +102,22 @@ def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
     )
 
 
-def test_tail_compaction_prices_the_batch_it_would_build(argon):
+def test_tail_compaction_prices_the_batch_it_would_build():
     """The idle fraction a compaction would save is measured against the bucket the
     compacted batch would really get (the fine ladder, as ``plan_layout`` builds it)."""
-    from types import SimpleNamespace
-
     from molopt.batch import bucket, plan_layout
+    from molopt.engine import policy
 
     sizes = [1000, 1000, 1000, 1000, 1000]  # 5,000 atoms still running in a 32,768-atom batch
-    live = SimpleNamespace(
-        layout=plan_layout([1000] * 32),
-        items=[SimpleNamespace(structure=SimpleNamespace(n_atoms=n)) for n in sizes],
-        wasted_s=0.0,
-        idle_fraction=0.0,
+    layout = plan_layout([1000] * 32)
+    A = layout.n_padded_atoms
+    repack, idle = policy.should_repack(
+        layout, sizes, False, 0, 0.0, policy.Idle(), lambda target: float("inf")
     )
-    engine = E.Engine(argon, EngineSettings())
-    engine.compaction_cost = float("inf")
-    A = live.layout.n_padded_atoms
-    assert not engine._should_repack(live, list(range(5)), [], set(), 0.0)
+    assert not repack
     target = plan_layout(sizes).n_padded_atoms
     assert target != bucket(sum(sizes))  # (5,120 on the fine ladder, 6,144 on the coarse)
-    assert live.idle_fraction == pytest.approx(1.0 - target / A)
+    assert idle.fraction == pytest.approx(1.0 - target / A)
 
 
 def test_new_mix_in_same_bucket_does_not_recompile(argon):
@@ -216,7 +211,7 @@ def test_neighbour_list_rebuilds_keep_results_exact(argon):
 def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
     """XLA:CPU maps compiled code into memory; near Linux's per-process mapping cap the next
     compilation would crash the process, so relax() drops compiled code first."""
-    import molopt._jax as J
+    import molopt.startup as J
 
     if J._map_limit() is None:
         pytest.skip("no /proc/sys/vm/max_map_count on this system")

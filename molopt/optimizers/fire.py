@@ -11,21 +11,19 @@ import jax
 import jax.numpy as jnp
 
 from molopt.optimizers.rows import Rows, select_state
+from molopt.scopes import ROW, SYSTEM, batched_state, scoped
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+@batched_state
 class FireState:
     """``velocity`` (R, 3); per system ``dt``, ``alpha``, ``n_positive`` and ``started``
     (ASE's ``vel is None`` on the first step)."""
 
-    ROW_FIELDS = ("velocity",)
-
-    velocity: jax.Array
-    dt: jax.Array
-    alpha: jax.Array
-    n_positive: jax.Array
-    started: jax.Array
+    velocity: jax.Array = scoped(ROW)
+    dt: jax.Array = scoped(SYSTEM)
+    alpha: jax.Array = scoped(SYSTEM)
+    n_positive: jax.Array = scoped(SYSTEM)
+    started: jax.Array = scoped(SYSTEM)
 
 
 def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype, alpha: float) -> dict:
@@ -93,20 +91,17 @@ class FIRE:
         return new, jnp.where(rows.expand(active), dr, 0.0), jnp.ones_like(active)
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+@batched_state
 class Fire2State:
     """As :class:`FireState`, plus ``backed_off`` (S,): the last call only stepped back half
     a step (negative power) and the Euler move follows at the re-evaluated forces."""
 
-    ROW_FIELDS = ("velocity",)
-
-    velocity: jax.Array
-    dt: jax.Array
-    alpha: jax.Array
-    n_positive: jax.Array
-    started: jax.Array
-    backed_off: jax.Array
+    velocity: jax.Array = scoped(ROW)
+    dt: jax.Array = scoped(SYSTEM)
+    alpha: jax.Array = scoped(SYSTEM)
+    n_positive: jax.Array = scoped(SYSTEM)
+    started: jax.Array = scoped(SYSTEM)
+    backed_off: jax.Array = scoped(SYSTEM)
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,16 @@ import jax
 import jax.numpy as jnp
 
 from molopt.optimizers.rows import Rows, select_state
+from molopt.scopes import ROW, SYSTEM, batched_state, scoped
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+@batched_state
 class GdState:
     """Previous coordinates ``x0`` and forces ``f0`` (R, 3); ``started`` (S,)."""
 
-    ROW_FIELDS = ("x0", "f0")
-
-    x0: jax.Array
-    f0: jax.Array
-    started: jax.Array
+    x0: jax.Array = scoped(ROW)
+    f0: jax.Array = scoped(ROW)
+    started: jax.Array = scoped(SYSTEM)
 
 
 @dataclass(frozen=True)

@@ -17,26 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from molopt.optimizers.rows import Rows, select_state
+from molopt.scopes import ROW, SYSTEM, batched_state, scoped
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+@batched_state
 class LbfgsState:
     """History ``s``/``y`` (m, R, 3) and ``rho`` (m, S) in a ring whose next slot is
     ``pointer`` (S,) (equal for all systems of a batch); ``iteration`` (S,); previous
     coordinates ``x0`` and forces ``f0`` (R, 3)."""
 
-    ROW_FIELDS = ("s", "y", "x0", "f0")
-    ROW_AXIS = {"s": 1, "y": 1}
-    SYSTEM_AXIS = {"rho": 1}
-
-    s: jax.Array
-    y: jax.Array
-    rho: jax.Array
-    pointer: jax.Array
-    iteration: jax.Array
-    x0: jax.Array
-    f0: jax.Array
+    s: jax.Array = scoped(ROW, axis=1)
+    y: jax.Array = scoped(ROW, axis=1)
+    rho: jax.Array = scoped(SYSTEM, axis=1)
+    pointer: jax.Array = scoped(SYSTEM)
+    iteration: jax.Array = scoped(SYSTEM)
+    x0: jax.Array = scoped(ROW)
+    f0: jax.Array = scoped(ROW)
 
 
 @dataclass(frozen=True)

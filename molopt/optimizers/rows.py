@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from molopt.batch import system_max, system_sum
+from molopt.scopes import ROW, scope_of
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,9 @@ class Rows:
         return per_system[index][:, None]
 
 
-def field_axis(state_type, name: str) -> tuple[str, int]:
-    """('row' | 'system', axis) of a state field: fields named in ``ROW_FIELDS`` are indexed
-    by rows, the others by systems, along axis 0 unless ``ROW_AXIS``/``SYSTEM_AXIS`` say."""
-    if name in state_type.ROW_FIELDS:
-        return "row", getattr(state_type, "ROW_AXIS", {}).get(name, 0)
-    return "system", getattr(state_type, "SYSTEM_AXIS", {}).get(name, 0)
-
-
 def select_state(active, new, old, rows: Rows, masked: tuple[str, ...] = ()):
-    """Per-field ``where(active, new, old)`` for an optimizer state (see :func:`field_axis`).
+    """Per-field ``where(active, new, old)`` for an optimizer state (per row or per system,
+    as each field's scope declares: :mod:`molopt.scopes`).
 
     Fields named in ``masked`` are taken from ``new`` as they are: the step already left
     inactive systems' entries untouched there (large histories are not read and written
@@ -51,9 +45,9 @@ def select_state(active, new, old, rows: Rows, masked: tuple[str, ...] = ()):
         if f.name in masked:
             values[f.name] = n
             continue
-        kind, axis = field_axis(type(new), f.name)
+        scope, axis = scope_of(type(new), f.name)
         mask = active
-        if kind == "row":
+        if scope == ROW:
             mask = active[jnp.minimum(rows.system_idx, rows.n_systems - 1)]
         shape = [1] * n.ndim
         shape[axis] = mask.shape[0]

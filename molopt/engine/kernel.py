@@ -1,0 +1,258 @@
+"""The one jit boundary of a relaxation: :func:`initial_state`, :func:`advance` (a bounded
+loop of up to ``chunk`` optimizer steps over a padded batch, each system with its own
+optimizer state, step count and status, recording every step into a preallocated buffer and
+stopping early when every system has finished or some system's neighbour list has gone
+stale) and :func:`evaluate_once`. No IO, no exceptions, no host syncs in here."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax.numpy as jnp
+import numpy as np
+
+from molopt import neighbors as nl
+from molopt._jax import jax
+from molopt.batch import Batch, system_sum
+from molopt.engine.state import Program, RelaxState, Status, StepBuffer
+from molopt.optimizers import cell as cellfilter
+from molopt.optimizers.rows import Rows
+from molopt.potentials.base import PotentialMethods as Potential
+
+RUNNING, CONVERGED, NOT_CONVERGED, FAILED = (int(s) for s in Status)
+
+
+def _rows(batch: Batch, program: Program) -> Rows:
+    idx = batch.system_idx
+    if program.variable_cell:
+        cell_rows = jnp.repeat(jnp.arange(batch.n_systems, dtype=idx.dtype), 3)
+        idx = jnp.concatenate([idx, cell_rows])
+    return Rows(idx, batch.n_systems)
+
+
+def _movable(batch: Batch, program: Program):
+    movable = batch.atom_mask & ~batch.fixed
+    if program.variable_cell:
+        movable = jnp.concatenate([movable, jnp.repeat(batch.system_mask, 3)])
+    return movable
+
+
+def _physical(x, cell0, batch, program, reference):
+    if program.variable_cell:
+        return cellfilter.to_physical(x, batch.system_idx, reference)
+    return x, cell0, None
+
+
+def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, targets):
+    """Forces etc. at ``state.x``; updates step counts and statuses of active systems."""
+    rows = _rows(batch, program)
+    positions, cell, F = _physical(state.x, state.cell, batch, program, reference)
+    ev = potential.evaluate(positions, cell, batch, nbrs, program.stress or program.variable_cell)
+    forces = jnp.where(batch.atom_mask[:, None], ev.forces, 0.0)
+    constrained = jnp.where(batch.fixed[:, None], 0.0, forces)
+    if program.variable_cell:
+        generalized = cellfilter.generalized_forces(
+            state.x, constrained, ev.dE_dstrain, cell, F, batch.system_idx, reference
+        )
+    else:
+        generalized = constrained
+    fmax = rows.max_norm(generalized)
+    bad_rows = ~jnp.all(jnp.isfinite(generalized), axis=1)
+    bad = (system_sum(bad_rows.astype(jnp.int32), rows.system_idx, batch.n_systems) > 0) | (
+        ~jnp.isfinite(ev.energy)
+    )
+    running = (state.status == RUNNING) & batch.system_mask
+    counted = running & state.completes
+    n_steps = state.n_steps + (counted & state.pending).astype(jnp.int32)
+    status = state.status
+    status = jnp.where(running & bad, FAILED, status)
+    status = jnp.where(counted & ~bad & (fmax < targets.fmax), CONVERGED, status)
+    status = jnp.where(
+        (status == RUNNING) & counted & (n_steps >= targets.max_steps), NOT_CONVERGED, status
+    )
+    updated = dataclasses.replace(
+        state,
+        positions=positions,
+        cell=cell,
+        forces=forces,
+        generalized=generalized,
+        energy=ev.energy,
+        dE_dstrain=ev.dE_dstrain,
+        fmax=fmax,
+        n_steps=n_steps,
+        status=status,
+        pending=jnp.asarray(False),
+    )
+    # systems that were not running keep every evaluated quantity as it was
+    return _keep_finished(updated, state, running, batch, program), counted
+
+
+def _keep_finished(new: RelaxState, old: RelaxState, running, batch, program):
+    atom_running = running[jnp.minimum(batch.system_idx, batch.n_systems - 1)]
+    rows = _rows(batch, program)
+    row_running = running[jnp.minimum(rows.system_idx, batch.n_systems - 1)]
+    out = {}
+    for name in ("positions", "forces", "generalized", "energy", "dE_dstrain", "fmax", "cell"):
+        n, o = getattr(new, name), getattr(old, name)
+        mask = {"positions": atom_running, "forces": atom_running, "generalized": row_running}.get(
+            name, running
+        )
+        out[name] = jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+    return dataclasses.replace(new, **out)
+
+
+@partial(jax.jit, static_argnames=("program",))
+def initial_state(x, cell, batch, program: Program) -> RelaxState:
+    """The state before step 0, nothing evaluated yet: ``pending``, with ``n_steps`` at -1
+    so that the evaluation of the pending "move" (the first thing :func:`advance` does;
+    ``limit`` 0 to do only that) counts it as step 0: converged already if fmax < target,
+    "not converged" if max_steps is 0 (evaluate only). A program of its own this small
+    costs next to nothing to trace and load; one that evaluated would trace the potential a
+    second time."""
+    n_rows = x.shape[0]
+    dtype = x.dtype
+    S = batch.n_systems
+    return RelaxState(
+        x=x,
+        positions=x[: batch.n_padded_atoms],
+        cell=cell,
+        forces=jnp.zeros((batch.n_padded_atoms, 3), dtype),
+        generalized=jnp.zeros((n_rows, 3), dtype),
+        energy=jnp.zeros((S,), dtype),
+        dE_dstrain=jnp.zeros((S, 3, 3), dtype),
+        fmax=jnp.zeros((S,), dtype),
+        n_steps=jnp.where(batch.system_mask, -1, 0).astype(jnp.int32),
+        status=jnp.where(batch.system_mask, RUNNING, NOT_CONVERGED).astype(jnp.int32),
+        completes=jnp.ones((S,), bool),
+        pending=jnp.asarray(True),
+        opt=program.optimizer.init(n_rows, S, dtype),
+    )
+
+
+def _empty_frames(state: RelaxState, k: int) -> StepBuffer:
+    def buf(a, dtype=None):
+        return jnp.zeros((k,) + a.shape, dtype or a.dtype)
+
+    return StepBuffer(
+        positions=buf(state.positions),
+        forces=buf(state.forces),
+        energy=buf(state.energy),
+        fmax=buf(state.fmax),
+        step=buf(state.n_steps),
+        cell=buf(state.cell),
+        dE_dstrain=buf(state.dE_dstrain),
+        recorded=buf(state.status, bool),
+    )
+
+
+@partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
+def advance(state: RelaxState, batch, nbrs, potential, reference, targets, program: Program, limit):
+    """Run up to ``min(program.chunk, limit)`` steps (``limit`` a traced int: 0 only
+    evaluates a pending move). Returns (state, frames, n_frames, stale (S,)).
+
+    Each iteration moves every running system, then evaluates. When a system's neighbour
+    list went stale with that move, the evaluation is discarded, the state is left
+    ``pending`` and the loop stops: the host rebuilds the list and the next call evaluates
+    first. No ``cond`` carries the big buffers (XLA would copy them every step).
+    """
+    rows = _rows(batch, program)
+    movable = _movable(batch, program)[:, None]
+    evaluated_fields = (
+        "positions",
+        "cell",
+        "forces",
+        "generalized",
+        "energy",
+        "dE_dstrain",
+        "fmax",
+        "n_steps",
+        "status",
+        "pending",
+    )
+
+    def record(frames: StepBuffer, n, s: RelaxState, counted) -> StepBuffer:
+        if not program.record:
+            return frames
+        values = dict(
+            positions=s.positions,
+            forces=s.forces,
+            energy=s.energy,
+            fmax=s.fmax,
+            step=s.n_steps,
+            cell=s.cell,
+            dE_dstrain=s.dE_dstrain,
+            recorded=counted,
+        )
+        return StepBuffer(**{k: getattr(frames, k).at[n].set(v) for k, v in values.items()})
+
+    def finish_pending(args):
+        s, frames = args
+        s, counted = _evaluate(s, batch, nbrs, potential, program, reference, targets)
+        return s, record(frames, 0, s, counted), jnp.asarray(1)
+
+    def nothing_pending(args):
+        s, frames = args
+        return s, frames, jnp.asarray(0)
+
+    def body(carry):
+        s, frames, n, _ = carry
+        active = (s.status == RUNNING) & batch.system_mask
+        opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active, rows)
+        moved = dataclasses.replace(
+            s,
+            x=s.x + jnp.where(movable, dx, 0.0),
+            opt=opt,
+            pending=jnp.asarray(True),
+            completes=completes,
+        )
+        positions, cell, _ = _physical(moved.x, s.cell, batch, program, reference)
+        stale = (
+            nl.stale_systems(
+                positions, cell, batch.system_idx, batch.system_mask, nbrs, program.variable_cell
+            )
+            & active
+        )
+        ok = ~jnp.any(stale)
+        evaluated, counted = _evaluate(moved, batch, nbrs, potential, program, reference, targets)
+        s = dataclasses.replace(
+            moved,
+            **{
+                name: jnp.where(ok, getattr(evaluated, name), getattr(moved, name))
+                for name in evaluated_fields
+            },
+        )
+        frames = record(frames, n, s, counted & ok)
+        return s, frames, n + ok.astype(n.dtype), stale
+
+    def keep_going(carry):
+        s, _, n, stale = carry
+        running = jnp.any((s.status == RUNNING) & batch.system_mask)
+        return (n < jnp.minimum(program.chunk, limit)) & running & ~jnp.any(stale)
+
+    frames = _empty_frames(state, program.chunk if program.record else 1)
+    state, frames, n0 = jax.lax.cond(
+        state.pending, finish_pending, nothing_pending, (state, frames)
+    )
+    stale0 = jnp.zeros((batch.n_systems,), bool)
+    state, frames, n_frames, stale = jax.lax.while_loop(
+        keep_going, body, (state, frames, n0, stale0)
+    )
+    return state, frames, n_frames, stale
+
+
+@partial(jax.jit, static_argnames=("stress",))
+def evaluate_once(positions, cell, batch, nbrs, potential, stress: bool):
+    """Plain energy/forces(/dE_dstrain) of a packed batch (for final results, the API)."""
+    return potential.evaluate(positions, cell, batch, nbrs, stress)
+
+
+def cast_potential(potential: Potential, dtype):
+    """The potential with its floating-point leaves in ``dtype``, on the device."""
+
+    def cast(a):
+        if isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating):
+            return jax.device_put(np.asarray(a, dtype))
+        return a
+
+    return jax.tree.map(cast, potential)

@@ -1,0 +1,90 @@
+"""Batching decisions, as pure host functions: which queued structures join a batch, and
+when a running batch should be repacked (refilled from the queue, or compacted into a
+smaller bucket once most of it is idle). The scheduler asks; nothing here touches a device."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from molopt.batch import Layout, plan_layout
+
+
+def admit(queue: deque, keep: list, batch_size: int, max_batch_atoms: int) -> list:
+    """Items for the next batch: ``keep`` (still running) plus queued ones that fit, in queue
+    order, taken from ``queue``. A batch holds at most ``batch_size`` structures and, unless
+    one structure alone is bigger, ``max_batch_atoms`` atoms; periodic structures and
+    molecules are never mixed (periodic images need many more neighbour slots)."""
+    chosen = list(keep)
+    atoms = sum(it.structure.n_atoms for it in chosen)
+    periodic = chosen[0].structure.pbc.any() if chosen else None
+    while queue and len(chosen) < batch_size:
+        n = queue[0].structure.n_atoms
+        if chosen and atoms + n > max_batch_atoms:
+            break
+        if periodic is not None and bool(queue[0].structure.pbc.any()) != periodic:
+            break
+        periodic = bool(queue[0].structure.pbc.any())
+        chosen.append(queue.popleft())
+        atoms += n
+    return chosen
+
+
+@dataclass(frozen=True)
+class Idle:
+    """A batch's idle account: device seconds it has wasted since it became sparse, and the
+    fraction of its padded atoms a compacted batch would drop (what the next chunk wastes)."""
+
+    wasted_s: float = 0.0
+    fraction: float = 0.0
+
+
+def should_repack(
+    layout: Layout,
+    running_sizes: Sequence[int],
+    waiting: bool,
+    n_done: int,
+    computed_s: float,
+    idle: Idle,
+    compaction_cost: Callable[[Layout], float],
+) -> tuple[bool, Idle]:
+    """Whether to repack a batch of ``layout`` whose running systems have ``running_sizes``
+    atoms, and its idle account after the chunk just computed (``computed_s`` device
+    seconds, run at the idle fraction seen when it was launched).
+
+    With structures waiting: refill when a quarter of the padded atoms or of the systems is
+    free. With none waiting: compact once three quarters are idle *and* the device time the
+    sparse batch has wasted has reached what starting the compacted batch costs
+    (``compaction_cost(target layout)``): rent or buy, never more than twice the better of
+    the two choices. A short tail then finishes where it is, a long one still moves."""
+    A = layout.n_padded_atoms
+    atoms = sum(running_sizes)
+    if waiting:
+        free_atoms = A - atoms
+        return free_atoms >= A // 4 or n_done >= max(1, layout.n_systems // 4), idle
+    target = plan_layout(list(running_sizes))
+    smaller = target.n_padded_atoms
+    sparse = smaller <= A // 4 or (
+        len(running_sizes) <= layout.n_systems // 4 and layout.n_systems > 4
+    )
+    wasted = idle.wasted_s + computed_s * idle.fraction
+    idle = Idle(wasted, max(0.0, 1.0 - smaller / A) if sparse else 0.0)
+    if not sparse:
+        return False, idle
+    return wasted >= compaction_cost(target), idle
+
+
+def compaction_cost(
+    target: Layout, shapes_seen: set, start_cost: dict, override: float | None = None
+) -> float:
+    """Seconds a move to a batch of layout ``target`` is expected to cost: ``override`` when
+    given, else the most a start of a batch of a new shape has cost (``start_cost['new']``),
+    or, when the compacted shape has run before (in ``shapes_seen``), the most a start of a
+    known shape has (``start_cost['known']``)."""
+    if override is not None:
+        return override
+    known = any(k[:2] == (target.n_padded_atoms, target.n_systems) for k in shapes_seen)
+    if known and "known" in start_cost:
+        return start_cost["known"]
+    return start_cost.get("new", 0.0)

@@ -1,0 +1,367 @@
+"""The host loop: take structures from a queue into padded batches, advance each batch in
+compiled chunks, retire what finished (reporting it), and repack running systems into a new
+batch when the batching policy says so. Batching decisions live in :mod:`~molopt.engine.policy`,
+moving systems in :mod:`~molopt.engine.transplant`, frames and results in
+:mod:`~molopt.engine.reporting`; the compiled programs in :mod:`~molopt.engine.kernel`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from molopt import interrupt
+from molopt import neighbors as nl
+from molopt._jax import jax, relieve_mapping_pressure
+from molopt.batch import Batch, Layout, pack, plan_layout
+from molopt.engine import policy, transplant
+from molopt.engine.kernel import advance, cast_potential, evaluate_once, initial_state
+from molopt.engine.reporting import Item, NullSink, RelaxResult, Reporter, Sink, snapshot
+from molopt.engine.settings import EngineSettings, chunk_for
+from molopt.engine.state import Program, RelaxState, Status, Targets
+from molopt.optimizers import cell as cellfilter
+from molopt.potentials.base import PotentialMethods as Potential
+from molopt.structure import Structure
+
+#: Called with each converged result, the number of restarts so far and the engine's
+#: potential; returns a structure to relax again in its place (the result is then not
+#: reported), or None to accept it. It may add entries to ``result.extra``.
+AfterConverged = Callable[[RelaxResult, int, Any], "Structure | None"]
+
+
+@dataclass
+class LiveBatch:
+    """One batch on the device, and what the policy tracks about it."""
+
+    items: list
+    layout: Layout
+    batch: Batch
+    nbrs_host: nl.HostNeighbors
+    nbrs: nl.Neighbors
+    reference: Any
+    state: RelaxState
+    program: Program
+    cells0: np.ndarray
+    pbc: np.ndarray = field(default=None)
+    # what starting this batch cost (packing, neighbours, tracing and compiling or loading its
+    # programs, and the first regular ``advance`` call's dispatch) and whether its shape was
+    # new; its idle account for the compaction decision (:func:`policy.should_repack`)
+    setup_s: float = 0.0
+    new_shape: bool = True
+    idle: policy.Idle = field(default_factory=policy.Idle)
+    advanced: bool = False
+
+
+class Engine:
+    """Host loop. ``relax(items)`` with ``items`` a sequence of (key, Structure)."""
+
+    def __init__(
+        self,
+        potential: Potential,
+        settings: EngineSettings,
+        sink: Sink | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        after_converged: AfterConverged | None = None,
+    ):
+        self.settings = settings
+        self.dtype = settings.dtype
+        self.potential = cast_potential(potential, self.dtype)
+        self.sink = sink or NullSink()
+        self.progress = progress
+        self.after_converged = after_converged
+        self.program = Program(
+            optimizer=settings.make_optimizer(),
+            variable_cell=settings.relax_cell,
+            stress=settings.relax_cell,
+            chunk=settings.chunk,
+        )
+        self.reporter = Reporter(self.sink, settings.trajectory_interval, settings.relax_cell)
+        self.targets = Targets(
+            fmax=jax.device_put(np.asarray(settings.fmax, self.dtype)),
+            max_steps=jax.device_put(np.asarray(settings.steps, np.int32)),
+        )
+        self.compiles = 0
+        self.shapes_seen: set = set()
+        #: seconds a compaction is taken to cost; None: measured (``policy.compaction_cost``)
+        self.compaction_cost: float | None = None
+        #: the most starting a batch has cost, by whether its shape was new to this engine (a
+        #: new shape traces and compiles, or loads, its programs; a known one only packs)
+        self.start_cost: dict = {}
+        self.clock = time.perf_counter  # for the compaction policy's timings
+
+    # -- packing ------------------------------------------------------------------------------
+    def _pack(self, items: list) -> tuple:
+        structures = [it.structure for it in items]
+        species = {}
+        for st in structures:
+            species.update(self.potential.species_of(st.numbers))
+        layout = plan_layout([st.n_atoms for st in structures])
+        batch, positions, cells, layout = pack(structures, species, self.dtype, layout)
+        if self.program.variable_cell:
+            for k in range(layout.n_real, layout.n_systems):
+                cells[k] = np.eye(3)
+        return batch, positions, cells, layout
+
+    def _neighbors(self, positions, cells, pbc, layout, previous=None, systems=None):
+        host = nl.build(
+            np.asarray(positions, np.float64),
+            np.asarray(cells, np.float64),
+            pbc,
+            layout,
+            self.potential.cutoff,
+            self.settings.skin,
+            previous=previous,
+            systems=systems,
+            ghosts=getattr(self.potential, "uses_ghosts", False),
+        )
+        host.ref_positions = host.ref_positions.astype(self.dtype)
+        host.ref_cell = host.ref_cell.astype(self.dtype)
+        return host, host.to_device()
+
+    def _reference(self, cells, layout: Layout, batch: Batch):
+        if not self.program.variable_cell:
+            return None
+        factor = np.ones(layout.n_systems, self.dtype)
+        factor[: layout.n_real] = np.diff(layout.offsets)
+        return cellfilter.CellReference(
+            cell=jax.device_put(np.asarray(cells, self.dtype)),
+            factor=jax.device_put(factor),
+            pressure=jax.device_put(np.asarray(self.settings.pressure, self.dtype)),
+        )
+
+    def _coordinates(self, positions, layout):
+        if not self.program.variable_cell:
+            return positions
+        return np.concatenate([positions, np.zeros((3 * layout.n_systems, 3), self.dtype)])
+
+    def _note_shape(self, live: LiveBatch) -> bool:
+        """Count a new shape (a compilation); whether it was new."""
+        key = (
+            live.layout.n_padded_atoms,
+            live.layout.n_systems,
+            live.nbrs_host.shapes,
+            live.nbrs.shift.shape[0],
+        )
+        if key in self.shapes_seen:
+            return False
+        self.shapes_seen.add(key)
+        self.compiles += 1
+        return True
+
+    def _launch(self, items: list, carry: dict | None = None) -> LiveBatch:
+        """Pack ``items`` into a new batch; continuing systems keep their state (``carry``:
+        key -> {"state": :func:`transplant.extract`'s dict, "reference_cell": ...})."""
+        batch, positions, cells, layout = self._pack(items)
+        pbc = np.asarray(batch.pbc)
+        variable_cell = self.program.variable_cell
+        carried = {k: carry[it.key] for k, it in enumerate(items) if carry and it.key in carry}
+        # continuing systems: current geometry (and variable-cell coordinates)
+        for k, saved in carried.items():
+            positions[layout.atoms_of(k)] = saved["state"]["positions"]
+            cells[k] = saved["state"]["cell"]
+        reference_cells = cells.copy()
+        if variable_cell:
+            for k, saved in carried.items():
+                reference_cells[k] = saved["reference_cell"]
+        host, nbrs = self._neighbors(positions, cells, pbc, layout)
+        reference = self._reference(reference_cells, layout, batch)
+        x = self._coordinates(positions, layout)
+        if variable_cell:
+            for k, saved in carried.items():
+                atoms_x, cell_x = saved["state"]["x"]
+                x[layout.atoms_of(k)] = atoms_x
+                base = layout.n_padded_atoms + 3 * k
+                x[base : base + 3] = cell_x
+        record = self.settings.trajectory_interval != 0
+        program = dataclasses.replace(
+            self.program,
+            chunk=(
+                chunk_for(layout.n_padded_atoms, self.settings.chunk)
+                if record
+                else self.settings.chunk
+            ),
+            record=record,
+        )
+        state = initial_state(jax.device_put(x), jax.device_put(cells), batch, program)
+        # step 0: the evaluation of the pending initial state, and no step after it
+        state, _, _, _ = advance(
+            state, batch, nbrs, self.potential, reference, self.targets, program, np.int32(0)
+        )
+        if carried:
+            saved = {k: c["state"] for k, c in carried.items()}
+            state = transplant.restore(state, saved, layout, variable_cell)
+        live = LiveBatch(items, layout, batch, host, nbrs, reference, state, program, cells, pbc)
+        live.new_shape = self._note_shape(live)
+        return live
+
+    def _carry(self, live: LiveBatch, running: list) -> dict:
+        """Host copies of the running systems of ``live``, to continue in another batch."""
+        host_state = jax.device_get(live.state)
+        canonical = getattr(self.program.optimizer, "canonical", None)
+        carry = {}
+        for k in running:
+            state = transplant.extract(host_state, k, live.layout, self.program.variable_cell)
+            if canonical is not None:  # e.g. rotate L-BFGS's ring to the start of a new batch
+                state["opt"] = canonical(state["opt"])
+            reference = np.asarray(live.reference.cell[k]) if live.reference else None
+            carry[live.items[k].key] = {"state": state, "reference_cell": reference}
+        return carry
+
+    def _with_final_stress(self, live: LiveBatch, snap, finished: list):
+        """Fill ``snap.dE_dstrain`` for finished periodic systems (one evaluation)."""
+        if self.program.variable_cell or not self.settings.final_stress:
+            return snap
+        if not any(live.items[k].structure.pbc.all() for k in finished):
+            return snap
+        ev = evaluate_once(
+            live.state.positions, live.state.cell, live.batch, live.nbrs, self.potential, True
+        )
+        snap.dE_dstrain = np.asarray(jax.device_get(ev.dE_dstrain))
+        return snap
+
+    # -- the loop ----------------------------------------------------------------------------
+    def relax(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
+        relieve_mapping_pressure()
+        # structures with periodic images need many more neighbour slots than molecules:
+        # batching them apart keeps the padded neighbour capacity small for each
+        ordered = sorted(items, key=lambda item: (not item[1].pbc.any(), -item[1].n_atoms))
+        queue = deque(Item(key, s) for key, s in ordered)
+        total = len(queue)
+        results: list[RelaxResult] = []
+        carry: dict = {}
+        keep: list = []
+        s = self.settings
+        while queue or keep:
+            interrupt.check()
+            chosen = policy.admit(queue, keep, s.batch_size, s.max_batch_atoms)
+            fresh = {it.key for it in chosen if it.key not in carry}
+            now = time.perf_counter()
+            for it in chosen:
+                if it.key in fresh and not it.begun:
+                    it.started_at = now
+                    it.begun = True
+                    self.sink.begin(it.key, it.structure)
+            began = self.clock()
+            live = self._launch(chosen, carry)
+            live.setup_s = self.clock() - began
+            self.reporter.emit_initial(
+                live.items, live.layout, live.pbc, snapshot(live.state), fresh
+            )
+            keep, carry = self._run_batch(live, queue, results)
+            if self.progress:
+                self.progress(len(results), total)
+        return results
+
+    def _retire(self, live: LiveBatch, finished: list, queue: deque, results: list, done: set):
+        """Report finished systems; a converged one the hook sends back goes to the queue."""
+        snap = self._with_final_stress(live, snapshot(live.state), finished)
+        for k in finished:
+            item = live.items[k]
+            self.reporter.emit_final(item, live.layout, live.pbc, snap, k)
+            result = self.reporter.result(item, live.layout, k, snap, self.settings.final_stress)
+            done.add(k)
+            if self.after_converged is not None and result.status == "converged":
+                again = self.after_converged(result, item.restarts, self.potential)
+                if again is not None:
+                    item.structure = again
+                    item.step_offset = result.steps
+                    item.restarts += 1
+                    queue.appendleft(item)
+                    continue
+            self.sink.end(item.key, result)
+            results.append(result)
+
+    def _run_batch(self, live: LiveBatch, queue: deque, results: list):
+        """Advance ``live`` until it should be repacked; returns (still running, carry)."""
+        done: set = set()
+        while True:
+            waiting = self.clock()
+            status = np.asarray(jax.device_get(live.state.status))
+            computed = self.clock() - waiting  # about the last chunk's device time
+            interrupt.check()  # a Ctrl-C acts here, between compiled chunks
+            n_real = live.layout.n_real
+            finished = [k for k in range(n_real) if status[k] != Status.RUNNING and k not in done]
+            if finished:
+                self._retire(live, finished, queue, results, done)
+                if self.progress:
+                    self.progress(len(results), len(results) + len(queue) + n_real - len(done))
+            running = [k for k in range(n_real) if status[k] == Status.RUNNING]
+            if not running:
+                return [], {}
+            if finished or not queue:
+                repack, live.idle = policy.should_repack(
+                    live.layout,
+                    [live.items[k].structure.n_atoms for k in running],
+                    bool(queue),
+                    len(done),
+                    computed,
+                    live.idle,
+                    lambda target: policy.compaction_cost(
+                        target, self.shapes_seen, self.start_cost, self.compaction_cost
+                    ),
+                )
+                if repack:
+                    return [live.items[k] for k in running], self._carry(live, running)
+            self._advance(live)
+
+    def _advance(self, live: LiveBatch) -> None:
+        """One compiled chunk of steps; its frames reported, stale neighbour lists rebuilt."""
+        dispatched = self.clock()
+        state, frames, n_frames, stale = advance(
+            live.state,
+            live.batch,
+            live.nbrs,
+            self.potential,
+            live.reference,
+            self.targets,
+            live.program,
+            np.int32(live.program.chunk),  # (one type for every limit: no retrace)
+        )
+        if not live.advanced:  # its first regular call (``_launch`` traced the program)
+            live.advanced = True
+            live.setup_s += self.clock() - dispatched
+            kind = "new" if live.new_shape else "known"
+            self.start_cost[kind] = max(self.start_cost.get(kind, 0.0), live.setup_s)
+        live.state = state
+        n = int(n_frames)
+        if n and live.program.record:
+            # fields as they are (dataclasses.asdict deep-copies: a device copy of every frame
+            # buffer, and a compile per buffer shape)
+            host_frames = jax.device_get(
+                {f.name: getattr(frames, f.name) for f in dataclasses.fields(frames)}
+            )
+            host_frames = {k: v[:n] for k, v in host_frames.items()}
+            final_status = jax.device_get(state.status)
+            self.reporter.emit_buffer(
+                live.items, live.layout, live.pbc, host_frames, n, final_status
+            )
+        stale = np.asarray(stale)
+        if stale.any():
+            self._rebuild(live, np.nonzero(stale)[0])
+
+    def _rebuild(self, live: LiveBatch, systems: np.ndarray):
+        positions = np.asarray(live.state.positions, np.float64)
+        cells = np.asarray(live.state.cell, np.float64)
+        old_shapes = live.nbrs_host.shapes
+        live.nbrs_host, live.nbrs = self._neighbors(
+            positions, cells, live.pbc, live.layout, previous=live.nbrs_host, systems=systems
+        )
+        if live.nbrs_host.shapes != old_shapes:
+            self._note_shape(live)
+
+
+def relax(
+    items,
+    potential: Potential,
+    settings: EngineSettings,
+    sink: Sink | None = None,
+    progress=None,
+    after_converged: AfterConverged | None = None,
+) -> list[RelaxResult]:
+    """Relax (key, Structure) pairs; results in completion order."""
+    return Engine(potential, settings, sink, progress, after_converged).relax(items)

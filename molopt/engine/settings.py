@@ -1,0 +1,46 @@
+"""How the engine relaxes: one frozen value (units: eV, A, eV/A^3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from molopt.optimizers import OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to relax: optimizer name and options, fmax (eV/A), max steps, variable cell and
+    pressure (eV/A^3), precision, neighbour skin (A), steps per jit call, batch limits, the
+    trajectory sampling interval (0: first and last frames only) and whether periodic
+    structures get their final stress."""
+
+    optimizer: str = "fire"
+    optimizer_options: tuple = ()
+    fmax: float = 0.05
+    steps: int = 10_000
+    relax_cell: bool = False
+    pressure: float = 0.0
+    precision: str = "float64"
+    skin: float = 1.0
+    chunk: int = 64
+    batch_size: int = 1024
+    max_batch_atoms: int = 32_768
+    trajectory_interval: int = 1
+    final_stress: bool = True
+
+    @property
+    def dtype(self):
+        return np.float64 if self.precision == "float64" else np.float32
+
+    def make_optimizer(self):
+        cls = OPTIMIZERS[self.optimizer]
+        return cls(**dict(self.optimizer_options))
+
+
+def chunk_for(n_atoms: int, requested: int) -> int:
+    """Steps per jit call so that the frame buffer stays under ~256 MB."""
+    per_step = max(n_atoms, 1) * 3 * 8 * 2
+    return int(max(1, min(requested, 2 ** math.floor(math.log2(max(1, 2**28 // per_step))))))
