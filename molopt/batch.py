@@ -28,12 +28,11 @@ def bucket(n: int, minimum: int = 8, fine: bool = False) -> int:
     """Round ``n`` up the ladder minimum, ..., 2^k, 1.5*2^k, 2^(k+1), ... (padding <= 50%).
 
     With ``fine``, past ``FINE_LADDER_ATOMS`` the rungs are 2^k (1 + j/8) (padding <= 12.5%):
-    the padded atoms cost time every step, and one more compilation is cheap beside it (W4,
-    100,920 atoms: 106,496 instead of 131,072). Batches use it too (:func:`plan_layout`): a
-    batch keeps its shape until the engine repacks it, and it repacks only when that pays
-    for a new start (``Engine._should_repack``), so the finer ladder adds no compilations
-    there (W3, 9,660 atoms in 256 clusters: 10,240 instead of 12,288, warm 3.7-4.5 ->
-    3.4-3.6 s; 1,000 mixed small structures: 6 compilations either way)."""
+    the padded atoms cost time every step, and one more compilation is cheap beside it
+    (100,920 atoms pad to 106,496 instead of 131,072). Batches use it too
+    (:func:`plan_layout`): a batch keeps its shape until the engine repacks it, and it
+    repacks only when that pays for a new start (:func:`molopt.engine.policy.should_repack`),
+    so the finer ladder adds no compilations there."""
     n = max(int(n), 1)
     if n <= minimum:
         return minimum
@@ -82,11 +81,9 @@ class Batch:
 
 #: On an accelerator, per-system sums and maxima over batches of up to this many (systems x
 #: rows) are masked reductions over a (systems, rows) membership mask instead of segment
-#: reductions: XLA:GPU lowers those to
-#: scatters with atomic updates, and with one system every row updates the same element. On an
-#: H100 (engine relaxations in one process, warm, `.diag`-style A/B with the reductions
-#: swapped in every module): W4 2.69 -> 1.66 s (6.3 -> 3.9 ms per FIRE step), W2 0.63 ->
-#: 0.54 s, same steps. Larger batches keep the segment form (the one-hot mask grows as S x R).
+#: reductions: XLA:GPU lowers those to scatters with atomic updates, and with one system every
+#: row updates the same element (`python bench/reductions_ab.py` compares the two forms on a
+#: GPU). Larger batches keep the segment form (the one-hot mask grows as S x R).
 DENSE_REDUCTION_MAX = 1 << 24
 
 

@@ -3,7 +3,7 @@
 Layout: a dense list of fixed capacity K per atom, stored neighbour-slot-major: ``index``
 (K, A) into the flat batch and ``shift`` (3, K, A) integer periodic images, so the pair vector
 is ``positions[index] - positions[i] + shift . cell`` with each Cartesian component a (K, A)
-array (vectorizes along atoms on CPU; measured 1.5-2x faster than (A, K, 3)). It is a *full*
+array (vectorizes along atoms on CPU, faster than (A, K, 3)). It is a *full*
 list (each pair appears from both ends): forces then need only a reduction over K, no
 scatter-add.
 
@@ -12,11 +12,9 @@ Beside it, the same list through *ghost atoms* (as LAMMPS builds them): every pe
 rebuilt each step from its source atom (:func:`extended_positions`), and ``ext_index`` (K, A)
 indexes that array directly (an empty slot keeps the plain list's entry: the atom itself,
 masked out like there). A pair
-term then gathers from one array with no image arithmetic and streams no image shifts: the
-fused Lennard-Jones force call (argon, float64, 2-core AMD EPYC) went 20 -> 10.6 ms on W2
-(32,768 atoms) and 74 -> 38 ms on W4 (106,496); on W1 (4,096, summed all at once) and W3's
-clusters (no ghosts) it is unchanged within this machine's noise (W1 1.7-2.5 ms either way).
-It still ANDs the mask into the cutoff test: without it XLA:CPU ran W3 40% slower. The
+term then gathers from one array with no image arithmetic and streams no image shifts, which
+halves the Lennard-Jones force call of large crystals (measurements: bench/RESULTS.md). The
+mask is still ANDed into the cutoff test, which XLA:CPU compiles to a faster loop. The
 plain fields stay the interface for every other potential.
 
 The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
@@ -130,17 +128,13 @@ def l2_cache_bytes(
 #: neighbour slots in a loop (:func:`sum_over_slots`) instead of all at once. XLA:CPU gives
 #: each intermediate (K, A) array its own buffer (and hoists the periodic-image products out of
 #: the relaxation loop as nine more), so memory traffic grows with K x A x ~20 x 8 bytes; in
-#: groups it grows with g x A and stays in cache. Argon, 2-core AMD EPYC with 1 MiB of L2 per
-#: core (`python bench/slot_groups.py`, and steps inside relaxations): W2 (32,000 atoms,
-#: K = 104) 32 ms per FIRE step with 2 MiB groups, 23 ms with 512 KiB ones; W3 (256 clusters,
-#: A = 12,288, K = 72) 16 ms per step with 2 MiB groups (or all at once), 4 ms with 0.4-0.9
-#: MiB ones; W1 (4,000 atoms, 3.3 MiB arrays) the same either way (3.5-3.8 ms).
+#: groups it grows with g x A and stays in cache (`python bench/slot_groups.py` measures the
+#: group sizes on a machine).
 SLOT_GROUP_ABOVE_BYTES = 4 << 20
 #: ... and each group's (g, A) arrays are kept under this size: half the L2 cache.
 SLOT_GROUP_BYTES = max(128 << 10, min(l2_cache_bytes() // 2, 2 << 20))
 #: ... but pair sums take at least this many slots a group: past 65,536 atoms the budget
-#: would give one, and a scan step per slot costs more than the cache it saves (argon force
-#: call, K = 104: 65,536 atoms 72 -> 42 ms, W4's 106,496 atoms 107 -> 76 ms; W2, W3 unchanged)
+#: would give one, and a scan step per slot costs more than the cache it saves.
 SLOT_GROUP_MIN = 2
 
 
@@ -349,8 +343,8 @@ def _system_pairs(positions, cell, pbc, cutoff):
 def _capacity_for(count: int, headroom: bool = True) -> int:
     """Capacity K for ``count`` neighbours: 8% headroom (lists rebuilt during a relaxation
     rarely need a new shape), rounded up to a multiple of 8 (then of 32 above 256). Without
-    ``headroom`` (every system lists all its pairs: its list never changes) just rounded:
-    W3's clusters of up to 64 atoms get 64 slots instead of 72."""
+    ``headroom`` (every system lists all its pairs: its list never changes) just rounded
+    (clusters of up to 64 atoms get 64 slots instead of 72)."""
     wanted = int(np.ceil(count * 1.08)) + 1 if headroom else count
     step = 8 if wanted <= 256 else 32
     return max(8, -(-wanted // step) * step)
@@ -395,8 +389,8 @@ def build(
         shifts = np.zeros((0, 3), np.int32) if periodic else None
     big = int(np.abs(shifts).max()) if periodic and len(shifts) else 0
     shift_dtype = np.int8 if big < 127 else np.int32
-    # pairs grouped by i, in vesin's order within each group (32-bit indices and 8-bit image
-    # shifts before the permutation: W2's 2.8 million pairs 0.45 -> 0.25 s on the host)
+    # pairs grouped by i, in vesin's order within each group (indices narrowed to 32 bits and
+    # image shifts to 8 before the permutation: it moves fewer bytes)
     order = np.argsort(i, kind="stable")
     counts = np.bincount(i, minlength=A)
     j = j[order]
@@ -435,7 +429,7 @@ def build(
     if len(j):
         # row a holds its counts[a] pairs in its first slots: a boolean mask in row-major
         # order takes the grouped pairs as they come (no per-pair slot numbers to scatter to;
-        # one image component at a time: W2 0.07-0.12 -> 0.01 s)
+        # one image component at a time)
         filled = np.arange(index.shape[1])[None, :] < counts[:, None]
         index[filled] = j
         mask |= filled

@@ -123,7 +123,7 @@ class LBFGS:
         pointer = jnp.where(jnp.any(has_previous), state.pointer + 1, state.pointer)
         new = LbfgsState(s_hist, y_hist, rho_hist, pointer, k + 1, x, forces)
         # the history was written only where has_previous (active systems): selecting it
-        # again would read and write the whole (m, R, 3) ring every step (W2: 2 x 79 MB)
+        # again would read and write the whole (m, R, 3) ring every step
         new = select_state(active, new, state, rows, masked=("s", "y", "rho"))
         # the ring position is shared by the whole batch
         new = LbfgsState(new.s, new.y, new.rho, pointer, new.iteration, new.x0, new.f0)
