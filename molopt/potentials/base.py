@@ -8,13 +8,13 @@ structure, so a change of it is a new compilation).
 potentials (fields declared as class annotations, keyword construction). The shared methods
 live in :class:`PotentialMethods`, which imports nothing heavy, so that Lennard-Jones (a
 :func:`static_pytree` dataclass built on it) relaxes without importing Equinox, 0.12 s of
-every `molopt relax` on this 2-core machine. ``Potential`` itself is made on first use.
+every `molopt relax` on a 2-core machine. ``Potential`` itself is made on first use (see
+:mod:`molopt.startup`, section 6).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from molopt._jax import jax
 from molopt.batch import Batch
 from molopt.neighbors import Neighbors
+from molopt.startup import build_on_first_use
 
 
 @jax.tree_util.register_dataclass
@@ -135,14 +136,5 @@ def _make_potential():
     return Potential
 
 
-_potential_lock = threading.Lock()
-
-
-def __getattr__(name):
-    if name == "Potential":
-        with _potential_lock:  # one class, whichever thread asks first
-            potential = globals().get("_Potential")
-            if potential is None:
-                potential = globals()["_Potential"] = _make_potential()
-        return potential
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# made on first use: molopt.startup, section 6
+__getattr__ = build_on_first_use(__name__, Potential=_make_potential)
