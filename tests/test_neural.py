@@ -267,38 +267,89 @@ def test_shipped_network_test_errors_equal_its_card(name):
     assert f"| {force:.1f} meV/A (energy {energy:.1f} meV/atom) |" in readme_row(name)
 
 
-def test_validation_table_recomputed_on_a_subset():
+# per structure, recomputed vs the shipped table (RMSD A, dE meV/atom). On one machine the
+# rows reproduce to 1e-15 A and 1e-11 meV/atom (the engine relaxes each system as if alone, and
+# tblite is deterministic here); what is left is rounding changed by later code or another
+# machine, which moves a minimum at fmax 0.005 eV/A by up to ~F/k: after the day's changes the
+# EMT table's alloy cluster 8 moved by 3e-4 A and 1e-3 meV/atom. A 1% change of one weight
+# matrix of nn-emt-metals, a 5% one of nn-gfn2-chno, or fmax 0.02, moves some row by more
+VALIDATION_TOLERANCE = {"nn-emt-metals": (5e-4, 2e-3), "nn-gfn2-chno": (5e-4, 5e-3)}
+
+
+def claimed_validation_medians(name: str) -> tuple[str, str]:
+    """The README's claimed median RMSD (A) and median |dE| (meV/atom), as written."""
+    import re
+
+    found = re.search(
+        r"median RMSD ([0-9.]+) A, median \\\|dE\\\| ([0-9.]+) meV/atom", readme_row(name)
+    )
+    assert found, readme_row(name)
+    return found.group(1), found.group(2)
+
+
+def rounds_to(value: float, claim: str) -> bool:
+    return round(value, len(claim.split(".")[1])) == float(claim)
+
+
+def recompute_validation(name: str, limit: int | None) -> tuple[dict, dict]:
+    """Relax the first ``limit`` validation starts again (data/neural/validate.py) and hold
+    them, row by row, to the shipped table; check the table holds the README's claims."""
     import sys
 
     sys.path.insert(0, str(ROOT / "data" / "neural"))
     import validate
 
-    shipped = json.loads((ROOT / "potentials" / "nn-emt-metals.validation.json").read_text())
-    assert shipped["n_structures"] >= 20
-    assert shipped["median_rmsd_A"] <= 0.02 and shipped["median_abs_dE_meV_per_atom"] <= 1.0
-    subset = validate.main("nn-emt-metals", limit=2, write=False)
-    for got, expected in zip(subset["structures"], shipped["structures"], strict=False):
-        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=2e-3)
-        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.05)
+    shipped = json.loads((ROOT / "potentials" / f"{name}.validation.json").read_text())
+    rows = shipped["structures"]
+    recomputed = validate.main(name, limit=limit, write=False)
+    tol_rmsd, tol_de = VALIDATION_TOLERANCE[name]
+    assert len(recomputed["structures"]) == (limit or 24)
+    for got, expected in zip(recomputed["structures"], rows, strict=False):
+        what = (got["structure"], got["formula"])
+        assert what == (expected["structure"], expected["formula"])
+        assert got["network_status"] == "converged", what
+        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=tol_rmsd), what
+        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=tol_de)
+    # the shipped table: 24 held-out starts, all converged, at the script's fmax, medians of
+    # its own rows, and those medians are the README's claims (as rounded there)
+    assert shipped["n_structures"] == len(rows) == 24
+    assert shipped["fmax_eV_per_A"] == validate.FMAX == 0.005
+    assert {r["network_status"] for r in rows} == {"converged"}
+    assert shipped["median_rmsd_A"] == np.median([r["rmsd_A"] for r in rows])
+    assert shipped["median_abs_dE_meV_per_atom"] == np.median(
+        [abs(r["dE_meV_per_atom"]) for r in rows]
+    )
+    claim_rmsd, claim_de = claimed_validation_medians(name)
+    assert rounds_to(shipped["median_rmsd_A"], claim_rmsd), claim_rmsd
+    assert rounds_to(shipped["median_abs_dE_meV_per_atom"], claim_de), claim_de
+    return recomputed, shipped
 
 
-def test_gfn2_validation_table_recomputed():
-    pytest.importorskip("tblite")
-    import sys
+@pytest.mark.parametrize("name", ["nn-emt-metals", "nn-gfn2-chno"])
+def test_validation_table_recomputed_on_a_subset(name):
+    """The first 4 of the 24 validation structures (one of each kind for EMT: cluster, slab,
+    vacancy, alloy cluster), about 30 s each on 2 cores; all 24 in the slow test below (6 min
+    for EMT, whose reference is ASE's Python EMT, 3.5 min for GFN2)."""
+    if name == "nn-gfn2-chno":
+        pytest.importorskip("tblite")
+    recompute_validation(name, limit=4)
 
-    sys.path.insert(0, str(ROOT / "data" / "neural"))
-    import validate
 
-    shipped = json.loads((ROOT / "potentials" / "nn-gfn2-chno.validation.json").read_text())
-    assert shipped["n_structures"] >= 20
-    subset = validate.main("nn-gfn2-chno", limit=2, write=False)
-    for got, expected in zip(subset["structures"], shipped["structures"], strict=False):
-        # two starts batch with less padding than 24 (and tblite's threaded sums vary in
-        # rounding between runs), so both optimizers take paths that differ in rounding; on
-        # soft torsions a minimum at fmax 0.005 eV/A is only defined to a few mA and ~0.1
-        # meV/atom (dE ~ F^2 / 2k): tolerances a quarter of the targets (0.02 A, 1 meV/atom)
-        assert got["rmsd_A"] == pytest.approx(expected["rmsd_A"], abs=5e-3)
-        assert got["dE_meV_per_atom"] == pytest.approx(expected["dE_meV_per_atom"], abs=0.25)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nn-emt-metals", "nn-gfn2-chno"])
+def test_validation_medians_recomputed(name):
+    """All 24 structures: the recomputed medians are the README's claims and the table's."""
+    if name == "nn-gfn2-chno":
+        pytest.importorskip("tblite")
+    recomputed, shipped = recompute_validation(name, limit=None)
+    claim_rmsd, claim_de = claimed_validation_medians(name)
+    tol_rmsd, tol_de = VALIDATION_TOLERANCE[name]
+    assert rounds_to(recomputed["median_rmsd_A"], claim_rmsd)
+    assert rounds_to(recomputed["median_abs_dE_meV_per_atom"], claim_de)
+    assert recomputed["median_rmsd_A"] == pytest.approx(shipped["median_rmsd_A"], abs=tol_rmsd)
+    assert recomputed["median_abs_dE_meV_per_atom"] == pytest.approx(
+        shipped["median_abs_dE_meV_per_atom"], abs=tol_de
+    )
 
 
 def write_emt_cuau(path: Path, count: int, amplitude: float, first_seed: int = 0) -> Path:
