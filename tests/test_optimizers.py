@@ -142,6 +142,17 @@ def test_zero_max_steps_only_evaluates(argon):
     assert result.initial_energy == result.energy
 
 
+def test_convergence_test_is_strict(argon):
+    """ASE's test is fmax < target: a structure whose fmax equals the target exactly has not
+    converged; one just above that fmax has, at step 0."""
+    atoms = cluster()
+    (probe,) = [molopt_relax(atoms, argon, "fire", fmax=1e-3, steps=0)]
+    at = molopt_relax(atoms, argon, "fire", fmax=probe.fmax, steps=0)
+    assert at.fmax == probe.fmax and at.status == "not_converged"
+    above = molopt_relax(atoms, argon, "fire", fmax=float(np.nextafter(probe.fmax, 1.0)), steps=0)
+    assert above.status == "converged" and above.steps == 0
+
+
 def lj13_start():
     from ase.cluster import Icosahedron
 
