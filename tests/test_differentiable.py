@@ -193,6 +193,165 @@ def test_fit_recovers_known_parameters(tmp_path):
     assert float(fitted.sigma[0]) == pytest.approx(3.30, rel=2e-3)
 
 
+def ase_argon(epsilon=0.0104, sigma=3.40):
+    """ASE's own Lennard-Jones with potentials/argon.toml's settings (each pair's energy
+    shifted to zero at the 8.5 A cutoff, forces unshifted): the independent reference."""
+    from ase.calculators.lj import LennardJones as AseLennardJones
+
+    return AseLennardJones(epsilon=epsilon, sigma=sigma, rc=8.5, smooth=False)
+
+
+def ase_relaxed(atoms, calc):
+    from ase.optimize import BFGS
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    BFGS(atoms, logfile=None).run(fmax=1e-7, steps=2000)
+    return atoms
+
+
+def fit_toml(path, targets: str, potential="argon", parameters=("epsilon", "sigma"), steps=150):
+    path.write_text(
+        f'potential = "{potential}"\nparameters = {list(parameters)!r}\nsteps = {steps}\n' + targets
+    )
+    return path
+
+
+def fitted(config):
+    """``molopt fit --json`` of ``config``: the report (parameters, before/after rows)."""
+    result = runner.invoke(
+        app, ["fit", str(config), "-o", str(config.with_suffix(".fitted.toml")), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def predicted(config) -> list[float]:
+    """Each target's value at the potential's own parameters (molopt.fitting.Fit)."""
+    from molopt.fitting import Fit, FitConfig
+
+    fit = Fit(FitConfig.from_toml(config))
+    return [row["predicted"] for row in fit.report(fit.log_params)]
+
+
+def test_fit_bond_length_and_angle_of_relaxed_structures(tmp_path):
+    """bond_length and angle are measured on the relaxed structure, between the atoms named,
+    in A and degrees: equal to ASE's distance and angle of the same cluster relaxed by ASE's
+    BFGS with ASE's Lennard-Jones (an icosahedral Ar13, whose distances and angles differ with
+    the atoms and the vertex). Fitting sigma to a dimer's bond length L gives L / 2^(1/6)."""
+    atoms = Icosahedron("Ar", 2, latticeconstant=5.26)  # atom 0 at the centre
+    atoms.rattle(0.05, seed=7)
+    ase.io.write(tmp_path / "ar13.xyz", atoms)
+    reference = ase_relaxed(atoms, ase_argon())
+    bonds, angles = [(3, 7), (0, 5)], [(1, 0, 2), (2, 1, 0), (4, 6, 9)]
+    targets = "".join(
+        f'[[targets]]\nkind = "bond_length"\nfile = "ar13.xyz"\natoms = {list(b)}\nvalue = 4.0\n'
+        for b in bonds
+    ) + "".join(
+        f'[[targets]]\nkind = "angle"\nfile = "ar13.xyz"\natoms = {list(a)}\nvalue = 60.0\n'
+        for a in angles
+    )
+    got = predicted(fit_toml(tmp_path / "measure.toml", targets))
+    expected = [reference.get_distance(*b) for b in bonds]
+    expected += [reference.get_angle(*a) for a in angles]
+    assert len(set(np.round(expected, 3))) == len(expected)  # all distinct: indices matter
+    np.testing.assert_allclose(got[:2], expected[:2], atol=1e-5)  # A
+    np.testing.assert_allclose(got[2:], expected[2:], atol=1e-3)  # degrees
+    # the fit: sigma such that the relaxed dimer's bond is 4 A (epsilon plays no part)
+    ase.io.write(tmp_path / "ar2.xyz", Atoms("Ar2", positions=[[0, 0, 0], [3.6, 0.2, 0]]))
+    config = fit_toml(
+        tmp_path / "bond.toml",
+        '[[targets]]\nkind = "bond_length"\nfile = "ar2.xyz"\natoms = [0, 1]\nvalue = 4.0\n',
+        parameters=("sigma",),
+    )
+    report = fitted(config)
+    assert report["before"][0]["predicted"] == pytest.approx(2 ** (1 / 6) * 3.40, abs=1e-6)
+    assert report["parameters"]["sigma"][0] == pytest.approx(4.0 / 2 ** (1 / 6), rel=1e-4)
+    assert report["after"][0]["predicted"] == pytest.approx(4.0, abs=5e-4)
+
+
+def test_fit_angle_of_a_two_element_trimer(tmp_path):
+    """An Ar-Xe-Ar trimer (noble-gases, Lorentz-Berthelot) relaxes with every pair at its own
+    minimum 2^(1/6) sigma_ij, so the angle at Xe is 2 asin(sigma_Ar / (sigma_Ar + sigma_Xe))
+    (53.96 degrees). Fitting sigma to an angle of 56 degrees ends on parameters whose angle,
+    by that formula, is 56 degrees; the pure-Ar and pure-Xe sigmas move apart as needed."""
+    ase.io.write(
+        tmp_path / "arxear.xyz",
+        Atoms("ArXeAr", positions=[[0, 0, 0], [2.2, 3.6, 0.1], [4.0, 0.2, -0.1]]),
+    )
+
+    def angle(sigma_ar, sigma_xe):
+        return np.degrees(2 * np.arcsin(sigma_ar / (sigma_ar + sigma_xe)))
+
+    target = '[[targets]]\nkind = "angle"\nfile = "arxear.xyz"\natoms = [0, 1, 2]\nvalue = 56.0\n'
+    config = fit_toml(tmp_path / "angle.toml", target, "noble-gases", ("sigma",))
+    report = fitted(config)
+    assert report["before"][0]["predicted"] == pytest.approx(angle(3.405, 4.10), abs=1e-4)
+    sigma = dict(zip(("Ne", "Ar", "Kr", "Xe"), report["parameters"]["sigma"], strict=True))
+    assert angle(sigma["Ar"], sigma["Xe"]) == pytest.approx(56.0, abs=1e-3)
+    assert report["after"][0]["predicted"] == pytest.approx(56.0, abs=1e-3)
+    assert sigma["Ar"] / sigma["Xe"] > 3.405 / 4.10
+    assert (sigma["Ne"], sigma["Kr"]) == pytest.approx((2.749, 3.60), rel=1e-12)  # not in it
+
+
+def test_fit_relative_energy_of_relaxed_structures(tmp_path):
+    """relative_energy = E(relaxed a) - E(relaxed b): for an Ar triangle and an Ar dimer,
+    ASE's Lennard-Jones energies of both relaxed by ASE, = 2 (-epsilon - V(cutoff)). That is
+    proportional to epsilon, so fitting epsilon alone to 1.5 times it gives 1.5 epsilon."""
+    triangle = Atoms("Ar3", positions=[[0, 0, 0], [3.7, 0.1, 0], [1.9, 3.3, 0.2]])
+    dimer = Atoms("Ar2", positions=[[0, 0, 0], [3.6, 0.2, 0]])
+    ase.io.write(tmp_path / "ar3.xyz", triangle)
+    ase.io.write(tmp_path / "ar2.xyz", dimer)
+    expected = float(
+        ase_relaxed(triangle, ase_argon()).get_potential_energy()
+        - ase_relaxed(dimer, ase_argon()).get_potential_energy()
+    )
+    cut = 4 * 0.0104 * ((3.40 / 8.5) ** 12 - (3.40 / 8.5) ** 6)
+    assert expected == pytest.approx(2 * (-0.0104 - cut), rel=1e-9)
+    value = 1.5 * expected
+    target = (
+        f'[[targets]]\nkind = "relative_energy"\nfiles = ["ar3.xyz", "ar2.xyz"]\n'
+        f"value = {value!r}\n"
+    )
+    config = fit_toml(tmp_path / "rel.toml", target, parameters=("epsilon",))
+    assert predicted(config) == pytest.approx([expected], rel=1e-9)
+    report = fitted(config)
+    assert report["parameters"]["epsilon"][0] == pytest.approx(1.5 * 0.0104, rel=1e-4)
+    assert report["after"][0]["predicted"] == pytest.approx(value, rel=1e-4)
+
+
+def test_fit_to_labelled_data(tmp_path):
+    """data: the mean over configurations of ((E - E_ref) / n_atoms)^2 + mean((F - F_ref)^2)
+    (eV, eV/A), equal to that computed from ASE's Lennard-Jones; fitting epsilon and sigma to
+    data labelled by ASE with other parameters (0.0120 eV, 3.30 A) recovers them."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    truth, start = ase_argon(epsilon=0.0120, sigma=3.30), ase_argon()
+    images = []
+    for seed in range(2):
+        atoms = Icosahedron("Ar", 2, latticeconstant=5.1)[: 7 + seed]
+        atoms.rattle(0.15, seed=seed)
+        atoms.calc = truth
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        images.append(atoms)
+    ase.io.write(tmp_path / "labelled.extxyz", images)
+    loss = 0.0
+    for atoms in ase.io.read(tmp_path / "labelled.extxyz", ":"):  # as stored (8 decimals)
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = start
+        loss += ((atoms.get_potential_energy() - energy) / len(atoms)) ** 2
+        loss += np.mean((atoms.get_forces() - forces) ** 2)
+    config = fit_toml(
+        tmp_path / "data.toml", '[[targets]]\nkind = "data"\nfiles = ["labelled.extxyz"]\n'
+    )
+    assert predicted(config) == pytest.approx([loss / 2], rel=1e-9)
+    report = fitted(config)
+    assert report["parameters"]["epsilon"][0] == pytest.approx(0.0120, rel=1e-3)
+    assert report["parameters"]["sigma"][0] == pytest.approx(3.30, rel=1e-3)
+    assert report["after"][0]["predicted"] < 1e-4 * report["before"][0]["predicted"]
+
+
 def linear_trimer(tmp_path):
     r = 2 ** (1 / 6) * 3.4
     path = tmp_path / "trimer.xyz"
