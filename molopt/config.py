@@ -130,8 +130,26 @@ def reject_unknown(data: dict, known, path, what: str) -> None:
         raise ConfigError(f"{what} {path}: unknown setting(s) {', '.join(unknown)}")
 
 
+#: Flags that set one optimizer option: they update the config's ``[optimizer]`` table key by
+#: key (an option the file sets and the flag does not is kept).
+OPTION_FLAGS = ("maxstep",)
+
+
 def build(config: str | None = None, **flags) -> RunSettings:
-    """Merge: defaults < config file < flags (flags that are None are not given)."""
+    """Merge: defaults < config file < flags (flags that are None are not given). Flags are
+    settings (:data:`FIELDS`) or optimizer options (:data:`OPTION_FLAGS`); an invalid option
+    flag is reported as coming from the command line."""
+    options = {k: flags.pop(k) for k in OPTION_FLAGS if k in flags}
+    settings = _merge(config, flags)
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return settings
+    values = {name: getattr(settings, name) for name in FIELDS}
+    values["optimizer_options"] = {**settings.optimizer_options, **options}
+    return validate(values, "command line")
+
+
+def _merge(config: str | None, flags: dict) -> RunSettings:
     values: dict = {}
     source = "command line"
     if config:

@@ -265,9 +265,9 @@ MUTANTS = [
     ),
     Mutant(
         "cli: --maxstep dropped",
-        "molopt/cli.py",
-        "if maxstep is not None:",
-        "if False:",
+        "molopt/config.py",
+        "    if not options:\n        return settings",
+        "    if True:\n        return settings",
         CLI_TESTS,
     ),
     Mutant(
@@ -279,7 +279,7 @@ MUTANTS = [
     ),
     Mutant(
         "plot: the energy curves are not drawn",
-        "molopt/cli.py",
+        "molopt/io/plot.py",
         'ax_e.plot(data["step"], energy, lw=1.2, label=label)',
         "ax_e.plot([], [], lw=1.2, label=label)",
         ("tests/test_results.py",),

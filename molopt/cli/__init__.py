@@ -1,0 +1,127 @@
+"""The ``molopt`` command line: parse, merge settings, call the library, map errors to exit
+codes (0 all converged, 1 some structure failed or did not converge, 2 usage/configuration).
+Diagnostics go to stderr; ``--json`` records to stdout. JAX is imported only by commands
+that compute, so ``molopt --help`` is instant.
+
+This package is the only part of molopt that imports Typer and Rich. Here: the Typer
+``app``, the console entry point :func:`main` and the helpers every command shares. One
+module per command or group of commands (``relax``, ``potentials``, ``training``: train and
+evaluate, ``fit``, ``hessian``, ``results``: info, convert and plot), each body a few lines
+over a library call; what is drawn on the terminal is in :mod:`molopt.cli.display`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from molopt import __version__, startup
+from molopt.errors import MoloptError
+
+app = typer.Typer(
+    name="molopt",
+    help="Relax molecules, clusters and crystals with differentiable JAX potentials.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+#: Diagnostics, progress and summaries (stderr); results go to stdout.
+err = Console(stderr=True, highlight=False)
+
+
+class OptimizerName(StrEnum):
+    fire = "fire"
+    fire2 = "fire2"
+    lbfgs = "lbfgs"
+    gd = "gd"
+
+
+class Precision(StrEnum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"molopt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+):
+    """molopt: structure optimization with JAX (FIRE, L-BFGS, variable cell), H5MD output."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """The error ``message`` on stderr (no traceback), then exit with ``code``."""
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def reported(*kinds: type[BaseException], code: int = 2) -> Iterator[None]:
+    """Within the block, a :class:`MoloptError` (or one of ``kinds``) is reported by
+    :func:`fail` with exit ``code``."""
+    try:
+        yield
+    except (MoloptError, *kinds) as exc:
+        fail(str(exc), code)
+
+
+@contextmanager
+def interruptible(message: str) -> Iterator[None]:
+    """Within the block, Ctrl-C/SIGTERM (acted on at the library's safe points) prints
+    ``message`` on stderr and exits with 130."""
+    from molopt import interrupt
+
+    try:
+        with interrupt.deferred():
+            yield
+    except KeyboardInterrupt:
+        err.print(message)
+        raise typer.Exit(130) from None
+
+
+from molopt.cli import fit, hessian, potentials, relax, results, training  # noqa: E402
+
+# in the order `molopt --help` lists them
+for _command in (
+    relax.relax,
+    potentials.potentials,
+    training.train,
+    training.evaluate,
+    fit.fit,
+    hessian.hessian,
+    results.info,
+    results.convert,
+    results.plot,
+):
+    app.command()(_command)
+del _command
+
+
+def main() -> NoReturn:
+    """The console entry point: run the command, then end the process (:func:`startup.leave`:
+    without the interpreter's teardown once JAX has run)."""
+    startup.standalone()  # this process is molopt's alone: vesin without PyTorch and CuPy
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command body
+        code = 130
+    if isinstance(code, str):
+        err.print(code, markup=False, highlight=False)
+        code = 1
+    startup.leave(0 if code is None else int(code))

@@ -1,0 +1,148 @@
+"""``molopt relax``: settings from defaults < ``--config`` < flags (:func:`molopt.config.build`),
+then :func:`molopt.run.relax_files` with the terminal display as its callbacks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from molopt.cli import OptimizerName, Precision, err, interruptible, reported
+
+#: Parameters of :func:`relax` that are not settings flags.
+_NOT_FLAGS = ("inputs", "config", "quiet")
+
+
+def relax(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Structure files (any format ASE reads), directories or glob patterns.",
+            show_default=False,
+        ),
+    ],
+    potential: Annotated[
+        str | None,
+        typer.Option(
+            "--potential",
+            "-p",
+            help="Shipped potential name (see `molopt potentials`) or a "
+            "potential file (.toml). Default: a shipped potential covering the input.",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        OptimizerName | None, typer.Option(help="Optimizer (ASE semantics). [default: fire]")
+    ] = None,
+    fmax: Annotated[
+        float | None, typer.Option(help="Converged when max_i |F_i| < fmax (eV/A). [default: 0.05]")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Max optimizer steps per structure. [default: 10000]")
+    ] = None,
+    relax_cell: Annotated[
+        bool | None,
+        typer.Option(
+            "--relax-cell/--fixed-cell",
+            help="Relax the cell too (ASE FrechetCellFilter semantics). [default: fixed]",
+        ),
+    ] = None,
+    pressure: Annotated[
+        float | None, typer.Option(help="External pressure in GPa for --relax-cell. [default: 0]")
+    ] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="Floating-point precision. [default: float64]")
+    ] = None,
+    maxstep: Annotated[
+        float | None, typer.Option(help="Optimizer max step (A); default as in ASE (0.2).")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Settings file (TOML) or preset name from configs/; flags override it.",
+        ),
+    ] = None,
+    json: Annotated[
+        bool | None,
+        typer.Option("--json/--no-json", help="One JSON record per structure on stdout."),
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out-dir", "-o", help="Where outputs go. [default: current directory]"),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="Frames of multi-frame files, ASE index syntax (e.g. -1, ::10). [default: all]"
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Max structures relaxed together in one compiled batch. [default: 1024]"),
+    ] = None,
+    max_batch_atoms: Annotated[
+        int | None,
+        typer.Option(help="Max atoms per batch (bigger structures run alone). [default: 32768]"),
+    ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help="Replace outputs written with different inputs or settings.",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Relax only part I of N (0-based, e.g. 2/8) of the input files."),
+    ] = None,
+    recursive: Annotated[
+        bool | None,
+        typer.Option("--recursive/--no-recursive", help="Search directories recursively."),
+    ] = None,
+    trajectory_interval: Annotated[
+        int | None,
+        typer.Option(
+            "--traj-interval",
+            help="Write every N-th step to the trajectory (0: first and last only). [default: 1]",
+        ),
+    ] = None,
+    skin: Annotated[
+        float | None, typer.Option(help="Neighbour-list skin (A). [default: 1.0]")
+    ] = None,
+    check_hessian: Annotated[
+        bool | None,
+        typer.Option(
+            "--check-hessian/--no-check-hessian",
+            help="Check the lowest Hessian eigenvalue at the end; leave saddle points.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+):
+    """Relax structures to a local energy minimum; write <stem>.h5md and <stem>.extxyz."""
+    # the parameters exactly, read before any other local exists (None: flag not given)
+    given = dict(locals())
+    from molopt import config as cfg
+    from molopt.cli.display import RelaxReporter
+    from molopt.run import relax_files
+
+    flags = {name: _plain(value) for name, value in given.items() if name not in _NOT_FLAGS}
+    with reported():
+        settings = cfg.build(config, **flags)
+    reporter = RelaxReporter(err, json_out=settings.json, quiet=quiet)
+    resume = "interrupted: completed outputs are kept; rerun the same command to resume"
+    with reported(), interruptible(resume), reporter:
+        summary = relax_files(
+            inputs,
+            settings,
+            on_record=reporter.record,
+            on_note=reporter.note,
+            progress=reporter.progress,
+        )
+    reporter.summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _plain(value):
+    """A choice's value (settings hold plain strings), anything else as it is."""
+    return value.value if isinstance(value, OptimizerName | Precision) else value
