@@ -272,7 +272,7 @@ def test_shipped_network_test_errors_equal_its_card(name):
 # tblite is deterministic here); what is left is rounding changed by later code or another
 # machine, which moves a minimum at fmax 0.005 eV/A by up to ~F/k: recomputed in full on
 # 2026-12-06, one row of the EMT table (alloy cluster 8) differed by 3e-4 A and 1e-3 meV/atom,
-# the other 23 and all 24 GFN2 rows by < 1e-10. A 1% change of one weight
+# the other 23 and all 24 GFN2 rows agreed to the 5 decimals compared. A 1% change of one weight
 # matrix of nn-emt-metals, a 5% one of nn-gfn2-chno, or fmax 0.02, moves some row by more
 VALIDATION_TOLERANCE = {"nn-emt-metals": (5e-4, 2e-3), "nn-gfn2-chno": (5e-4, 5e-3)}
 
