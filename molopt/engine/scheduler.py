@@ -18,9 +18,10 @@ import numpy as np
 from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
-from molopt.batch import Batch, Layout, pack, plan_layout
+from molopt.batch import Batch, Layout
 from molopt.engine import policy, transplant
 from molopt.engine.kernel import advance, cast_potential, evaluate_once, initial_state
+from molopt.engine.packing import neighbor_lists, pack_structures
 from molopt.engine.reporting import Item, NullSink, RelaxResult, Reporter, Sink, snapshot
 from molopt.engine.settings import EngineSettings, chunk_for
 from molopt.engine.state import Program, RelaxState, Status, Targets
@@ -97,30 +98,24 @@ class Engine:
     # -- packing ------------------------------------------------------------------------------
     def _pack(self, items: list) -> tuple:
         structures = [it.structure for it in items]
-        species = {}
-        for st in structures:
-            species.update(self.potential.species_of(st.numbers))
-        layout = plan_layout([st.n_atoms for st in structures])
-        batch, positions, cells, layout = pack(structures, species, self.dtype, layout)
+        batch, positions, cells, layout = pack_structures(structures, self.potential, self.dtype)
         if self.program.variable_cell:
             for k in range(layout.n_real, layout.n_systems):
                 cells[k] = np.eye(3)
         return batch, positions, cells, layout
 
     def _neighbors(self, positions, cells, pbc, layout, previous=None, systems=None):
-        host = nl.build(
-            np.asarray(positions, np.float64),
-            np.asarray(cells, np.float64),
+        host = neighbor_lists(
+            positions,
+            cells,
             pbc,
             layout,
-            self.potential.cutoff,
+            self.potential,
             self.settings.skin,
+            self.dtype,
             previous=previous,
             systems=systems,
-            ghosts=getattr(self.potential, "uses_ghosts", False),
         )
-        host.ref_positions = host.ref_positions.astype(self.dtype)
-        host.ref_cell = host.ref_cell.astype(self.dtype)
         return host, host.to_device()
 
     def _reference(self, cells, layout: Layout, batch: Batch):

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from molopt import neighbors as nl
 from molopt._jax import jax
-from molopt.batch import pack
 from molopt.engine.kernel import cast_potential, evaluate_once
+from molopt.engine.packing import neighbor_lists, pack_structures
 from molopt.potentials.base import PotentialMethods as Potential
 from molopt.structure import Structure
 
@@ -26,20 +25,8 @@ def evaluate(
     directions) of each structure, evaluated together in one padded batch."""
     dtype = np.float64 if precision == "float64" else np.float32
     potential = cast_potential(potential, dtype)
-    species = {}
-    for st in structures:
-        species.update(potential.species_of(st.numbers))
-    batch, positions, cells, layout = pack(list(structures), species, dtype)
-    host = nl.build(
-        np.asarray(positions, np.float64),
-        np.asarray(cells, np.float64),
-        np.asarray(batch.pbc),
-        layout,
-        potential.cutoff,
-        max(skin, 1e-9),
-    )
-    host.ref_positions = host.ref_positions.astype(dtype)
-    host.ref_cell = host.ref_cell.astype(dtype)
+    batch, positions, cells, layout = pack_structures(structures, potential, dtype)
+    host = neighbor_lists(positions, cells, batch.pbc, layout, potential, max(skin, 1e-9), dtype)
     ev = jax.device_get(
         evaluate_once(
             jax.device_put(positions),

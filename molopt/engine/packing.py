@@ -1,0 +1,56 @@
+"""The one packer: structures -> a padded :class:`~molopt.batch.Batch` with host coordinates,
+and the neighbour lists a potential needs for it. Relaxation, single-point evaluation and
+implicit differentiation all pack through here (training packs its fixed pair lists itself:
+its structures never move)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from molopt import neighbors as nl
+from molopt.batch import Batch, Layout, pack
+from molopt.structure import Structure
+
+
+def pack_structures(
+    structures: Sequence[Structure], potential, dtype, layout: Layout | None = None
+) -> tuple[Batch, np.ndarray, np.ndarray, Layout]:
+    """(batch, positions (A, 3), cells (S, 3, 3), layout) with the species numbered as the
+    potential numbers them; ``layout`` as :func:`molopt.batch.plan_layout` plans it unless
+    given."""
+    species: dict[int, int] = {}
+    for st in structures:
+        species.update(potential.species_of(st.numbers))
+    return pack(list(structures), species, dtype, layout)
+
+
+def neighbor_lists(
+    positions,
+    cells,
+    pbc,
+    layout: Layout,
+    potential,
+    skin: float,
+    dtype,
+    previous: nl.HostNeighbors | None = None,
+    systems: np.ndarray | None = None,
+) -> nl.HostNeighbors:
+    """Host neighbour lists for a packed batch at the potential's cutoff + ``skin`` (built in
+    float64, reference geometry kept in ``dtype``); their ghost form only for a potential that
+    uses it. ``previous``/``systems``: rebuild only those systems' lists."""
+    host = nl.build(
+        np.asarray(positions, np.float64),
+        np.asarray(cells, np.float64),
+        np.asarray(pbc),
+        layout,
+        potential.cutoff,
+        skin,
+        previous=previous,
+        systems=systems,
+        ghosts=getattr(potential, "uses_ghosts", False),
+    )
+    host.ref_positions = host.ref_positions.astype(dtype)
+    host.ref_cell = host.ref_cell.astype(dtype)
+    return host
