@@ -133,3 +133,40 @@ def test_exit_codes_and_complete_output_of_the_process(tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
     missing = subprocess.run(command(tmp_path / "nothing", tmp_path / "b"), capture_output=True)
     assert missing.returncode == 2 and b"no such file" in missing.stderr
+
+
+def test_a_structure_without_its_trajectory_is_relaxed_again(tmp_path):
+    """The trajectory is renamed into place last, so an extxyz without it is the output of an
+    interrupted write: a rerun relaxes that structure again (same result) and skips the
+    complete ones."""
+    from typer.testing import CliRunner
+
+    from molopt.cli import app
+
+    runner = CliRunner()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(2):
+        s = rattled_cluster(9, seed=k)
+        ase.io.write(inputs / f"c{k}.xyz", Atoms(numbers=s.numbers, positions=s.positions))
+    out = tmp_path / "out"
+    args = ["relax", str(inputs), "-o", str(out), "--json", "-p", "argon", "--fmax", "1e-3"]
+    first = {
+        json.loads(x)["input"]: json.loads(x)
+        for x in runner.invoke(app, args).stdout.split("\n")
+        if x.startswith("{")
+    }
+    (out / "c0.h5md").unlink()  # as if the run died between the extxyz and the trajectory
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    records = {
+        json.loads(x)["input"]: json.loads(x)
+        for x in again.stdout.splitlines()
+        if x.startswith("{")
+    }
+    c0, c1 = str(inputs / "c0.xyz"), str(inputs / "c1.xyz")
+    assert records[c0]["status"] == "converged" and records[c1]["status"] == "skipped"
+    assert (
+        records[c0]["energy"] == first[c0]["energy"] and records[c0]["steps"] == first[c0]["steps"]
+    )
+    assert (out / "c0.h5md").exists()
