@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molopt.config import GPA, OPTIMIZER_NAMES
-from molopt.errors import ConfigError, InputError
+from molopt.errors import InputError
 
 
 def load_potential(name_or_path):
@@ -43,31 +42,35 @@ def relax(
     in one batch. ``pressure`` in GPa (with ``relax_cell``). The inputs are not modified;
     the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
     ``info['molopt_status']``, ``info['molopt_steps']``, ``info['molopt_fmax']``. Raises
-    :class:`~molopt.errors.InputError` for an invalid structure."""
-    from molopt.engine import EngineSettings
+    :class:`~molopt.errors.ConfigError` for invalid settings (checked as ``molopt relax``
+    checks them) and :class:`~molopt.errors.InputError` for an invalid structure."""
+    from molopt import config
     from molopt.engine import relax as engine_relax
     from molopt.io.read import from_atoms
+    from molopt.run import engine_settings
 
     single = not isinstance(atoms_or_list, Sequence)
     images = [atoms_or_list] if single else list(atoms_or_list)
-    if optimizer not in OPTIMIZER_NAMES:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}")
+    settings = config.validate(
+        {
+            "optimizer": optimizer,
+            "optimizer_options": dict(optimizer_options),
+            "fmax": fmax,
+            "steps": steps,
+            "relax_cell": relax_cell,
+            "pressure": pressure,
+            "precision": precision,
+            "trajectory_interval": 0,
+        },
+        "molopt.relax",
+    )
     pot = load_potential(potential)
     structures = [from_atoms(a, f"<atoms {k}>") for k, a in enumerate(images)]
     for k, s in enumerate(structures):
         if not pot.covers(s.numbers):
             raise InputError(f"<atoms {k}>", "elements not covered by the potential")
-    settings = EngineSettings(
-        optimizer=optimizer,
-        optimizer_options=tuple(sorted(optimizer_options.items())),
-        fmax=fmax,
-        steps=steps,
-        relax_cell=relax_cell,
-        pressure=pressure * GPA,
-        precision=precision,
-        trajectory_interval=0,
-    )
-    results = {r.key: r for r in engine_relax(list(enumerate(structures)), pot, settings)}
+    items = list(enumerate(structures))
+    results = {r.key: r for r in engine_relax(items, pot, engine_settings(settings))}
     out = [_result_atoms(images[k], results[k]) for k in range(len(images))]
     return out[0] if single else out
 

@@ -10,17 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from molopt.errors import ConfigError
+from molopt.optimizers import NAMES as OPTIMIZER_NAMES
+from molopt.optimizers import option_names
 
 #: 1 GPa in eV/A^3
 GPA = 1.0 / 160.21766208
-
-OPTIMIZER_NAMES = ("fire", "fire2", "lbfgs", "gd")
-OPTIMIZER_OPTIONS = {
-    "fire": {"dt", "maxstep", "dtmax", "n_min", "finc", "fdec", "astart", "fa", "a"},
-    "fire2": {"dt", "maxstep", "dtmax", "dtmin", "n_min", "finc", "fdec", "astart", "fa"},
-    "lbfgs": {"maxstep", "memory", "damping", "alpha"},
-    "gd": {"maxstep", "alpha"},
-}
 
 
 @dataclass(frozen=True)
@@ -186,11 +180,12 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         raise ConfigError(
             f"{source}: optimizer must be one of {', '.join(OPTIMIZER_NAMES)} (got {s.optimizer!r})"
         )
-    unknown = set(s.optimizer_options) - OPTIMIZER_OPTIONS[s.optimizer]
+    valid = option_names(s.optimizer) if s.optimizer_options else frozenset()
+    unknown = set(s.optimizer_options) - valid
     if unknown:
         raise ConfigError(
             f"{source}: option(s) {', '.join(sorted(unknown))} do not apply to {s.optimizer} "
-            f"(valid: {', '.join(sorted(OPTIMIZER_OPTIONS[s.optimizer]))})"
+            f"(valid: {', '.join(sorted(valid))})"
         )
     for key, value in s.optimizer_options.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:

@@ -20,7 +20,7 @@ def spectrum(structure: Structure, potential) -> dict:
     in ascending order; ``frequencies_cm1``: the 3N harmonic frequencies (negative numbers
     are imaginary); ``n_imaginary``: how many frequencies are below
     :data:`IMAGINARY_BELOW_CM1`. Plain Python numbers (JSON-ready)."""
-    from molopt.differentiable import frequencies_cm1, hessian
+    from molopt.analysis.hessian import frequencies_cm1, hessian
 
     h = hessian(structure, potential)
     eigenvalues = np.linalg.eigvalsh(0.5 * (h + h.T))

@@ -46,7 +46,8 @@ class Summary:
         return 0 if ok else 1
 
 
-def _engine_settings(settings: RunSettings):
+def engine_settings(settings: RunSettings):
+    """The engine's settings for a run's (the one place GPa becomes eV/A^3)."""
     from molopt.engine import EngineSettings
 
     return EngineSettings(
@@ -430,7 +431,7 @@ def relax_files(
             from molopt.analysis.saddle import SaddleEscape
 
             after_converged = SaddleEscape()
-        engine = Engine(potential, _engine_settings(settings), sink, progress, after_converged)
+        engine = Engine(potential, engine_settings(settings), sink, progress, after_converged)
         try:
             engine.relax(items)
             sink.flush()

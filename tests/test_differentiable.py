@@ -13,8 +13,9 @@ from ase.cluster import Icosahedron
 from conftest import structure_from_atoms
 from typer.testing import CliRunner
 
+from molopt.analysis.hessian import frequencies_cm1, lowest_modes
+from molopt.analysis.implicit import relax_implicit
 from molopt.cli import app
-from molopt.differentiable import frequencies_cm1, lowest_modes, relax_implicit
 from molopt.potentials.lennard_jones import LennardJones
 from molopt.structure import make_structure
 
@@ -227,8 +228,8 @@ def fitted(config):
 
 
 def predicted(config) -> list[float]:
-    """Each target's value at the potential's own parameters (molopt.fitting.Fit)."""
-    from molopt.fitting import Fit, FitConfig
+    """Each target's value at the potential's own parameters (molopt.analysis.fitting.Fit)."""
+    from molopt.analysis.fitting import Fit, FitConfig
 
     fit = Fit(FitConfig.from_toml(config))
     return [row["predicted"] for row in fit.report(fit.log_params)]
@@ -439,26 +440,36 @@ def _projected_spectrum(h, positions):
 
 
 @pytest.mark.parametrize("exact_max_atoms", [200, 0])
-def test_hessian_compiled_once_per_bucket_not_per_structure(exact_max_atoms):
+def test_hessian_compiled_once_per_bucket_not_per_structure(exact_max_atoms, monkeypatch):
     """`--check-hessian` on a mixed batch: three clusters of 13 and 14 atoms share the
     16-atom bucket (and neighbour capacity), so the (dense or matrix-free) Hessian program is
     compiled once for all three; the Hessian still equals central differences of the forces
     and each structure's lowest modes are its own (padding excluded)."""
-    from molopt import differentiable
+    from molopt.analysis import hessian as differentiable
     from molopt.engine import evaluate
     from molopt.potentials.registry import load
 
     lj = load("argon").potential
-    program = (
-        differentiable._dense_hessian if exact_max_atoms else differentiable._lowest_matrix_free
-    )
+    # count the traces of the (dense or matrix-free) program: a trace runs the function it
+    # differentiates, a call of the compiled program does not. Caches start empty, so the
+    # first structure traces once and the others reuse it.
+    name = "enthalpy" if exact_max_atoms else "enthalpy_gradient"
+    traced = []
+    original = getattr(differentiable, name)
+
+    def counting(*args, **kwargs):
+        traced.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(differentiable, name, counting)
+    jax.clear_caches()
     sizes = []
     for k, n in enumerate((13, 14, 13)):
         atoms = Icosahedron("Ar", 3, latticeconstant=5.26)[:n]
         atoms.rattle(0.02, seed=k)
         s = structure_from_atoms(atoms)
         values, vectors = lowest_modes(s, lj, k=2, exact_max_atoms=exact_max_atoms)
-        sizes.append(program._cache_size())
+        sizes.append(len(traced))
         assert vectors.shape == (3 * n, 2)
         h = differentiable.hessian(s, lj)
         assert h.shape == (3 * n, 3 * n)

@@ -146,3 +146,21 @@ def test_transplant_moves_every_field_to_its_new_place(variable_cell):
     np.testing.assert_array_equal(moved.x[others], target.x[others])
     np.testing.assert_array_equal(moved.energy[[0, 2, 3]], target.energy[[0, 2, 3]])
     np.testing.assert_array_equal(moved.opt.s[:, others], np.asarray(target.opt.s)[:, others])
+
+
+def test_one_table_of_optimizers():
+    """The command line's choices, the settings' checks and the engine read one table; each
+    optimizer's options are its dataclass fields."""
+    from molopt import config
+    from molopt.cli import OptimizerName
+    from molopt.errors import ConfigError
+    from molopt.optimizers import NAMES, optimizer_class, option_names
+
+    assert [m.value for m in OptimizerName] == list(NAMES) == ["fire", "fire2", "lbfgs", "gd"]
+    for name in NAMES:
+        assert optimizer_class(name).name == name
+    assert option_names("fire") >= {"dt", "maxstep", "astart", "a"}
+    assert option_names("lbfgs") == {"maxstep", "memory", "damping", "alpha"}
+    config.validate({"optimizer": "fire2", "optimizer_options": {"dtmin": 0.01}})
+    with pytest.raises(ConfigError, match="dtmin"):
+        config.validate({"optimizer": "fire", "optimizer_options": {"dtmin": 0.01}})

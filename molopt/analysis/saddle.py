@@ -23,7 +23,7 @@ class SaddleEscape:
     max_restarts: int = 5
 
     def __call__(self, result: RelaxResult, restarts: int, potential) -> Structure | None:
-        from molopt.differentiable import lowest_modes
+        from molopt.analysis.hessian import lowest_modes
 
         values, vectors = lowest_modes(result.structure, potential, k=1)
         lowest = float(values[0])

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from molopt import __version__, startup
 from molopt.errors import MoloptError
+from molopt.optimizers import NAMES as OPTIMIZER_NAMES
 
 app = typer.Typer(
     name="molopt",
@@ -34,11 +35,8 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
-class OptimizerName(StrEnum):
-    fire = "fire"
-    fire2 = "fire2"
-    lbfgs = "lbfgs"
-    gd = "gd"
+#: ``--optimizer`` choices: the optimizers' one table (:data:`molopt.optimizers.NAMES`)
+OptimizerName = StrEnum("OptimizerName", {name: name for name in OPTIMIZER_NAMES})
 
 
 class Precision(StrEnum):

@@ -1,4 +1,4 @@
-"""``molopt fit``: Lennard-Jones parameters fitted by :class:`molopt.fitting.Fit`."""
+"""``molopt fit``: Lennard-Jones parameters fitted by :class:`molopt.analysis.fitting.Fit`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def fit(
     json: Annotated[bool, typer.Option("--json", help="Report as JSON on stdout.")] = False,
 ):
     """Fit Lennard-Jones parameters to properties of relaxed structures (implicit gradients)."""
+    from molopt.analysis.fitting import Fit, FitConfig
     from molopt.cli.display import fit_progress, fit_report
-    from molopt.fitting import Fit, FitConfig
 
     with reported():
         settings = FitConfig.from_toml(config)

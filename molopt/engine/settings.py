@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from molopt.optimizers import OPTIMIZERS
+from molopt.optimizers import optimizer_class
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ class EngineSettings:
         return np.float64 if self.precision == "float64" else np.float32
 
     def make_optimizer(self):
-        cls = OPTIMIZERS[self.optimizer]
-        return cls(**dict(self.optimizer_options))
+        return optimizer_class(self.optimizer)(**dict(self.optimizer_options))
 
 
 def chunk_for(n_atoms: int, requested: int) -> int:

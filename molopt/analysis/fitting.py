@@ -1,7 +1,7 @@
 """Fitting a potential's parameters to properties of relaxed structures (``molopt fit``).
 
 Targets are measured on structures relaxed with the current parameters; their gradients
-come from implicit differentiation of the relaxations (:mod:`molopt.differentiable`), so a
+come from implicit differentiation of the relaxations (:mod:`molopt.analysis.implicit`), so a
 fit step costs a few relaxations and linear solves, never an unrolled optimization. The
 parameters (per-element Lennard-Jones epsilon and sigma) are fitted in log space (they stay
 positive) with optax's Adam.
@@ -145,7 +145,7 @@ class Fit:
         """Each target's predicted value (JAX scalars, differentiable)."""
         import jax.numpy as jnp
 
-        from molopt.differentiable import relax_implicit
+        from molopt.analysis.implicit import relax_implicit
 
         potential = self.potential_for(log_params)
         relaxed = {}
@@ -190,12 +190,12 @@ class Fit:
         import jax
         import jax.numpy as jnp
 
-        from molopt.differentiable import _Problem
+        from molopt.analysis.implicit import Problem
 
         total = 0.0
         for d in data:
-            problem = _Problem(d.structure, potential, False, 0.0)
-            problem.set_base(d.structure.positions, d.structure.cell, potential.cutoff)
+            problem = Problem(d.structure, potential, False, 0.0)
+            problem.set_base(d.structure.positions, d.structure.cell, potential)
             cell = jnp.asarray(d.structure.cell)
             energy, grad = jax.value_and_grad(
                 lambda x, problem=problem, cell=cell: problem.energy_at(x, cell, potential)
