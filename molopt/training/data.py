@@ -79,9 +79,9 @@ def split(data: list[Labelled], valid_fraction: float, seed: int):
 
 @jax.tree_util.register_dataclass
 @dataclass
-class Batch:
-    """One padded batch: engine ``batch``, ``positions`` (A, 3), ``cells`` (S, 3, 3),
-    ``nbrs`` (device Neighbors), targets ``energy`` (S,), ``forces`` (A, 3), ``stress``
+class LabelledBatch:
+    """One padded batch of labelled structures: the packed ``batch``, ``positions`` (A, 3),
+    ``cells`` (S, 3, 3), ``nbrs`` (device Neighbors), targets ``energy`` (S,), ``forces`` (A, 3), ``stress``
     (S, 3, 3), ``has_stress`` (S,), ``n_atoms`` (S,)."""
 
     batch: object
@@ -193,9 +193,9 @@ class Batcher:
             batches = [batches[k] for k in rng.permutation(len(batches))]
         return batches
 
-    def make(self, members: list[int]) -> Batch:
+    def make(self, members: list[int]) -> LabelledBatch:
 
-        from molopt.batch import Batch as EngineBatch
+        from molopt.batch import Batch
         from molopt.neighbors import Neighbors
 
         A, S = self.batch_atoms, self.batch_structures
@@ -246,7 +246,7 @@ class Batcher:
                 if self.periodic:
                     shift[:, position, i + start] = shifts.T
             start += n
-        batch = EngineBatch(
+        batch = Batch(
             species=jax.device_put(species),
             numbers=jax.device_put(numbers),
             system_idx=jax.device_put(system_idx),
@@ -267,7 +267,7 @@ class Batcher:
             cutoff=jax.device_put(np.asarray(self.cutoff, dtype)),
             skin=jax.device_put(np.asarray(0.0, dtype)),
         )
-        return Batch(
+        return LabelledBatch(
             batch,
             jax.device_put(positions),
             jax.device_put(cells),
