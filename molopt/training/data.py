@@ -81,8 +81,8 @@ def split(data: list[Labelled], valid_fraction: float, seed: int):
 @dataclass
 class LabelledBatch:
     """One padded batch of labelled structures: the packed ``batch``, ``positions`` (A, 3),
-    ``cells`` (S, 3, 3), ``nbrs`` (device Neighbors), targets ``energy`` (S,), ``forces`` (A, 3), ``stress``
-    (S, 3, 3), ``has_stress`` (S,), ``n_atoms`` (S,)."""
+    ``cells`` (S, 3, 3), ``nbrs`` (device Neighbors), targets ``energy`` (S,), ``forces``
+    (A, 3), ``stress`` (S, 3, 3), ``has_stress`` (S,), ``n_atoms`` (S,)."""
 
     batch: object
     positions: object
