@@ -121,28 +121,29 @@ def test_tail_compaction_prices_the_batch_it_would_build():
     assert idle.fraction == pytest.approx(1.0 - target / A)
 
 
+def count_traces(monkeypatch, *targets) -> list:
+    """A list that grows by one each time one of ``targets`` ((owner, attribute name)
+    pairs of functions a program runs only while it is traced) is called: traces, not calls
+    of compiled programs."""
+    traced: list = []
+    for owner, name in targets:
+        original = getattr(owner, name)
+
+        def counting(*args, _original=original, **kwargs):
+            traced.append(1)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+    return traced
+
+
 def test_new_mix_in_same_bucket_does_not_recompile(argon, monkeypatch):
     """A new mix of sizes in the same bucket traces none of the programs again (a trace of
     the initial state builds the optimizer state, one of the loop evaluates)."""
     from molopt.engine import kernel
-
-    traced = []
-    evaluate_step = kernel._evaluate
-
-    def counting(*args, **kwargs):
-        traced.append(1)
-        return evaluate_step(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "_evaluate", counting)
     from molopt.optimizers import FIRE
 
-    init = FIRE.init
-
-    def counting_init(*args, **kwargs):
-        traced.append(1)
-        return init(*args, **kwargs)
-
-    monkeypatch.setattr(FIRE, "init", counting_init)
+    traced = count_traces(monkeypatch, (kernel, "_evaluate"), (FIRE, "init"))
     settings = EngineSettings(fmax=1e-2)
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]
     second = [(k, rattled_cluster(n, seed=10 + k)) for k, n in enumerate((11, 8, 13))]
@@ -241,16 +242,8 @@ def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
         pytest.skip("no /proc/sys/vm/max_map_count on this system")
     from molopt.engine import kernel
 
-    # compiled code is there when a relaxation does not trace its programs again: count the
-    # traces (a trace runs the step's evaluation; a call of the compiled program does not)
-    traced = []
-    evaluate_step = kernel._evaluate
-
-    def counting(*args, **kwargs):
-        traced.append(1)
-        return evaluate_step(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "_evaluate", counting)
+    # compiled code is there when a relaxation does not trace its programs again
+    traced = count_traces(monkeypatch, (kernel, "_evaluate"))
     settings = EngineSettings(fmax=1e-2)
     items = [(0, rattled_cluster(10, seed=4))]
     (before,) = relax(items, argon, settings)
