@@ -11,7 +11,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +18,10 @@ from molopt import elements as el
 from molopt import interrupt
 from molopt.config import GPA, RunSettings
 from molopt.errors import ConfigError, PotentialError
+from molopt.io import atomic
 from molopt.io import read as reader
 from molopt.io import results as out
+from molopt.io.claims import Claims
 from molopt.potentials import registry
 
 
@@ -31,6 +32,8 @@ class Summary:
     potential_note: str = ""
     compiles: int = 0
     wall_time: float = 0.0
+    #: why the run stopped before relaxing everything (outputs cannot be written), or None
+    stopped: str | None = None
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
@@ -73,182 +76,30 @@ def _device_description() -> str:
     return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
 
 
-class OutputSink:
-    """Writes each structure's trajectory and relaxed extxyz; failed ones leave nothing."""
+def common_parameters(settings: RunSettings, spec) -> dict:
+    """What every trajectory of a run with potential ``spec`` records in ``/parameters``."""
+    import jax
 
-    def __init__(self, frames_by_key: dict, settings: RunSettings, spec, on_record: Callable):
-        self.frame_of = frames_by_key
-        self.settings = settings
-        self.spec = spec
-        self.on_record = on_record
-        self.writers: dict = {}
-        self.out_dir = Path(settings.out_dir)
-        self.common = None
-        # finished structures are written by one background thread, while the engine computes
-        # (JAX releases the GIL); their order is kept
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molopt-writer")
-        self.pending: list = []
-        self.in_flight: set = set()
-        self.template: Path | None = None  # run-wide H5MD layout and parameters (hidden file)
+    from molopt import __version__
 
-    def _common(self) -> dict:
-        if self.common is None:
-            import jax
-
-            from molopt import __version__
-
-            s = self.settings
-            self.common = {
-                "molopt_version": __version__,
-                "jax_version": jax.__version__,
-                "device": _device_description(),
-                "precision": s.precision,
-                "potential_name": self.spec.name,
-                "potential_path": str(self.spec.path),
-                "potential_sha256": self.spec.sha256,
-                "potential_spec": self.spec.data,
-                "optimizer": s.optimizer,
-                "optimizer_options": s.optimizer_options,
-                "fmax_target": s.fmax,
-                "max_steps": s.steps,
-                "relax_cell": s.relax_cell,
-                "pressure_GPa": s.pressure,
-                "trajectory_interval": s.trajectory_interval,
-                "settings": s.result_settings(),
-            }
-        return self.common
-
-    def _template(self) -> Path:
-        """Written once per run, on the main thread (the common parameters ask JAX for the
-        device), beside the outputs (``relax_files`` created the directory); removed by
-        :meth:`abort_all`."""
-        if self.template is None:
-            from molopt.io.h5md import write_template
-
-            path = self.out_dir / f".molopt-template.{os.getpid()}.tmp"
-            self.template = write_template(path, self._common())
-        return self.template
-
-    def begin(self, key, structure):
-        from molopt.io.h5md import TrajectoryWriter
-
-        frame = self.frame_of[key]
-        h5md_path, _ = out.output_paths(self.out_dir, frame.stem)
-        self.writers[key] = TrajectoryWriter(
-            h5md_path,
-            structure.numbers,
-            structure.pbc,
-            self.settings.relax_cell,
-            template=self._template(),
-        )
-
-    def frames(self, key, block):
-        self.writers[key].append(block)
-
-    def end(self, key, result):
-        writer = self.writers.pop(key)
-        self.in_flight.add(writer)
-        self.pending.append(self.pool.submit(self._finish, key, writer, result))
-        self._reap()
-
-    def _reap(self):
-        """Raise an error of a finished background write; forget finished futures."""
-        still = []
-        for future in self.pending:
-            if future.done():
-                future.result()
-            else:
-                still.append(future)
-        self.pending = still
-
-    def flush(self):
-        """Wait for every write; re-raise the first error."""
-        for future in self.pending:
-            future.result()
-        self.pending = []
-
-    def _finish(self, key, writer, result):
-        try:
-            self._write(key, writer, result)
-        finally:
-            self.in_flight.discard(writer)
-
-    def _write(self, key, writer, result):
-        frame = self.frame_of[key]
-        h5md_path, xyz_path = out.output_paths(self.out_dir, frame.stem)
-        if result.status == "failed":
-            writer.abort()
-            self.on_record(
-                out.record(
-                    input=frame.path,
-                    index=frame.index,
-                    output=None,
-                    status="failed",
-                    energy=result.energy,
-                    fmax=result.fmax,
-                    steps=result.steps,
-                    error=f"{frame.path}: {result.error}",
-                )
-            )
-            return
-        # the run-wide parameters are in the template the trajectory started from
-        params = {
-            "input": str(frame.path),
-            "input_sha256": frame.sha256,
-            "index": -1 if frame.index is None else frame.index,
-            "run_hash": frame_run_hash(frame, self.settings, self.spec),
-            "status": result.status,
-            "steps": result.steps,
-            "energy_initial": result.initial_energy,
-            "energy_final": result.energy,
-            "fmax_final": result.fmax,
-            "wall_time_s": result.wall_time,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        extra = getattr(result, "extra", None) or {}
-        params.update({k: v for k, v in extra.items() if v is not None})
-        info = {
-            reader.OUTPUT_MARKER: params["run_hash"],
-            "molopt_status": result.status,
-            "molopt_steps": result.steps,
-            "molopt_fmax": result.fmax,
-            "molopt_potential": self.spec.name,
-        }
-        try:
-            out.write_extxyz(xyz_path, result, info)
-            writer.close(params)  # the trajectory lands last: its presence marks completion
-        except BaseException:
-            writer.abort()
-            raise
-        self.on_record(
-            out.record(
-                input=frame.path,
-                index=frame.index,
-                output=str(h5md_path),
-                status=result.status,
-                energy=result.energy,
-                fmax=result.fmax,
-                steps=result.steps,
-                error=None,
-                initial_energy=result.initial_energy,
-                relax_time_s=round(result.wall_time, 4),
-                **extra,
-            )
-        )
-
-    def abort_all(self):
-        """After an interruption: finish the write in progress, drop queued ones, and leave
-        no temporary file behind."""
-        for future in self.pending:
-            future.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for writer in list(self.writers.values()) + list(self.in_flight):
-            writer.abort()
-        self.writers.clear()
-        self.in_flight.clear()
-        if self.template is not None:
-            self.template.unlink(missing_ok=True)
-            self.template = None
+    return {
+        "molopt_version": __version__,
+        "jax_version": jax.__version__,
+        "device": _device_description(),
+        "precision": settings.precision,
+        "potential_name": spec.name,
+        "potential_path": str(spec.path),
+        "potential_sha256": spec.sha256,
+        "potential_spec": spec.data,
+        "optimizer": settings.optimizer,
+        "optimizer_options": settings.optimizer_options,
+        "fmax_target": settings.fmax,
+        "max_steps": settings.steps,
+        "relax_cell": settings.relax_cell,
+        "pressure_GPa": settings.pressure,
+        "trajectory_interval": settings.trajectory_interval,
+        "settings": settings.result_settings(),
+    }
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -275,28 +126,44 @@ def _select_shard(paths: list, settings: RunSettings) -> list:
     return [p for k, p in enumerate(paths) if k % n == i]
 
 
-def resolve_potential(settings: RunSettings, frames) -> tuple[object, str]:
-    """The potential spec to use and a note saying how it was chosen."""
-    if settings.potential:
-        try:
-            return registry.load(settings.potential), ""
-        except PotentialError as exc:
-            raise ConfigError(str(exc)) from exc
-    numbers = set()
-    for f in frames:
-        if f.structure is not None:
-            numbers.update(int(z) for z in f.structure.numbers)
-    if not numbers:
-        return None, ""
-    try:
-        spec = registry.choose(numbers)
-    except PotentialError as exc:
-        raise ConfigError(str(exc)) from exc
-    return (
-        spec,
-        f"using potential '{spec.name}' "
-        f"(covers {', '.join(el.symbol(z) for z in sorted(numbers))})",
-    )
+class PotentialChoice:
+    """Which potential relaxes each structure: ``--potential`` for all, or else, per
+    structure, the most specific shipped potential that covers its elements."""
+
+    def __init__(self, settings: RunSettings):
+        self.given = None
+        if settings.potential:
+            try:
+                self.given = registry.load(settings.potential)
+            except PotentialError as exc:
+                raise ConfigError(str(exc)) from exc
+        self.chosen: dict = {}
+
+    def spec_for(self, structure):
+        """The spec, or a PotentialError saying why none applies."""
+        if self.given is not None:
+            return self.given
+        wanted = frozenset(int(z) for z in structure.numbers)
+        if wanted not in self.chosen:
+            try:
+                self.chosen[wanted] = registry.choose(wanted)
+            except PotentialError as exc:
+                self.chosen[wanted] = exc
+        found = self.chosen[wanted]
+        if isinstance(found, PotentialError):
+            raise found
+        return found
+
+
+def _uncovered(spec, structure) -> str:
+    missing = sorted(set(int(z) for z in structure.numbers) - set(spec.elements))
+    names = ", ".join(el.symbol(z) for z in missing)
+    return f"element(s) {names} not covered by potential '{spec.name}'"
+
+
+def _no_potential(structure) -> str:
+    have = ", ".join(el.symbol(z) for z in sorted(set(int(z) for z in structure.numbers)))
+    return f"no shipped potential covers {have}; choose one with --potential (`molopt potentials`)"
 
 
 def relax_files(
@@ -308,136 +175,309 @@ def relax_files(
 ) -> Summary:
     """Relax every structure in ``inputs``. Raises ConfigError before any work for usage
     problems (missing paths, duplicate output names, conflicting earlier results)."""
-    t0 = time.perf_counter()
-    summary = Summary()
-    note = on_note or (lambda text: None)
+    return _Run(settings, on_record, on_note, progress).run(inputs)
 
-    def emit(rec: dict):
-        summary.records.append(rec)
-        if on_record:
-            on_record(rec)
 
-    paths = _select_shard(reader.discover_with_places(inputs, settings.recursive), settings)
-    frames = []
-    for path, place in paths:
-        interrupt.check()
-        read = reader.read_frames(path, settings.index)
-        if place != Path("."):  # a recursive search: outputs mirror the input tree
-            read = [dataclasses.replace(f, stem=(place / f.stem).as_posix()) for f in read]
-        frames.extend(read)
-    stems: dict[str, Path] = {}
-    for f in frames:
-        if f.stem in stems and stems[f.stem] != f.path:
-            raise ConfigError(
-                f"inputs {stems[f.stem]} and {f.path} would both write {f.stem}.h5md; "
-                "rename one or relax them in separate --out-dir directories"
-            )
-        stems[f.stem] = f.path
-    out_dir = Path(settings.out_dir)
-    for f in frames:
-        for target in out.output_paths(out_dir, f.stem):
-            if target.exists() and target.resolve() == f.path.resolve():
-                raise ConfigError(
-                    f"the output {target} would overwrite the input {f.path}; "
-                    "choose another --out-dir"
-                )
-    spec, chosen = resolve_potential(settings, frames)
-    if chosen:
-        note(chosen)
-    if spec is not None:
-        summary.potential = spec.name
-        summary.potential_note = chosen
+class _Run:
+    """One ``relax_files`` call: plan (read, choose potentials, compare with earlier outputs),
+    then relax the structures this process can claim, one engine per potential, then wait for
+    those other processes hold and relax what they left unfinished."""
 
-    todo = []
-    conflicts = []
-    for key, f in enumerate(frames):
-        if f.structure is None:
-            continue
-        state, previous = out.previous_run(out_dir, f.stem)
-        if state == "absent":
-            todo.append(key)
-            continue
-        same = previous.get("run_hash") == frame_run_hash(f, settings, spec)
-        if same and state == "complete" and not settings.overwrite:
-            continue
-        if not same and not settings.overwrite:
-            conflicts.append(out.output_paths(out_dir, f.stem)[0 if state == "complete" else 1])
-            continue
-        todo.append(key)
-    if conflicts:
-        shown = ", ".join(str(p) for p in conflicts[:3]) + (" ..." if len(conflicts) > 3 else "")
-        raise ConfigError(
-            f"{len(conflicts)} output(s) already exist from a run with different inputs or "
-            f"settings ({shown}); pass --overwrite to replace them, or use another --out-dir"
-        )
-    todo_set = set(todo)
+    def __init__(self, settings, on_record, on_note, progress):
+        self.settings = settings
+        self.summary = Summary()
+        self.on_record = on_record
+        self.note = on_note or (lambda text: None)
+        self.progress = progress
+        self.out_dir = Path(settings.out_dir)
+        self.frames: list = []
+        self.spec_of: dict = {}  # key -> PotentialSpec
+        self.recorded: set = set()
+        self.no_potential: dict = {}  # key -> why no shipped potential applies
+        self.claims = None
+        self.stopped: str | None = None
+        self.passed: list = []  # ("done" | "held", key) the engine's claim hook passed over
 
-    def fail(f, reason):
-        where = f"{f.path}{'' if f.index is None else f' (frame {f.index})'}"
-        emit(
+    def emit(self, key, rec: dict):
+        self.recorded.add(key)
+        self.summary.records.append(rec)
+        if self.on_record:
+            self.on_record(rec)
+
+    def fail(self, key, reason: str):
+        f = self.frames[key]
+        self.emit(
+            key,
             out.record(
                 input=f.path,
                 index=f.index,
                 output=None,
                 status="failed",
-                error=f"{where}: {reason}",
-            )
+                error=f"{f.where}: {reason}",
+            ),
         )
 
-    items = []
-    for key, f in enumerate(frames):
-        if f.structure is None:
-            fail(f, f.error)
-            continue
-        if key not in todo_set:
-            h5md_path, _ = out.output_paths(out_dir, f.stem)
-            _, previous = out.previous_run(out_dir, f.stem)
-            emit(
-                out.record(
-                    input=f.path,
-                    index=f.index,
-                    output=str(h5md_path),
-                    status="skipped",
-                    energy=previous.get("energy_final"),
-                    fmax=previous.get("fmax_final"),
-                    steps=previous.get("steps"),
-                    previous_status=previous.get("status"),
+    def skipped(self, key, previous: dict, **extra):
+        f = self.frames[key]
+        h5md_path, _ = out.output_paths(self.out_dir, f.stem)
+        self.emit(
+            key,
+            out.record(
+                input=f.path,
+                index=f.index,
+                output=str(h5md_path),
+                status="skipped",
+                energy=previous.get("energy_final"),
+                fmax=previous.get("fmax_final"),
+                steps=previous.get("steps"),
+                previous_status=previous.get("status"),
+                potential=previous.get("potential_name"),
+                **extra,
+            ),
+        )
+
+    def run_hash(self, key) -> str:
+        return frame_run_hash(self.frames[key], self.settings, self.spec_of[key])
+
+    # -- planning ----------------------------------------------------------------------------
+    def read(self, inputs):
+        settings = self.settings
+        paths = _select_shard(reader.discover_with_places(inputs, settings.recursive), settings)
+        for path, place in paths:
+            interrupt.check()
+            read = reader.read_frames(path, settings.index)
+            if place != Path("."):  # a recursive search: outputs mirror the input tree
+                read = [dataclasses.replace(f, stem=(place / f.stem).as_posix()) for f in read]
+            self.frames.extend(read)
+        stems: dict[str, Path] = {}
+        for f in self.frames:
+            if f.stem in stems and stems[f.stem] != f.path:
+                raise ConfigError(
+                    f"inputs {stems[f.stem]} and {f.path} would both write {f.stem}.h5md; "
+                    "rename one or relax them in separate --out-dir directories"
                 )
+            stems[f.stem] = f.path
+        for f in self.frames:
+            for target in out.output_paths(self.out_dir, f.stem):
+                if target.exists() and target.resolve() == f.path.resolve():
+                    raise ConfigError(
+                        f"the output {target} would overwrite the input {f.path}; "
+                        "choose another --out-dir"
+                    )
+
+    def choose_potentials(self) -> list:
+        """Keys with a potential; failed records for the others."""
+        choice = PotentialChoice(self.settings)
+        keys = []
+        for key, f in enumerate(self.frames):
+            if f.structure is None:
+                continue
+            try:
+                spec = choice.spec_for(f.structure)
+            except PotentialError:
+                self.no_potential[key] = _no_potential(f.structure)
+                continue
+            self.spec_of[key] = spec
+            keys.append(key)
+        by_spec: dict = {}
+        for key in keys:
+            by_spec.setdefault(self.spec_of[key].name, []).append(key)
+        names = sorted(by_spec)
+        self.summary.potential = ", ".join(names)
+        if choice.given is None:
+            for name in names:
+                group = by_spec[name]
+                numbers = set()
+                for key in group:
+                    numbers.update(int(z) for z in self.frames[key].structure.numbers)
+                covers = ", ".join(el.symbol(z) for z in sorted(numbers))
+                count = f"{len(group)} structure{'s' if len(group) != 1 else ''}"
+                text = f"using potential '{name}' for {count} (covers {covers})"
+                self.note(text)
+                notes = [self.summary.potential_note, text]
+                self.summary.potential_note = "; ".join(n for n in notes if n)
+        return keys
+
+    def plan(self) -> list:
+        """The keys to relax, in input order; records for everything else."""
+        settings = self.settings
+        keys = set(self.choose_potentials())
+        todo, conflicts, redo = [], [], []
+        for key, f in enumerate(self.frames):
+            if key not in keys:
+                continue
+            state, previous = out.previous_run(self.out_dir, f.stem)
+            if state == "absent":
+                todo.append(key)
+                continue
+            same = previous.get("run_hash") == self.run_hash(key)
+            if same and state == "complete" and not settings.overwrite:
+                continue
+            if not same and not settings.overwrite:
+                which = 0 if state in ("complete", "incomplete") else 1
+                conflicts.append(out.output_paths(self.out_dir, f.stem)[which])
+                continue
+            if same and state == "incomplete":
+                redo.append(f.stem)
+            todo.append(key)
+        if conflicts:
+            shown = ", ".join(str(p) for p in conflicts[:3])
+            shown += " ..." if len(conflicts) > 3 else ""
+            raise ConfigError(
+                f"{len(conflicts)} output(s) already exist from a run with different inputs or "
+                f"settings ({shown}); pass --overwrite to replace them, or use another --out-dir"
             )
-            continue
-        if not spec.covers(f.structure.numbers):
-            missing = sorted(set(int(z) for z in f.structure.numbers) - set(spec.elements))
-            names = ", ".join(el.symbol(z) for z in missing)
-            fail(f, f"element(s) {names} not covered by potential '{spec.name}'")
-            continue
-        if settings.relax_cell and not f.structure.pbc.all():
-            fail(f, "--relax-cell needs a structure periodic in all three directions")
-            continue
-        items.append((key, f.structure))
+        if redo:
+            shown = ", ".join(redo[:3]) + (" ..." if len(redo) > 3 else "")
+            self.note(
+                f"{len(redo)} finished structure(s) miss an output ({shown}): relaxing them again"
+            )
+        todo_set = set(todo)
+        items = []
+        for key, f in enumerate(self.frames):
+            if f.structure is None:
+                self.fail(key, f.error)
+                continue
+            if key not in keys:
+                self.fail(key, self.no_potential[key])
+                continue
+            spec = self.spec_of[key]
+            if key not in todo_set:
+                _, previous = out.previous_run(self.out_dir, f.stem)
+                self.skipped(key, previous)
+                continue
+            if not spec.covers(f.structure.numbers):
+                self.fail(key, _uncovered(spec, f.structure))
+                continue
+            if settings.relax_cell and not f.structure.pbc.all():
+                self.fail(key, "--relax-cell needs a structure periodic in all three directions")
+                continue
+            items.append(key)
+        return items
 
-    if items:
-        _prepare_out_dir(out_dir)
-        for place in {Path(frames[key].stem).parent for key, _ in items} - {Path(".")}:
-            _prepare_out_dir(out_dir / place)
-        from molopt._jax import enable_compilation_cache
+    # -- relaxing ----------------------------------------------------------------------------
+    def run(self, inputs) -> Summary:
+        t0 = time.perf_counter()
+        self.read(inputs)
+        keys = self.plan()
+        if keys:
+            _prepare_out_dir(self.out_dir)
+            places = {Path(self.frames[key].stem).parent for key in keys} - {Path(".")}
+            for place in places:
+                _prepare_out_dir(self.out_dir / place)
+            removed = []
+            for directory in {self.out_dir} | {self.out_dir / p for p in places}:
+                removed += atomic.remove_dead_leftovers(directory)
+            if removed:
+                self.note(f"removed {len(removed)} temporary file(s) left by runs that died")
+            from molopt._jax import enable_compilation_cache
+
+            enable_compilation_cache()
+            self.claims = Claims(self.out_dir)
+            try:
+                self.relax_all(keys)
+            finally:
+                self.claims.release_all()
+        if self.stopped:
+            for key in keys:
+                if key not in self.recorded:
+                    reason = f"not relaxed: the run stopped ({self.stopped}); rerun to finish"
+                    self.fail(key, reason)
+        self.summary.stopped = self.stopped
+        self.summary.wall_time = time.perf_counter() - t0
+        return self.summary
+
+    def relax_all(self, keys: list) -> None:
+        """Relax what this process claims; then, for each structure another process held,
+        wait for it: record its outcome, or relax it here if that process died."""
+        held_elsewhere = self.relax_claimed(keys)
+        while held_elsewhere and not self.stopped:
+            again = []
+            for key in held_elsewhere:
+                interrupt.check()
+                f = self.frames[key]
+                outcome, held = self.claims.wait(f.stem)
+                state, previous = out.previous_run(self.out_dir, f.stem)
+                done = state == "complete" and previous.get("run_hash") == self.run_hash(key)
+                if done or outcome.status == "failed":
+                    if held:
+                        self.claims.release(f.stem)
+                    if done:
+                        self.skipped(key, previous, relaxed_by=outcome.owner or None)
+                    else:
+                        where = f"in another molopt process ({outcome.owner})"
+                        self.fail(key, f"failed {where}: {outcome.error}")
+                    continue
+                if held:  # its owner ended without finishing it
+                    again.append(key)
+            held_elsewhere = self.relax_claimed(again) if again else []
+
+    def _claim(self, key) -> bool:
+        """The engine's claim hook: take ``key`` unless another process holds it or finished
+        it meanwhile (then it is recorded as skipped)."""
+        f = self.frames[key]
+        if f.stem in self.claims.held:
+            return True
+        if not self.claims.try_claim(f.stem):
+            return False
+        state, previous = out.previous_run(self.out_dir, f.stem)
+        if state == "complete" and previous.get("run_hash") == self.run_hash(key):
+            if not self.settings.overwrite:
+                self.claims.release(f.stem)
+                self.skipped(key, previous)
+                self.passed.append(("done", key))
+                return False
+        return True
+
+    def relax_claimed(self, keys: list) -> list:
+        """Run the engine over ``keys``, one engine per potential; the keys another process
+        held when their turn came."""
         from molopt.engine import Engine
+        from molopt.io.outputs import OutputSink, OutputsUnwritable
 
-        enable_compilation_cache()
-        potential = spec.potential
-        frame_of = {key: frames[key] for key, _ in items}
-        sink = OutputSink(frame_of, settings, spec, emit)
-        after_converged = None
-        if settings.check_hessian:
-            from molopt.analysis.saddle import SaddleEscape
+        settings = self.settings
+        self.passed: list = []
+        by_spec: dict = {}
+        for key in keys:
+            by_spec.setdefault(self.spec_of[key].name, []).append(key)
+        for group in by_spec.values():
+            if self.stopped:
+                break
+            spec = self.spec_of[group[0]]
+            frame_of = {key: self.frames[key] for key in group}
+            sink = OutputSink(
+                frame_of,
+                self.out_dir,
+                settings.relax_cell,
+                spec.name,
+                self.run_hash,
+                lambda spec=spec: common_parameters(settings, spec),
+                self.emit,
+                self.claims,
+            )
+            after_converged = None
+            if settings.check_hessian:
+                from molopt.analysis.saddle import SaddleEscape
 
-            after_converged = SaddleEscape()
-        engine = Engine(potential, engine_settings(settings), sink, progress, after_converged)
-        try:
-            engine.relax(items)
-            sink.flush()
-            interrupt.check()  # interrupted during the last writes: still an interruption
-        finally:
-            sink.abort_all()
-        summary.compiles = getattr(engine, "compiles", 0)
-    summary.wall_time = time.perf_counter() - t0
-    return summary
+                after_converged = SaddleEscape()
+            engine = Engine(
+                spec.potential,
+                engine_settings(settings),
+                sink,
+                self.progress,
+                after_converged,
+                claim=self._claim,
+            )
+            items = [(key, self.frames[key].structure) for key in group]
+            try:
+                engine.relax(items)
+                sink.flush()
+                interrupt.check()  # interrupted during the last writes: still an interruption
+            except OutputsUnwritable as exc:
+                self.stopped = exc.reason
+                sink.flush()
+            finally:
+                sink.abort_all()
+            self.summary.compiles += getattr(engine, "compiles", 0)
+            self.passed += [("held", key) for key in engine.passed_over]
+        return [key for why, key in self.passed if why == "held"]

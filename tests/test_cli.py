@@ -7,11 +7,13 @@ import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.build import bulk
+from ase.build import bulk, molecule
 from conftest import EXAMPLES, rattled_cluster
 from typer.testing import CliRunner
 
 from molopt.cli import app
+from molopt.io import h5md
+from molopt.potentials import registry
 
 runner = CliRunner()
 KEYS = ["input", "index", "output", "status", "energy", "fmax", "steps", "error"]
@@ -68,9 +70,33 @@ def test_missing_file_and_bad_options_exit_2(tmp_path):
 
 def test_no_potential_covers_input(tmp_path):
     ase.io.write(tmp_path / "nacl.xyz", Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
-    result = invoke("relax", tmp_path / "nacl.xyz", "-o", tmp_path)
-    assert result.exit_code == 2
-    assert "no shipped potential covers" in result.stderr and "argon" in result.stderr
+    result = invoke("relax", tmp_path / "nacl.xyz", "-o", tmp_path, "--json")
+    assert result.exit_code == 1
+    (rec,) = records(result)
+    assert rec["status"] == "failed" and "no shipped potential covers Na, Cl" in rec["error"]
+
+
+def test_each_structure_gets_the_potential_that_covers_it(tmp_path):
+    """A directory needing different shipped potentials: each structure its own, said in its
+    record and the log; the one nothing covers fails alone."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_cluster(d / "ar.xyz")
+    ase.io.write(d / "water.xyz", molecule("H2O"))
+    ase.io.write(d / "cu.xyz", Atoms("Cu2", positions=[[0, 0, 0], [2.3, 0, 0]]))
+    ase.io.write(d / "nacl.xyz", Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    result = invoke("relax", d, "-o", tmp_path / "out", "--json", "--steps", "3")
+    by_file = {Path(r["input"]).name: r for r in records(result)}
+    assert by_file["ar.xyz"]["potential"] == "argon"
+    assert by_file["water.xyz"]["potential"] == "nn-gfn2-chno"
+    assert by_file["cu.xyz"]["potential"] == registry.choose([29]).name
+    assert by_file["nacl.xyz"]["status"] == "failed"
+    assert all(by_file[n]["status"] != "failed" for n in ("ar.xyz", "water.xyz", "cu.xyz"))
+    assert "using potential 'argon' for 1 structure" in result.stderr
+    assert "using potential 'nn-gfn2-chno' for 1 structure" in result.stderr
+    for name in ("ar", "water", "cu"):
+        params = h5md.read_parameters(tmp_path / "out" / f"{name}.h5md")
+        assert params["potential_name"] == by_file[f"{name}.xyz"]["potential"]
 
 
 def test_not_converged_exit_1(tmp_path):

@@ -68,6 +68,7 @@ class Engine:
         sink: Sink | None = None,
         progress: Callable[[int, int], None] | None = None,
         after_converged: AfterConverged | None = None,
+        claim: Callable[[Any], bool] | None = None,
     ):
         self.settings = settings
         self.dtype = settings.dtype
@@ -75,6 +76,10 @@ class Engine:
         self.sink = sink or NullSink()
         self.progress = progress
         self.after_converged = after_converged
+        #: asked for each structure just before it first enters a batch; one it refuses (another
+        #: process relaxes it) is passed over and listed in ``passed_over``
+        self.claim = claim
+        self.passed_over: list = []
         self.program = Program(
             optimizer=settings.make_optimizer(),
             variable_cell=settings.relax_cell,
@@ -234,6 +239,11 @@ class Engine:
         while queue or keep:
             interrupt.check()
             chosen = policy.admit(queue, keep, s.batch_size, s.max_batch_atoms)
+            if self.claim is not None:
+                chosen = self._claimed(chosen, carry)
+                if not chosen:
+                    continue
+                total = len(results) + len(queue) + len(chosen)
             fresh = {it.key for it in chosen if it.key not in carry}
             now = time.perf_counter()
             for it in chosen:
@@ -251,6 +261,16 @@ class Engine:
             if self.progress:
                 self.progress(len(results), total)
         return results
+
+    def _claimed(self, chosen: list, carry: dict) -> list:
+        """``chosen`` without the new structures :attr:`claim` refuses."""
+        kept = []
+        for it in chosen:
+            if it.key in carry or it.begun or self.claim(it.key):
+                kept.append(it)
+            else:
+                self.passed_over.append(it.key)
+        return kept
 
     def _retire(self, live: LiveBatch, finished: list, queue: deque, results: list, done: set):
         """Report finished systems; a converged one the hook sends back goes to the queue."""

@@ -31,6 +31,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from molopt.io.atomic import temporary_path
+
 #: 1 eV/A in kJ mol-1 A-1 (CODATA 2018 via ase.units: eV * N_A / 1000)
 EV_TO_KJ_PER_MOL = 96.48533212331002
 
@@ -48,10 +50,6 @@ UNITS = {
     "observables/stress": "eV Angstrom-3",
     "observables/volume": "Angstrom3",
 }
-
-
-def temporary_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
 
 
 def write_template(path: Path, parameters: dict, author: str = "molopt") -> Path:

@@ -68,6 +68,11 @@ class Frame:
     error: str | None = None
     sha256: str = ""
 
+    @property
+    def where(self) -> str:
+        """The file, and the frame in a multi-frame file, as messages name them."""
+        return f"{self.path}{'' if self.index is None else f' (frame {self.index})'}"
+
 
 def _extension_formats() -> dict:
     """Extension -> the ASE formats named for it (computed once, from ASE's tables only)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from molopt.io.atomic import temporary_path
 from molopt.io.read import OUTPUT_MARKER, to_atoms
 
 
@@ -48,7 +49,7 @@ def write_extxyz(path: Path, result, info: dict) -> Path:
     atoms.calc = SinglePointCalculator(atoms, **results)
     atoms.info = {k: v for k, v in atoms.info.items() if k not in ("energy", "stress")}
     atoms.info.update(info)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         aseio.write(str(tmp), atoms, format="extxyz")
@@ -74,17 +75,30 @@ def read_marker(path: Path) -> str | None:
 
 
 def previous_run(out_dir: Path, stem: str) -> tuple[str, dict | None]:
-    """('absent' | 'complete' | 'partial', parameters of the finished run or None).
+    """The state of a structure's outputs and the parameters of the run that wrote them:
 
-    A run is complete when its trajectory exists (it is renamed into place last)."""
+    * ``absent``: nothing (None);
+    * ``complete``: the trajectory and the extxyz of one run (the trajectory is renamed into
+      place last, and the extxyz carries the same run hash);
+    * ``incomplete``: the trajectory without its extxyz (deleted, or replaced by another
+      file): the structure is not done; its parameters say which run it was;
+    * ``partial``: an extxyz alone (a run stopped between the two renames), ``run_hash``
+      read from it.
+
+    An unreadable trajectory counts as a complete run of unknown identity, so that it is
+    never overwritten silently."""
     from molopt.io.h5md import read_parameters
 
     h5md_path, xyz_path = output_paths(out_dir, stem)
     if h5md_path.exists():
         try:
-            return "complete", read_parameters(h5md_path)
-        except Exception:  # unreadable: treat as a different run, never overwrite silently
+            parameters = read_parameters(h5md_path)
+        except Exception:
             return "complete", {"run_hash": "<unreadable>"}
+        marker = read_marker(xyz_path) if xyz_path.exists() else None
+        if marker is None or marker != parameters.get("run_hash"):
+            return "incomplete", parameters
+        return "complete", parameters
     if xyz_path.exists():
         return "partial", {"run_hash": read_marker(xyz_path)}
     return "absent", None
