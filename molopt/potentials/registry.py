@@ -1,7 +1,7 @@
 """Potential files: the shipped ones (``potentials/*.toml``) by name, or any path.
 
-A file is TOML with ``kind`` ("lennard-jones", "neural"). Loading validates every field and
-reports the file and the reason on failure (:class:`~molopt.errors.PotentialError`).
+A file is TOML with ``kind`` ("lennard-jones", "neural", "emt"). Loading validates every field
+and reports the file and the reason on failure (:class:`~molopt.errors.PotentialError`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from molopt import elements as el
 from molopt.errors import PotentialError
 
-KINDS = ("lennard-jones", "neural")
+KINDS = ("lennard-jones", "neural", "emt")
 
 
 def shipped_directories() -> list[Path]:
@@ -156,12 +156,45 @@ def _number(data: dict, key: str, path, positive=True, default=None) -> float:
     return float(value)
 
 
+def _only_keys(data: dict, path, known: set[str]) -> None:
+    """Refuse keys other than ``known`` (and ``kind``/``name``, which every file may have)."""
+    unknown = sorted(set(data) - known - {"kind", "name"})
+    if unknown:
+        _fail(path, f"unknown key(s) {', '.join(unknown)}")
+
+
+def _flag(data: dict, key: str, path, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        _fail(path, f"'{key}' must be true or false")
+    return value
+
+
 def build_potential(data: dict, path):
     if data["kind"] == "lennard-jones":
         return _build_lennard_jones(data, path)
+    if data["kind"] == "emt":
+        return _build_emt(data, path)
     from molopt.potentials.neural.io import load_neural
 
     return load_neural(data, Path(path))
+
+
+def _build_emt(data: dict, path):
+    """EMT with ASE's parameters for the file's elements (default: all it has)."""
+    from molopt.potentials.emt import EMT
+
+    _only_keys(data, path, {"description", "reference", "elements", "asap_cutoff", "cutoff"})
+    asap_cutoff = _flag(data, "asap_cutoff", path, default=False)
+    try:
+        potential = EMT.from_table(declared_elements(data, path) or None, asap_cutoff)
+    except ValueError as exc:
+        _fail(path, str(exc))
+    # the cutoff follows from the elements and the rule; a stated one (shown by `molopt
+    # potentials`) must agree with it
+    if "cutoff" in data and abs(_number(data, "cutoff", path) - potential.cutoff) > 1e-3:
+        _fail(path, f"'cutoff' is {potential.cutoff:.4f} A for these elements and rule")
+    return potential
 
 
 def _build_lennard_jones(data: dict, path):
@@ -185,12 +218,8 @@ def _build_lennard_jones(data: dict, path):
         "notes",
         "fitted_from",
     }
-    unknown = sorted(set(data) - known)
-    if unknown:
-        _fail(path, f"unknown key(s) {', '.join(unknown)}")
-    shift = data.get("shift", True)
-    if not isinstance(shift, bool):
-        _fail(path, "'shift' must be true or false")
+    _only_keys(data, path, known)
+    shift = _flag(data, "shift", path, default=True)
     mixing = data.get("mixing", "lorentz-berthelot")
     if mixing != "lorentz-berthelot":
         _fail(path, f"'mixing' must be 'lorentz-berthelot' (got {mixing!r})")
