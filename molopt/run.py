@@ -104,6 +104,12 @@ def common_parameters(settings: RunSettings, spec) -> dict:
 
 def _prepare_out_dir(out_dir: Path) -> None:
     """Create the output directory, or fail before any work with the reason."""
+    for place in (out_dir, *out_dir.parents):  # the nearest part that exists must be a folder
+        if place.exists():
+            if not place.is_dir():
+                why = "is a file" if place == out_dir else f"cannot be created: {place} is a file"
+                raise ConfigError(f"the output directory {out_dir} {why}")
+            break
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -196,7 +202,6 @@ class _Run:
         self.no_potential: dict = {}  # key -> why no shipped potential applies
         self.claims = None
         self.stopped: str | None = None
-        self.passed: list = []  # ("done" | "held", key) the engine's claim hook passed over
 
     def emit(self, key, rec: dict):
         self.recorded.add(key)
@@ -365,9 +370,8 @@ class _Run:
             places = {Path(self.frames[key].stem).parent for key in keys} - {Path(".")}
             for place in places:
                 _prepare_out_dir(self.out_dir / place)
-            removed = []
-            for directory in {self.out_dir} | {self.out_dir / p for p in places}:
-                removed += atomic.remove_dead_leftovers(directory)
+            directories = {self.out_dir} | {self.out_dir / p for p in places}
+            removed = [p for d in directories for p in atomic.remove_dead_leftovers(d)]
             if removed:
                 self.note(f"removed {len(removed)} temporary file(s) left by runs that died")
             from molopt._jax import enable_compilation_cache
@@ -378,6 +382,8 @@ class _Run:
                 self.relax_all(keys)
             finally:
                 self.claims.release_all()
+            for directory in directories:  # of a process that died while this one ran
+                atomic.remove_dead_leftovers(directory)
         if self.stopped:
             for key in keys:
                 if key not in self.recorded:
@@ -424,8 +430,7 @@ class _Run:
         if state == "complete" and previous.get("run_hash") == self.run_hash(key):
             if not self.settings.overwrite:
                 self.claims.release(f.stem)
-                self.skipped(key, previous)
-                self.passed.append(("done", key))
+                self.skipped(key, previous)  # finished by another process meanwhile
                 return False
         return True
 
@@ -436,7 +441,7 @@ class _Run:
         from molopt.io.outputs import OutputSink, OutputsUnwritable
 
         settings = self.settings
-        self.passed: list = []
+        held_elsewhere: list = []
         by_spec: dict = {}
         for key in keys:
             by_spec.setdefault(self.spec_of[key].name, []).append(key)
@@ -479,5 +484,5 @@ class _Run:
             finally:
                 sink.abort_all()
             self.summary.compiles += getattr(engine, "compiles", 0)
-            self.passed += [("held", key) for key in engine.passed_over]
-        return [key for why, key in self.passed if why == "held"]
+            held_elsewhere += [key for key in engine.passed_over if key not in self.recorded]
+        return held_elsewhere

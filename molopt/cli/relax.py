@@ -53,19 +53,22 @@ def relax(
         Precision | None, typer.Option(help="Floating-point precision. [default: float64]")
     ] = None,
     maxstep: Annotated[
-        float | None, typer.Option(help="Optimizer max step (A); default as in ASE (0.2).")
+        float | None, typer.Option(help="Optimizer max step (A). [default: as in ASE, 0.2]")
     ] = None,
     config: Annotated[
         str | None,
         typer.Option(
             "--config",
             "-c",
-            help="Settings file (TOML) or preset name from configs/; flags override it.",
+            help="Settings file (TOML) or the name of a relax preset in configs/ (e.g. tight); "
+            "flags override it.",
         ),
     ] = None,
     json: Annotated[
         bool | None,
-        typer.Option("--json/--no-json", help="One JSON record per structure on stdout."),
+        typer.Option(
+            "--json/--no-json", help="One JSON record per structure on stdout. [default: no-json]"
+        ),
     ] = None,
     out_dir: Annotated[
         str | None,
@@ -89,16 +92,22 @@ def relax(
         bool | None,
         typer.Option(
             "--overwrite/--no-overwrite",
-            help="Replace outputs written with different inputs or settings.",
+            help="Replace outputs written with different inputs or settings. "
+            "[default: no-overwrite]",
         ),
     ] = None,
     shard: Annotated[
         str | None,
-        typer.Option(help="Relax only part I of N (0-based, e.g. 2/8) of the input files."),
+        typer.Option(
+            help="Relax only part I of N (0-based, e.g. 2/8) of the input files. [default: all]"
+        ),
     ] = None,
     recursive: Annotated[
         bool | None,
-        typer.Option("--recursive/--no-recursive", help="Search directories recursively."),
+        typer.Option(
+            "--recursive/--no-recursive",
+            help="Search directories recursively. [default: no-recursive]",
+        ),
     ] = None,
     trajectory_interval: Annotated[
         int | None,
@@ -114,7 +123,8 @@ def relax(
         bool | None,
         typer.Option(
             "--check-hessian/--no-check-hessian",
-            help="Check the lowest Hessian eigenvalue at the end; leave saddle points.",
+            help="Check the lowest Hessian eigenvalue at the end; leave saddle points. "
+            "[default: no-check-hessian]",
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
@@ -140,6 +150,13 @@ def relax(
             progress=reporter.progress,
         )
     reporter.summary(summary)
+    if summary.stopped:
+        err.print(
+            f"error: the run stopped: {summary.stopped}. Every structure has its record; "
+            "rerun the same command to relax the rest.",
+            markup=False,
+            highlight=False,
+        )
     raise typer.Exit(summary.exit_code)
 
 

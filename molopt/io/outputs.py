@@ -82,9 +82,10 @@ class OutputSink:
         from molopt.io.h5md import TrajectoryWriter
 
         self._check()
-        h5md_path, _ = out.output_paths(self.out_dir, self.frame_of[key].stem)
-        for leftover in atomic.temporaries_of(h5md_path):  # of a dead owner of this claim
-            leftover.unlink(missing_ok=True)
+        h5md_path, xyz_path = out.output_paths(self.out_dir, self.frame_of[key].stem)
+        if self.claims is not None:  # this process holds the claim: any other writer is dead
+            for leftover in atomic.temporaries_of(h5md_path) + atomic.temporaries_of(xyz_path):
+                leftover.unlink(missing_ok=True)
         try:
             template = self._template()
         except OSError as exc:
