@@ -128,10 +128,17 @@ class Engine:
             return None
         factor = np.ones(layout.n_systems, self.dtype)
         factor[: layout.n_real] = np.diff(layout.offsets)
-        return cellfilter.CellReference(
-            cell=jax.device_put(np.asarray(cells, self.dtype)),
-            factor=jax.device_put(factor),
-            pressure=jax.device_put(np.asarray(self.settings.pressure, self.dtype)),
+        s = self.settings
+        return cellfilter.make_reference(
+            cells,
+            factor,
+            np.asarray(batch.pbc),
+            self.dtype,
+            free=s.cell_mask,
+            pressure=s.pressure,
+            stress=s.stress,
+            hydrostatic=s.hydrostatic,
+            constant_volume=s.constant_volume,
         )
 
     def _coordinates(self, positions, layout):
@@ -178,8 +185,14 @@ class Engine:
                 base = layout.n_padded_atoms + 3 * k
                 x[base : base + 3] = cell_x
         record = self.settings.trajectory_interval != 0
+        optimizer = self.program.optimizer
+        if hasattr(optimizer, "for_batch"):  # per-system blocks sized to the largest system
+            optimizer = optimizer.for_batch(
+                int(np.max(np.diff(layout.offsets))) + (3 if variable_cell else 0)
+            )
         program = dataclasses.replace(
             self.program,
+            optimizer=optimizer,
             chunk=(
                 chunk_for(layout.n_padded_atoms, self.settings.chunk)
                 if record

@@ -75,8 +75,10 @@ def restore(state, saved: dict, layout: Layout, variable_cell: bool):
                         target[cells] = np.moveaxis(data[1], axis, 0)
                 elif scope == ATOM:
                     target[atoms] = np.moveaxis(data, axis, 0)
-                else:
+                elif np.shape(data) == target[k].shape:
                     target[k] = data
+                else:  # a per-system block cut to its system's size: the leading corner
+                    target[k][tuple(slice(0, n) for n in np.shape(data))] = data
             arrays[f.name] = jax.device_put(host)
         return type(value)(**arrays)
 

@@ -19,6 +19,7 @@ _CLASSES = {
     "fire": ("fire", "FIRE"),
     "fire2": ("fire", "FIRE2"),
     "lbfgs": ("lbfgs", "LBFGS"),
+    "bfgs": ("bfgs", "BFGS"),
     "gd": ("gd", "GradientDescent"),
 }
 
@@ -33,8 +34,10 @@ def optimizer_class(name: str) -> type:
 
 
 def option_names(name: str) -> frozenset[str]:
-    """The options optimizer ``name`` takes: the fields of its dataclass."""
-    return frozenset(f.name for f in dataclasses.fields(optimizer_class(name)))
+    """The options optimizer ``name`` takes: the fields of its dataclass (except those
+    marked ``metadata={"option": False}``, which the engine sets)."""
+    fields = dataclasses.fields(optimizer_class(name))
+    return frozenset(f.name for f in fields if f.metadata.get("option", True))
 
 
 def __getattr__(attr: str):
@@ -44,4 +47,13 @@ def __getattr__(attr: str):
     raise AttributeError(f"module 'molopt.optimizers' has no attribute {attr!r}")
 
 
-__all__ = ["FIRE", "FIRE2", "LBFGS", "GradientDescent", "NAMES", "optimizer_class", "option_names"]
+__all__ = [
+    "BFGS",
+    "FIRE",
+    "FIRE2",
+    "LBFGS",
+    "GradientDescent",
+    "NAMES",
+    "optimizer_class",
+    "option_names",
+]
