@@ -138,11 +138,13 @@ class PotentialChoice:
 
     def __init__(self, settings: RunSettings):
         self.given = None
-        if settings.potential:
-            try:
+        try:
+            if settings.potential:
                 self.given = registry.load(settings.potential)
-            except PotentialError as exc:
-                raise ConfigError(str(exc)) from exc
+            else:
+                registry.shipped()  # a broken shipped file is an error of its own, up front
+        except PotentialError as exc:
+            raise ConfigError(str(exc)) from exc
         self.chosen: dict = {}
 
     def spec_for(self, structure):
@@ -208,6 +210,8 @@ class _Run:
         self.summary.records.append(rec)
         if self.on_record:
             self.on_record(rec)
+        if self.progress:
+            self.progress(len(self.summary.records), len(self.frames))
 
     def fail(self, key, reason: str):
         f = self.frames[key]
@@ -364,6 +368,8 @@ class _Run:
     def run(self, inputs) -> Summary:
         t0 = time.perf_counter()
         self.read(inputs)
+        if self.progress:
+            self.progress(0, len(self.frames))
         keys = self.plan()
         if keys:
             _prepare_out_dir(self.out_dir)
@@ -469,7 +475,7 @@ class _Run:
                 spec.potential,
                 engine_settings(settings),
                 sink,
-                self.progress,
+                None,  # progress: as records arrive (emit)
                 after_converged,
                 claim=self._claim,
             )

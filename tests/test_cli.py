@@ -11,9 +11,11 @@ from ase.build import bulk, molecule
 from conftest import EXAMPLES, rattled_cluster
 from typer.testing import CliRunner
 
+from molopt import config as settings_config
 from molopt.cli import app
 from molopt.io import h5md
 from molopt.potentials import registry
+from molopt.run import relax_files
 
 runner = CliRunner()
 KEYS = ["input", "index", "output", "status", "energy", "fmax", "steps", "error"]
@@ -629,3 +631,24 @@ def test_help_does_not_import_jax():
     assert proc.returncode == 0, proc.stderr
     assert "--fmax" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_progress_counts_structures_as_they_finish_and_the_summary_names_the_slowest(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(24):
+        write_cluster(d / f"c{k:02d}.xyz", n=8 + k % 6, seed=k)
+    calls = []
+    settings = settings_config.build(
+        None, potential="argon", out_dir=str(tmp_path / "o"), batch_size=4
+    )
+    relax_files([str(d)], settings, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 24) and calls[-1] == (24, 24)
+    assert [c[0] for c in calls] == list(range(25))  # one step per finished structure
+    result = invoke("relax", d, "-o", tmp_path / "o2", "--potential", "argon")
+    assert "relaxed 24 structures" in result.stderr and "structures/s" in result.stderr
+    assert "slowest:" in result.stderr
+    slow = result.stderr.split("slowest:", 1)[1].strip().splitlines()
+    assert len(slow) == 5 and all(line.strip().startswith("converged") for line in slow)
+    seconds = [float(line.rsplit(" s", 1)[0].rsplit(None, 1)[1]) for line in slow]
+    assert seconds == sorted(seconds, reverse=True)

@@ -8,10 +8,39 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+#: The width of a console off a terminal: wide enough that no line is wrapped and no
+#: table column is cut.
+UNWRAPPED_WIDTH = 100_000
+
+
+class LogConsole(Console):
+    """A Rich console that writes plain, unwrapped lines when its stream is not a terminal
+    (a log file, a pipe, a batch job): Rich would wrap them at 80 columns, in the middle of
+    numbers, and shrink table columns until their text is cut. On a terminal it is Rich's
+    console unchanged."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self.is_terminal or self._width is not None:
+            return size
+        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
 
 
 class RelaxReporter:
@@ -31,12 +60,15 @@ class RelaxReporter:
                 TextColumn("relaxing"),
                 BarColumn(),
                 MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task("relax", total=None)
+            self.task = self.bar.add_task("relax", total=None, rate="")
         return self
 
     def __exit__(self, *exc):
@@ -50,8 +82,11 @@ class RelaxReporter:
             self.console.print(text, markup=False, highlight=False)
 
     def progress(self, done: int, total: int):
+        """``done`` structures of ``total`` have their record (called as each one does)."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
+            speed = self.bar.tasks[0].speed if done else None
+            rate = f"{speed:.3g}/s" if speed else ""
+            self.bar.update(self.task, completed=done, total=total, rate=rate)
 
     def record(self, rec: dict):
         if self.json_out:
@@ -75,17 +110,37 @@ class RelaxReporter:
         if not summary.records:
             table.add_row("(no structures)", "0")
         self.console.print(table)
-        if not self.json_out and len(summary.records) <= 20:
-            for rec in summary.records:
-                if rec["status"] != "failed" and rec["energy"] is not None:
-                    where = rec["input"] + ("" if rec["index"] is None else f"[{rec['index']}]")
-                    self.console.print(
-                        f"{rec['status']:>13}  {where}  "
-                        f"E = {rec['energy']:.8f} eV  fmax = {rec['fmax']:.2e} eV/A  "
-                        f"steps = {rec['steps']}",
-                        markup=False,
-                        highlight=False,
-                    )
+        relaxed = [r for r in summary.records if r["status"] in ("converged", "not_converged")]
+        if relaxed:
+            steps = sum(r["steps"] or 0 for r in relaxed)
+            self.console.print(
+                f"relaxed {len(relaxed)} structures, {steps} steps in all, "
+                f"{len(relaxed) / max(summary.wall_time, 1e-9):.3g} structures/s",
+                markup=False,
+                highlight=False,
+            )
+        if self.json_out:
+            return
+        shown = summary.records if len(summary.records) <= 20 else _slowest(relaxed, 5)
+        if shown is not summary.records and shown:
+            self.console.print("slowest:", markup=False, highlight=False)
+        for rec in shown:
+            if rec["status"] != "failed" and rec["energy"] is not None:
+                self.console.print(_line(rec), markup=False, highlight=False)
+
+
+def _slowest(records: list, n: int) -> list:
+    return sorted(records, key=lambda r: -(r.get("relax_time_s") or 0.0))[:n]
+
+
+def _line(rec: dict) -> str:
+    where = rec["input"] + ("" if rec["index"] is None else f"[{rec['index']}]")
+    seconds = rec.get("relax_time_s")
+    took = "" if seconds is None else f"  {seconds:.2f} s"
+    return (
+        f"{rec['status']:>13}  {where}  E = {rec['energy']:.8f} eV  "
+        f"fmax = {rec['fmax']:.2e} eV/A  steps = {rec['steps']}{took}"
+    )
 
 
 class TrainDisplay:
@@ -156,7 +211,7 @@ def potentials_table(rows: list[dict]) -> None:
         table.add_row(
             r["name"], r["kind"], " ".join(r["elements"]), str(r["cutoff"] or ""), r["description"]
         )
-    Console().print(table)
+    LogConsole().print(table)
 
 
 def errors_table(name: str, result: dict) -> None:
@@ -190,7 +245,7 @@ def errors_table(name: str, result: dict) -> None:
             f"{result['stress_mae_meV_per_A3']:.3f}",
             f"{result['stress_rmse_meV_per_A3']:.3f}",
         )
-    Console().print(table)
+    LogConsole().print(table)
 
 
 def fit_progress(err: Console, quiet: bool = False):
@@ -222,7 +277,7 @@ def fit_report(report: dict, err: Console) -> None:
             f"{b['predicted']:.6g}",
             f"{a['predicted']:.6g}",
         )
-    Console().print(table)
+    LogConsole().print(table)
     for name, values in report["parameters"].items():
         err.print(f"{name}: {values}")
 
@@ -234,7 +289,8 @@ def hessian_table(result: dict) -> None:
 
     table = Table(
         title=f"{Path(result['file']).name} with {result['potential']}: "
-        f"{3 * result['n_atoms']} modes",
+        f"{3 * result['n_atoms']} modes"
+        + ("" if result.get("at_minimum", True) else " (NOT at a minimum)"),
         title_justify="left",
     )
     table.add_column("mode", justify="right")
@@ -243,7 +299,7 @@ def hessian_table(result: dict) -> None:
     modes = zip(result["frequencies_cm1"], result["eigenvalues_eV_per_A2"], strict=True)
     for k, (f, e) in enumerate(modes):
         table.add_row(str(k), f"{f:.2f}" + ("i" if f < IMAGINARY_BELOW_CM1 else ""), f"{e:.6f}")
-    Console().print(table)
+    LogConsole().print(table)
 
 
 def trajectories_table(rows: list[dict], counts: dict[str, int]) -> None:
@@ -278,7 +334,7 @@ def trajectories_table(rows: list[dict], counts: dict[str, int]) -> None:
             f"{r['final_energy']:.5f}",
             f"{r['final_fmax']:.1e}",
         )
-    console = Console()
+    console = LogConsole()
     console.print(table)
     if len(rows) > 1:
         console.print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
