@@ -5,6 +5,7 @@ that names its source."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,25 +73,61 @@ def preset_directories() -> list[Path]:
     return [c for c in candidates if c.is_dir()]
 
 
-def presets() -> dict[str, Path]:
+#: The commands whose settings files live in ``configs/``, each with the file-name prefix
+#: of its presets (relax presets have none) and how its settings file is named in messages.
+PRESET_KINDS = {
+    "relax": ("", "config", "molopt relax --config"),
+    "train": ("train-", "training config", "molopt train --config"),
+    "fit": ("fit-", "fit config", "molopt fit"),
+}
+
+
+def preset_kind(name: str) -> str:
+    """Which command a preset named ``name`` (a file stem in ``configs/``) is for."""
+    for kind, (prefix, _, _) in PRESET_KINDS.items():
+        if prefix and name.startswith(prefix):
+            return kind
+    return "relax"
+
+
+def presets(kind: str = "relax") -> dict[str, Path]:
+    """The presets in ``configs/`` for the command ``kind`` (:data:`PRESET_KINDS`), by name:
+    a relax config never lists training or fit settings, nor they relax settings."""
     found: dict[str, Path] = {}
     for directory in preset_directories():
         for path in sorted(directory.glob("*.toml")):
-            found.setdefault(path.stem, path)
+            if preset_kind(path.stem) == kind:
+                found.setdefault(path.stem, path)
     return found
+
+
+def config_path(name_or_path: str, kind: str = "relax") -> Path:
+    """The settings file for the command ``kind``: a path, or the name of one of its presets.
+    ConfigError naming the reason: no such file or preset (listing the presets), a
+    directory, or a preset of another command."""
+    _, what, _ = PRESET_KINDS[kind]
+    path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {name_or_path}: is a directory, not a settings file")
+    if path.is_file():
+        return path
+    known = presets(kind)
+    if name_or_path in known:
+        return known[name_or_path]
+    other = preset_kind(name_or_path)
+    if other != kind and name_or_path in presets(other):
+        raise ConfigError(
+            f"{what} {name_or_path}: is a preset for {PRESET_KINDS[other][2]}, "
+            f"not for {PRESET_KINDS[kind][2]} (presets: {', '.join(sorted(known)) or 'none'})"
+        )
+    names = ", ".join(sorted(known)) or "none"
+    raise ConfigError(f"{what} {name_or_path}: no such file or preset (presets: {names})")
 
 
 def read_config(name_or_path: str) -> dict:
     """Settings from a TOML file (top level or a [relax] table); ``[optimizer]`` holds
     optimizer options."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        known = presets()
-        if name_or_path in known:
-            path = known[name_or_path]
-        else:
-            names = ", ".join(sorted(known)) or "none"
-            raise ConfigError(f"config {name_or_path}: no such file or preset (presets: {names})")
+    path = config_path(name_or_path, "relax")
     data = read_toml(path, "config")
     if isinstance(data.get("relax"), dict):
         data = {**{k: v for k, v in data.items() if k != "relax"}, **data["relax"]}
@@ -110,11 +147,22 @@ def read_config(name_or_path: str) -> dict:
 
 
 def read_toml(path, what: str) -> dict:
-    """A TOML file as a dict; ConfigError naming ``what`` and the file when it cannot be read."""
+    """A TOML file as a dict; ConfigError naming ``what``, the file and the reason when it
+    cannot be read: missing, a directory, not readable, not text, or not valid TOML."""
     try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{what} {path}: not valid TOML ({exc})") from exc
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: is a directory, not a settings file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not a text file (TOML expected)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not valid TOML ({exc})") from None
 
 
 def reject_unknown(data: dict, known, path, what: str) -> None:
@@ -171,9 +219,40 @@ def _type_check(name, value, source):
         raise ConfigError(f"{source}: '{name}' must be {expected} (got {value!r})")
 
 
+def parse_index(text: str) -> int | slice:
+    """An ASE index expression (``3``, ``-1``, ``::10``, ``2:8:2``) as an int or a slice.
+    ValueError saying what is expected when ``text`` is not one."""
+    parts = str(text).strip().split(":")
+    try:
+        numbers = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        numbers = None
+    if numbers is None or len(parts) > 3 or (len(parts) == 1 and numbers[0] is None):
+        raise ValueError(
+            f"{text!r} is not a frame index: expected N, -N or a slice START:STOP:STEP "
+            "(e.g. 0, -1, ::10)"
+        )
+    if len(parts) == 1:
+        return numbers[0]
+    if len(parts) == 3 and numbers[2] == 0:
+        raise ValueError(f"{text!r}: a slice step cannot be zero")
+    return slice(*numbers)
+
+
+def _check_finite(values: dict, source: str) -> None:
+    """ConfigError for a NaN or infinite number among the settings and optimizer options:
+    no setting of molopt has a meaning for them (``fmax inf`` would converge at step 0)."""
+    numbers = dict(values)
+    numbers.update(values.get("optimizer_options") or {})
+    for name, value in numbers.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: '{name}' must be a finite number (got {value})")
+
+
 def validate(values: dict, source: str = "settings") -> RunSettings:
     for name, value in values.items():
         _type_check(name, value, source)
+    _check_finite(values, source)
     settings = RunSettings(**values)
     s = settings
     if s.optimizer not in OPTIMIZER_NAMES:
@@ -204,6 +283,11 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         raise ConfigError(f"{source}: skin must be positive (got {s.skin})")
     if s.pressure and not s.relax_cell:
         raise ConfigError(f"{source}: pressure applies only with relax_cell")
+    if s.index is not None:
+        try:
+            parse_index(s.index)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: index {exc}") from None
     if s.shard is not None:
         try:
             i, n = (int(p) for p in s.shard.split("/"))

@@ -35,7 +35,8 @@ def spectrum(structure: Structure, potential) -> dict:
 
 def report(path: str | Path, potential: str | None = None, index: str = "0") -> dict:
     """:func:`spectrum` of frame ``index`` (ASE index syntax; the first selected frame) of
-    the structure file ``path``, after ``file`` and ``potential`` (its name): the potential
+    the structure file ``path``, after ``file`` and ``potential`` (its name), followed by
+    :func:`minimum_check`'s ``at_minimum`` and ``warning``: the potential
     ``potential`` (name or file), or the shipped one covering the structure. Raises
     InputError for an unreadable file or frame, PotentialError for an unknown potential or
     one that does not cover the structure."""
@@ -44,6 +45,8 @@ def report(path: str | Path, potential: str | None = None, index: str = "0") -> 
 
     text = str(path)
     path = Path(path)
+    if path.is_dir():
+        raise InputError(text, "is a directory, not a structure file")
     if not path.is_file():
         raise InputError(text, "no such file")
     frame = read_frames(path, index)[0]
@@ -53,4 +56,24 @@ def report(path: str | Path, potential: str | None = None, index: str = "0") -> 
     spec = registry.load(potential) if potential else registry.choose(structure.numbers)
     if not spec.covers(structure.numbers):
         raise PotentialError(f"{text}: elements not covered by potential '{spec.name}'")
-    return {"file": str(path), "potential": spec.name, **spectrum(structure, spec.potential)}
+    result = {"file": str(path), "potential": spec.name, **spectrum(structure, spec.potential)}
+    return {**result, **minimum_check(result, text)}
+
+
+def minimum_check(result: dict, where: str) -> dict:
+    """``at_minimum``: whether the :func:`spectrum` ``result`` has no imaginary mode;
+    ``warning``: for a structure that has some, a line saying it is not at a minimum (a
+    saddle point or a structure not relaxed), how many modes and the lowest frequency
+    (None at a minimum). Harmonic frequencies mean little away from a minimum."""
+    n = result["n_imaginary"]
+    if n == 0:
+        return {"at_minimum": True, "warning": None}
+    lowest = min(result["frequencies_cm1"])
+    return {
+        "at_minimum": False,
+        "warning": (
+            f"{where} is not at a minimum: {n} imaginary mode{'s' if n != 1 else ''} "
+            f"(lowest {abs(lowest):.1f}i cm^-1); relax it (molopt relax) before reading "
+            "frequencies"
+        ),
+    }

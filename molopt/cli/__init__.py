@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
 
 from molopt import __version__, startup
+from molopt.cli.display import LogConsole
 from molopt.errors import MoloptError
 from molopt.optimizers import NAMES as OPTIMIZER_NAMES
 
@@ -30,9 +31,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: words wrapped whole at the terminal's width, no type placeholder on
+    # flags, and "[default: ...]" in help texts shown as written (Rich reads it as markup)
+    rich_markup_mode=None,
 )
-#: Diagnostics, progress and summaries (stderr); results go to stdout.
-err = Console(stderr=True, highlight=False)
+#: Diagnostics, progress and summaries (stderr); results go to stdout. Plain, unwrapped
+#: lines when stderr is a log file or a pipe.
+err = LogConsole(stderr=True, highlight=False)
 
 
 #: ``--optimizer`` choices: the optimizers' one table (:data:`molopt.optimizers.NAMES`)
@@ -64,6 +69,41 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """The error ``message`` on stderr (no traceback), then exit with ``code``."""
     err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def output_file(path: str, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """``path`` as a file a command may write: exits 2 naming it when it is a directory, when
+    its directory does not exist, or when it exists and ``overwrite`` is not given (no
+    command replaces a file, a relax output included, unless asked with ``flag``)."""
+    target = Path(path)
+    if target.is_dir():
+        fail(f"{path}: is a directory; give a file name for the output")
+    if not target.parent.is_dir():
+        fail(f"{path}: the directory {target.parent} does not exist")
+    if target.exists() and not overwrite:
+        fail(f"{path} already exists; pass {flag} to replace it")
+    return target
+
+
+def image_file(path: str, overwrite: bool, needed_by: str) -> Path:
+    """:func:`output_file` for a figure: exits 2 first when matplotlib (which ``needed_by``
+    needs) is missing or does not write the format of ``path``'s extension."""
+    from molopt.io.plot import image_format_problem
+
+    try:
+        problem = image_format_problem(path)
+    except ImportError:
+        fail(f"{needed_by} needs matplotlib: pip install 'molopt[plot]'")
+    if problem:
+        fail(f"{path}: {problem}")
+    return output_file(path, overwrite)
+
+
+#: ``--overwrite`` (alias ``--force``) of the commands that write files.
+Overwrite = Annotated[
+    bool,
+    typer.Option("--overwrite", "--force", help="Replace output files that already exist."),
+]
 
 
 @contextmanager

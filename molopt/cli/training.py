@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from molopt.cli import Precision, err, fail, interruptible, reported
-from molopt.errors import PotentialError
+from molopt.cli import Overwrite, Precision, err, fail, image_file, interruptible, reported
+from molopt.errors import ConfigError, PotentialError
 
 
 def train(
@@ -24,7 +24,9 @@ def train(
     config: Annotated[
         str,
         typer.Option(
-            "--config", "-c", help="Training settings (TOML), e.g. configs/train-emt-metals.toml."
+            "--config",
+            "-c",
+            help="Training settings: a TOML file or a preset name (e.g. train-emt-metals).",
         ),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")],
@@ -44,14 +46,25 @@ def train(
             "again with --resume to continue an interrupted fine-tuning."
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override the config's epochs.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override the config's epochs.")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress table, only the result.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            "--force",
+            help="Start again in an OUT that holds an earlier training (its files replaced).",
+        ),
+    ] = False,
 ):
-    """Train a PaiNN potential; writes OUT/<name>.toml and OUT/<name>.eqx with a model card."""
+    """Train a PaiNN potential; writes OUT/<name>.toml and OUT/<name>.eqx with a model card.
+    An OUT that holds an earlier training is refused unless --resume or --overwrite."""
     from molopt.cli.display import TrainDisplay
 
     with reported():
-        trainer = _trainer(config, data, out, valid, init, epochs)
+        trainer = _trainer(config, data, out, valid, init, epochs, resume or overwrite)
     again = "interrupted: the last checkpoint is kept; continue with --resume"
     again += f" --init {init}" if init else ""
     with reported(), interruptible(again):
@@ -64,21 +77,42 @@ def train(
     )
 
 
-def _trainer(config, data, out, valid, init, epochs):
-    """A Trainer for ``config`` (``epochs`` overriding it), fine-tuning ``init`` if given."""
+def _trainer(config, data, out, valid, init, epochs, replace: bool):
+    """A Trainer for ``config`` (``epochs`` overriding it), fine-tuning ``init`` if given,
+    writing into ``out`` (:func:`_check_out`)."""
     import dataclasses
 
+    from molopt import config as cfg
     from molopt.potentials import registry
     from molopt.training.data import read_labelled
     from molopt.training.train import TrainConfig, Trainer
 
-    settings = TrainConfig.from_toml(config)
+    settings = TrainConfig.from_toml(cfg.config_path(config, "train"))
     if epochs is not None:
         settings = dataclasses.replace(settings, epochs=epochs)
+    _check_out(Path(out), settings.name, replace)
     start = registry.load(init) if init else None
     labelled = read_labelled(data)
     valid_data = read_labelled(valid) if valid else None
     return Trainer(settings, labelled, Path(out), valid=valid_data, sources=data, init=start)
+
+
+def _check_out(out: Path, name: str, replace: bool) -> None:
+    """ConfigError when ``out`` is a file, or holds an earlier training (checkpoints or the
+    potential ``name``) that this run would replace without ``replace`` (--resume or
+    --overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    earlier = [
+        p
+        for p in (out / "checkpoints" / "state.json", out / f"{name}.toml", out / f"{name}.eqx")
+        if p.exists()
+    ]
+    if earlier and not replace:
+        raise ConfigError(
+            f"--out {out}: holds an earlier training ({earlier[0]}); continue it with --resume, "
+            "start again with --overwrite, or choose another --out"
+        )
 
 
 def _test_errors(trainer, test: list[str]) -> dict:
@@ -96,13 +130,19 @@ def evaluate(
     data: Annotated[list[str], typer.Argument(help="Labelled configurations.")],
     json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     plot: Annotated[str | None, typer.Option(help="Write a parity plot (PNG/PDF).")] = None,
-    precision: Annotated[Precision, typer.Option()] = Precision.float64,
+    precision: Annotated[
+        Precision, typer.Option(help="Floating-point precision of the potential.")
+    ] = Precision.float64,
+    overwrite: Overwrite = False,
 ):
     """Energy/force/stress errors (MAE, RMSE; forces per element) of POTENTIAL on DATA."""
     from molopt.cli.display import errors_table
     from molopt.potentials import registry
     from molopt.training.data import read_labelled
     from molopt.training.evaluate import errors, parity_plot
+
+    if plot:
+        image_file(plot, overwrite, "--plot")
 
     with reported():
         spec = registry.load(potential)

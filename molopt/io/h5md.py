@@ -126,8 +126,12 @@ class TrajectoryWriter:
         variable_cell: bool,
         author: str = "molopt",
         template: Path | None = None,
+        masses=None,
+        charges=None,
     ):
         self.path = Path(path)
+        self.masses = None if masses is None else np.asarray(masses, np.float64)
+        self.charges = None if charges is None else np.asarray(charges, np.float64)
         self.template = template
         self.tmp = temporary_path(self.path)
         self.numbers = np.asarray(numbers)
@@ -235,6 +239,10 @@ class TrajectoryWriter:
         boundary = np.array([b"periodic" if p else b"none" for p in self.pbc], dtype="S8")
         _set_attribute(traj["box"], "boundary", boundary)
         traj.create_dataset("species", data=self.numbers.astype(np.int32))
+        if self.masses is not None:  # H5MD's time-independent particle properties
+            _set_attribute(traj.create_dataset("mass", data=self.masses), "unit", "u")
+        if self.charges is not None:
+            _set_attribute(traj.create_dataset("charge", data=self.charges), "unit", "e")
 
     # -- finish ------------------------------------------------------------------------------
     def close(self, parameters: dict) -> Path:
@@ -344,3 +352,35 @@ def summary(path: Path) -> dict:
             "input": params.get("input"),
             "relax_cell": bool(params.get("relax_cell", False)),
         }
+
+
+#: What :func:`read` and :func:`summary` need of a molopt trajectory.
+REQUIRED = (
+    "h5md",
+    "parameters",
+    "particles/trajectory/species",
+    "particles/trajectory/position/value",
+    "particles/trajectory/position/step",
+    "observables/potential_energy/value",
+    "observables/fmax/value",
+)
+
+
+def not_a_trajectory(path: Path) -> str | None:
+    """Why ``path`` is not a molopt trajectory that :func:`read` can read (missing, a
+    directory, not HDF5, HDF5 without molopt's H5MD layout, unreadable), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a trajectory file"
+    if not path.exists():
+        return "no such file"
+    try:
+        if not h5py.is_hdf5(path):
+            return "not an HDF5 file (molopt trajectories are .h5md files written by molopt relax)"
+        with h5py.File(path, "r") as f:
+            missing = [name for name in REQUIRED if name not in f]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if missing:
+        return f"an HDF5 file, but not a molopt trajectory (no /{missing[0]})"
+    return None

@@ -9,6 +9,19 @@ from pathlib import Path
 MAX_LABELLED = 12
 
 
+def image_format_problem(output: str | Path) -> str | None:
+    """Why matplotlib cannot save a figure as ``output`` (no extension, or one it does not
+    write), or None. Raises ImportError without matplotlib."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    extension = Path(output).suffix.lower().lstrip(".")
+    if extension in known:
+        return None
+    what = f"'.{extension}' is not an image format" if extension else "no file extension"
+    return f"{what} matplotlib writes (use one of {', '.join(sorted(known))})"
+
+
 def plot_convergence(paths: Sequence[Path], output: str | Path, relative: bool = True) -> None:
     """Draw the energy (top axes; E - E(final) when ``relative``) and fmax (bottom axes, log
     scale) against the optimizer step of each H5MD trajectory in ``paths``, one line per

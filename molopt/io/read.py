@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from molopt.config import parse_index
 from molopt.errors import ConfigError, InputError
 from molopt.io.ase_import import ase_io
 from molopt.structure import Structure, make_structure
@@ -169,10 +170,39 @@ def discover_with_places(inputs: list[str], recursive: bool = False) -> list[tup
             found.extend((m, here) for m in matches)
         else:
             raise ConfigError(f"{text}: no such file or directory")
+    if not found:
+        raise ConfigError(_nothing_found(inputs, recursive))
     unique: dict[str, tuple[Path, Path]] = {}
     for p, place in found:
         unique.setdefault(os.path.realpath(p), (p, place))
     return list(unique.values())
+
+
+def _nothing_found(inputs: list[str], recursive: bool) -> str:
+    """What was searched when no input is a structure file, directory by directory, with
+    the hint that applies (``--recursive`` for a directory of sub-directories)."""
+    searched = []
+    for text in inputs:
+        path = Path(text)
+        entries = sorted(path.iterdir()) if path.is_dir() else []
+        folders = [p for p in entries if p.is_dir()]
+        files = [p for p in entries if p.is_file()]
+        if not entries:
+            what = "empty directory"
+        elif recursive:
+            what = "no structure files in it or its sub-directories"
+        else:
+            parts = []
+            if files:
+                parts.append(f"{len(files)} file(s), none a structure file (e.g. {files[0].name})")
+            if folders:
+                n = len(folders)
+                parts.append(f"{n} sub-director{'y' if n == 1 else 'ies'}, not searched")
+            what = "; ".join(parts)
+            if folders:
+                what += ": use --recursive to search sub-directories"
+        searched.append(f"{text} ({what})")
+    return "no structure files to relax; searched " + "; ".join(searched)
 
 
 def file_sha256(path: Path) -> str:
@@ -267,14 +297,22 @@ def ase_read(path, index=":", fmt: str | None = None):
 
 
 def _reason(exc: Exception) -> str:
+    return f"cannot be read as a structure ({_exception_text(exc)})"
+
+
+def _exception_text(exc: Exception) -> str:
+    """``Type: first line of the message`` of an exception ASE raised."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"cannot be read as a structure ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
 def read_frames(path: Path, index: str | None = None, fmt: str | None = None) -> list[Frame]:
     """All frames of ``path`` selected by ``index`` (ASE index syntax; default every frame).
 
-    Never raises for a bad file: the error is carried in a single failed :class:`Frame`.
+    Never raises for a bad file: the error is carried in a single failed :class:`Frame`. A
+    multi-frame file cut short or damaged in frame k still gives its frames before k; frame
+    k, when selected, is a failed frame with the reason. An ``index`` past the end of the
+    file fails with the number of frames the file has.
     """
 
     path = Path(path)
@@ -289,23 +327,90 @@ def read_frames(path: Path, index: str | None = None, fmt: str | None = None) ->
     try:
         images = ase_read(path, selection, fmt)
     except Exception as exc:  # ASE raises many kinds; each is this file's problem only
-        return [Frame(path, None, stem, None, _reason(exc), sha)]
+        return _read_damaged(path, stem, index, fmt, sha, exc)
     if not isinstance(images, list):
         images = [images]
     if not images:
+        if index is not None:
+            count = _count_frames(path)
+            return [Frame(path, None, stem, None, _out_of_range(index, count), sha)]
         return [Frame(path, None, stem, None, "contains no structures", sha)]
     numbers = _frame_numbers(path, selection, len(images))
     multi = len(images) > 1 or (index is not None and _selects_many(index))
+    return [
+        _frame(path, stem, k, atoms, multi, sha) for k, atoms in zip(numbers, images, strict=True)
+    ]
+
+
+def _frame(path: Path, stem: str, k: int, atoms, multi: bool, sha: str) -> Frame:
+    """Frame ``k`` of ``path`` from its ASE ``atoms``, validated (a failed frame if not)."""
+    frame_index = k if multi else None
+    frame_stem = f"{stem}-{k}" if multi else stem
+    try:
+        structure = from_atoms(atoms, str(path), frame_index)
+        return Frame(path, frame_index, frame_stem, structure, None, sha)
+    except InputError as exc:
+        return Frame(path, frame_index, frame_stem, None, exc.reason, sha)
+
+
+def _read_damaged(path: Path, stem, index: str | None, fmt, sha: str, exc: Exception):
+    """The frames of a file whose selected frames ASE could not read at once (``exc``): read
+    one by one, the frames before the first one that fails are kept, and that frame, when
+    ``index`` selects it, fails with the reason. A file whose first frame fails, and an
+    ``index`` past the frames the file has, fail as a whole with the reason."""
+    complete: list = []
+    error: Exception = exc
+    try:
+        for atoms in _iread(path, fmt):
+            complete.append(atoms)
+        error = None
+    except Exception as later:  # the frame after the complete ones is damaged
+        error = later
+    if not complete:
+        return [Frame(path, None, stem, None, _reason(exc), sha)]
+    broken = len(complete) if error is not None else None  # its frame number
+    count = len(complete) + (error is not None)
+    try:
+        selection = parse_index(index) if index is not None else slice(None)
+    except ValueError as bad:
+        return [Frame(path, None, stem, None, f"--index {bad}", sha)]
+    if isinstance(selection, int):
+        numbers = [selection + count if selection < 0 else selection]
+        if not 0 <= numbers[0] < count:
+            return [Frame(path, None, stem, None, _out_of_range(index, count, broken), sha)]
+    else:
+        numbers = list(range(count))[selection]
+        if not numbers:
+            return [Frame(path, None, stem, None, _out_of_range(index, count, broken), sha)]
+    multi = count > 1 and (index is None or _selects_many(index))
     frames = []
-    for k, atoms in zip(numbers, images, strict=True):
-        frame_index = k if multi else None
-        frame_stem = f"{stem}-{k}" if multi else stem
-        try:
-            structure = from_atoms(atoms, str(path), frame_index)
-            frames.append(Frame(path, frame_index, frame_stem, structure, None, sha))
-        except InputError as exc:
-            frames.append(Frame(path, frame_index, frame_stem, None, exc.reason, sha))
+    for k in numbers:
+        if k == broken:
+            before = "frame 0 before it is" if k == 1 else f"frames 0 to {k - 1} before it are"
+            reason = f"frame {k} is cut short or damaged ({_exception_text(error)}); {before} read"
+            frames.append(
+                Frame(
+                    path, k if multi else None, f"{stem}-{k}" if multi else stem, None, reason, sha
+                )
+            )
+        else:
+            frames.append(_frame(path, stem, k, complete[k], multi, sha))
     return frames
+
+
+def _iread(path: Path, fmt: str | None):
+    """ASE's frame-by-frame reader of ``path`` (compressed files too)."""
+    return ase_io().iread(str(path), index=":", format=fmt or xyz_format(path))
+
+
+def _out_of_range(index: str, count: int | None, broken: int | None = None) -> str:
+    """Why ``--index`` selects nothing in a file of ``count`` frames."""
+    if count is None:
+        return f"--index {index} selects no frame of this file"
+    has = f"the file has {count} frame{'s' if count != 1 else ''}"
+    if broken is not None:
+        has += f", the last (frame {broken}) cut short or damaged"
+    return f"--index {index} selects no frame: {has}"
 
 
 def _selects_many(index: str) -> bool:
@@ -341,10 +446,42 @@ def _count_frames(path: Path) -> int | None:
         return None
 
 
+#: Occupancies this close to 1 count as full (CIFs round them, e.g. 0.9999).
+FULL_OCCUPANCY_TOLERANCE = 1e-3
+
+
+def partial_occupancy(atoms) -> str | None:
+    """Why ``atoms`` is not an ordered structure, or None: the sites that ASE's CIF reader
+    (``atoms.info["occupancy"]``: site -> {element: occupancy}) found shared by several
+    elements or not fully occupied. ASE keeps one element per such site, so relaxing it
+    would relax a structure the file does not describe."""
+    occupancy = atoms.info.get("occupancy")
+    if not isinstance(occupancy, dict):
+        return None
+    partial = []
+    for site, shares in occupancy.items():
+        if not isinstance(shares, dict):
+            continue
+        if len(shares) > 1 or any(
+            abs(float(v) - 1.0) > FULL_OCCUPANCY_TOLERANCE for v in shares.values()
+        ):
+            partial.append(f"site {site}: " + " + ".join(f"{e} {v:g}" for e, v in shares.items()))
+    if not partial:
+        return None
+    shown = "; ".join(partial[:3]) + (f"; and {len(partial) - 3} more" if len(partial) > 3 else "")
+    return (
+        f"partially occupied sites ({shown}): molopt relaxes ordered structures only; "
+        "make an ordered model of the disorder (e.g. a supercell) first"
+    )
+
+
 def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Structure:
     """An ASE ``Atoms`` as a validated :class:`Structure` (FixAtoms carried over)."""
     from ase.constraints import FixAtoms
 
+    disorder = partial_occupancy(atoms)
+    if disorder:
+        raise InputError(source, disorder, index)
     fixed = np.zeros(len(atoms), bool)
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
@@ -356,6 +493,7 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
                 index,
             )
     info = {k: v for k, v in atoms.info.items() if isinstance(v, str | int | float | bool)}
+    arrays = {k: v for k, v in atoms.arrays.items() if k not in _OWN_ARRAYS}
     return make_structure(
         atoms.numbers,
         atoms.positions,
@@ -365,7 +503,12 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
         source=source,
         index=index,
         info=info,
+        arrays=arrays,
     )
+
+
+#: per-atom arrays of ASE ``Atoms`` that molopt sets itself (the rest are kept as they are)
+_OWN_ARRAYS = ("numbers", "positions", "forces")
 
 
 def to_atoms(structure: Structure):
@@ -382,4 +525,6 @@ def to_atoms(structure: Structure):
     if structure.fixed.any():
         atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
     atoms.info.update(structure.info)
+    for name, values in structure.arrays.items():
+        atoms.arrays[name] = np.array(values)
     return atoms

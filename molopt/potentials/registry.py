@@ -1,7 +1,7 @@
 """Potential files: the shipped ones (``potentials/*.toml``) by name, or any path.
 
-A file is TOML with ``kind`` ("lennard-jones", "neural", "emt"). Loading validates every field
-and reports the file and the reason on failure (:class:`~molopt.errors.PotentialError`).
+A file is TOML with ``kind`` ("lennard-jones", "neural", "emt", "sevennet"). Loading validates
+every field and reports the file and the reason on failure (:class:`~molopt.errors.PotentialError`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from molopt import elements as el
 from molopt.errors import PotentialError
 
-KINDS = ("lennard-jones", "neural", "emt")
+KINDS = ("lennard-jones", "neural", "emt", "sevennet")
 
 
 def shipped_directories() -> list[Path]:
@@ -77,7 +77,7 @@ def read_spec(path: Path, name: str | None = None) -> PotentialSpec:
     if kind not in KINDS:
         _fail(path, f"'kind' must be one of {', '.join(KINDS)} (got {kind!r})")
     digest = hashlib.sha256(raw)
-    if kind == "neural":
+    if kind in ("neural", "sevennet"):
         weights = path.parent / str(data.get("weights", ""))
         if weights.is_file():
             digest.update(weights.read_bytes())
@@ -106,6 +106,8 @@ def load(name_or_path: str | Path) -> PotentialSpec:
                 return read_spec(directory / f"{text}.toml")
     path = Path(text)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise PotentialError(f"potential file {path} is a directory, not a potential file")
         if not path.is_file():
             raise PotentialError(f"potential file {path} does not exist")
         return read_spec(path)
@@ -175,6 +177,10 @@ def build_potential(data: dict, path):
         return _build_lennard_jones(data, path)
     if data["kind"] == "emt":
         return _build_emt(data, path)
+    if data["kind"] == "sevennet":
+        from molopt.potentials.sevennet import load_sevennet
+
+        return load_sevennet(data, Path(path))
     from molopt.potentials.neural.io import load_neural
 
     return load_neural(data, Path(path))
