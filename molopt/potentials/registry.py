@@ -117,9 +117,14 @@ def load(name_or_path: str | Path) -> PotentialSpec:
 
 def choose(numbers) -> PotentialSpec:
     """The shipped potential whose declared elements cover ``numbers`` (fewest extra
-    elements first). Potentials for every element are never chosen implicitly."""
+    elements first). Potentials for every element, and those whose card says
+    ``implicit = false`` (the universal SevenNet models), are never chosen implicitly."""
     wanted = set(int(z) for z in numbers)
-    options = [s for s in shipped().values() if s.elements and wanted <= set(s.elements)]
+    options = [
+        s
+        for s in shipped().values()
+        if s.elements and wanted <= set(s.elements) and s.data.get("implicit", True)
+    ]
     if not options:
         lines = [
             f"  {s.name}: {', '.join(el.symbol(z) for z in s.elements) or 'any element'}"
