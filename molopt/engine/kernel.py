@@ -31,10 +31,16 @@ def _rows(batch: Batch, program: Program) -> Rows:
     return Rows(idx, batch.n_systems)
 
 
-def _movable(batch: Batch, program: Program):
-    movable = batch.atom_mask & ~batch.fixed
+def _movable(batch: Batch, program: Program, reference):
+    """(R, 3) where the optimizer's step applies: free atoms, and with a variable cell the
+    cell coordinates inside each system's mask of free strain components."""
+    atoms = batch.atom_mask & ~batch.fixed
+    movable = jnp.broadcast_to(atoms[:, None], (atoms.shape[0], 3))
     if program.variable_cell:
-        movable = jnp.concatenate([movable, jnp.repeat(batch.system_mask, 3)])
+        cell_rows = jnp.repeat(batch.system_mask, 3)[:, None] & (
+            cellfilter.free_rows(reference) > 0
+        )
+        movable = jnp.concatenate([movable, cell_rows])
     return movable
 
 
@@ -157,7 +163,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     first. No ``cond`` carries the big buffers (XLA would copy them every step).
     """
     rows = _rows(batch, program)
-    movable = _movable(batch, program)[:, None]
+    movable = _movable(batch, program, reference)
     evaluated_fields = (
         "positions",
         "cell",

@@ -128,10 +128,17 @@ class Engine:
             return None
         factor = np.ones(layout.n_systems, self.dtype)
         factor[: layout.n_real] = np.diff(layout.offsets)
-        return cellfilter.CellReference(
-            cell=jax.device_put(np.asarray(cells, self.dtype)),
-            factor=jax.device_put(factor),
-            pressure=jax.device_put(np.asarray(self.settings.pressure, self.dtype)),
+        s = self.settings
+        return cellfilter.make_reference(
+            cells,
+            factor,
+            np.asarray(batch.pbc),
+            self.dtype,
+            free=s.cell_mask,
+            pressure=s.pressure,
+            stress=s.stress,
+            hydrostatic=s.hydrostatic,
+            constant_volume=s.constant_volume,
         )
 
     def _coordinates(self, positions, layout):

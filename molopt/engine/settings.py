@@ -23,6 +23,14 @@ class EngineSettings:
     steps: int = 10_000
     relax_cell: bool = False
     pressure: float = 0.0
+    #: variable-cell options (:mod:`molopt.optimizers.cell`): free strain components, six
+    #: Voigt booleans (None: all; only periodic directions are ever free), a target stress,
+    #: six Voigt values in eV/A^3 (positive = tensile; None: none), ASE's hydrostatic_strain
+    #: and constant_volume
+    cell_mask: tuple | None = None
+    stress: tuple | None = None
+    hydrostatic: bool = False
+    constant_volume: bool = False
     precision: str = "float64"
     skin: float = 1.0
     chunk: int = 64

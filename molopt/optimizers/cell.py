@@ -5,8 +5,25 @@ the three rows of ``U = N log(F)``, F the deformation gradient (cell = cell0 @ F
 = z @ F^T), N the number of atoms (ASE's ``exp_cell_factor``). The generalized forces are
 ``f @ F`` on atoms and, on U, the derivative of the enthalpy through the matrix exponential
 (its Frechet derivative) divided by N, as in ASE. The convergence test includes the cell
-rows, so cell relaxations do not stop early. ``pressure`` (eV/A^3) adds the pV term.
-Here U itself is the state (F = expm(U/N)), so no matrix logarithm is ever needed.
+rows, so cell relaxations do not stop early. Here U itself is the state (F = expm(U/N)), so
+no matrix logarithm is ever needed.
+
+Each system has its own options (ASE's ``FrechetCellFilter`` arguments), in the order ASE
+applies them to the virial ``-(dE/dstrain - V sigma_target)``:
+
+- a target stress ``sigma_target`` (3, 3) eV/A^3 with ASE's sign (positive = tensile, as
+  ``atoms.get_stress()``): the relaxed stress equals it. A scalar pressure ``p``
+  (``scalar_pressure``) is ``sigma_target = -p I``, the enthalpy E + pV. A non-hydrostatic
+  target has no enthalpy whose gradient these forces are (as ASE says of its pressure, the
+  forces are then not an energy's); the fixed point is still stress = target.
+- ``hydrostatic`` (``hydrostatic_strain``): the virial replaced by its trace / 3 on the
+  diagonal, so the cell only scales.
+- ``mask`` (3, 3) 0/1 (ASE's ``mask``): virial components outside it are zero and the cell
+  coordinates move only inside it (:func:`free_rows`). Masks are blocks of axes
+  (:func:`molopt.optimizers.cell_options.check_mask`): U then stays inside the mask and F is
+  exactly the masked deformation ASE builds.
+- ``constant_volume``: the trace of the cell forces removed (ASE's projection), so
+  tr(U) and hence det(F), the volume, stay where they started.
 """
 
 from __future__ import annotations
@@ -15,18 +32,61 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import expm
+
+from molopt.optimizers.cell_options import free_components, voigt_to_matrix
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class CellReference:
-    """``cell`` (S, 3, 3) reference cells; ``factor`` (S,) exp_cell_factor (atoms per
-    system); ``pressure`` scalar eV/A^3."""
+    """Per system: ``cell`` (S, 3, 3) reference cells (A); ``factor`` (S,) exp_cell_factor
+    (atoms per system); ``stress`` (S, 3, 3) target stress (eV/A^3, positive = tensile);
+    ``mask`` (S, 3, 3) free strain components (1.0 free, 0.0 fixed); ``hydrostatic`` and
+    ``constant_volume`` (S,) bool."""
 
     cell: jax.Array
     factor: jax.Array
-    pressure: jax.Array
+    stress: jax.Array
+    mask: jax.Array
+    hydrostatic: jax.Array
+    constant_volume: jax.Array
+
+
+def make_reference(
+    cells,
+    n_atoms,
+    pbc,
+    dtype,
+    *,
+    free=None,
+    pressure: float = 0.0,
+    stress=None,
+    hydrostatic: bool = False,
+    constant_volume: bool = False,
+) -> CellReference:
+    """The reference of a batch on the device. ``cells`` (S, 3, 3) A, ``n_atoms`` (S,),
+    ``pbc`` (S, 3); ``free`` six Voigt booleans (None: all) kept only between periodic
+    directions of each system (a slab relaxes its in-plane cell); ``pressure`` eV/A^3 and
+    ``stress`` six Voigt values eV/A^3 (positive = tensile) add up to the target."""
+    n_systems = len(cells)
+    target = -pressure * np.eye(3)
+    if stress is not None:
+        target = target + voigt_to_matrix(np.asarray(stress, np.float64))
+    masks = np.stack([free_components(free, pbc[k]) for k in range(n_systems)])
+
+    def put(a, kind=dtype):
+        return jax.device_put(np.asarray(a, kind))
+
+    return CellReference(
+        cell=put(cells),
+        factor=put(n_atoms),
+        stress=put(np.broadcast_to(target, (n_systems, 3, 3))),
+        mask=put(masks),
+        hydrostatic=put(np.full(n_systems, hydrostatic), bool),
+        constant_volume=put(np.full(n_systems, constant_volume), bool),
+    )
 
 
 def deformation(log_deformation_rows: jax.Array, reference: CellReference) -> jax.Array:
@@ -34,6 +94,12 @@ def deformation(log_deformation_rows: jax.Array, reference: CellReference) -> ja
     n_systems = reference.cell.shape[0]
     u = log_deformation_rows.reshape(n_systems, 3, 3) / reference.factor[:, None, None]
     return jax.vmap(expm)(u)
+
+
+def free_rows(reference: CellReference) -> jax.Array:
+    """(3S, 3) 1.0 where a cell coordinate may move: a step outside the mask is dropped, as
+    ASE drops it when it builds the masked cell (and reads U back from that cell)."""
+    return reference.mask.reshape(-1, 3)
 
 
 def to_physical(x, system_idx, reference: CellReference):
@@ -47,14 +113,22 @@ def to_physical(x, system_idx, reference: CellReference):
     return positions, cell, F
 
 
+def _diagonal_trace(a: jax.Array) -> jax.Array:
+    """(S, 3, 3) -> trace / 3 on the diagonal."""
+    trace = jnp.trace(a, axis1=1, axis2=2)
+    return (trace / 3.0)[:, None, None] * jnp.eye(3, dtype=a.dtype)
+
+
 def generalized_forces(x, forces, dE_dstrain, cell, F, system_idx, reference: CellReference):
     """(A + 3S, 3): atom rows ``forces @ F`` and cell rows from the virial (ASE's
-    ``get_forces_frechet``). ``forces`` must already have constraints applied."""
+    ``get_forces_frechet`` with each system's options). ``forces`` must already have
+    constraints applied."""
     n_systems = reference.cell.shape[0]
     n_atoms = forces.shape[0]
     volume = jnp.abs(jnp.linalg.det(cell))
-    eye = jnp.eye(3, dtype=forces.dtype)
-    virial = -(dE_dstrain + (reference.pressure * volume)[:, None, None] * eye)
+    virial = -(dE_dstrain - volume[:, None, None] * reference.stress)
+    virial = jnp.where(reference.hydrostatic[:, None, None], _diagonal_trace(virial), virial)
+    virial = virial * reference.mask
     system_of_atom = jnp.minimum(system_idx, n_systems - 1)
     atom_rows = jnp.einsum("ax,axy->ay", forces, F[system_of_atom])
     cell_gradient = jnp.einsum("sij,skj->sik", virial, jnp.linalg.inv(F))  # virial @ inv(F^T)
@@ -64,5 +138,11 @@ def generalized_forces(x, forces, dE_dstrain, cell, F, system_idx, reference: Ce
         _, pullback = jax.vjp(expm, u_s)
         return pullback(g_s)[0]
 
-    cell_rows = jax.vmap(log_force)(u, cell_gradient) / reference.factor[:, None, None]
+    log_forces = jax.vmap(log_force)(u, cell_gradient)
+    log_forces = jnp.where(
+        reference.constant_volume[:, None, None],
+        log_forces - _diagonal_trace(log_forces),
+        log_forces,
+    )
+    cell_rows = log_forces / reference.factor[:, None, None]
     return jnp.concatenate([atom_rows, cell_rows.reshape(3 * n_systems, 3)], axis=0)

@@ -1,0 +1,187 @@
+"""Cell-relaxation options against ASE's ``FrechetCellFilter`` with the same options, step for
+step (float64): a mask of free strain components, hydrostatic strain, constant volume, a
+scalar pressure, and a slab periodic in two directions with its in-plane cell free; a target
+stress tensor (which ASE lacks) reached exactly; a batch mixing options equal to each alone."""
+
+import numpy as np
+import pytest
+from ase.build import fcc111
+from ase.calculators.lj import LennardJones as AseLJ
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE, LBFGS
+from conftest import structure_from_atoms
+from test_optimizers import crystal  # the sheared, rattled fcc argon of the cell tests
+
+from molopt.config import GPA
+from molopt.engine import EngineSettings, relax
+from molopt.optimizers.cell_options import free_components, parse_mask, parse_stress
+
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}
+IN_PLANE = (True, True, False, False, False, True)
+
+
+def ase_relax(atoms, name, fmax, steps=3000, **options):
+    atoms = atoms.copy()
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    opt = ASE_OPTIMIZERS[name](FrechetCellFilter(atoms, **options), logfile=None)
+    opt.run(fmax=fmax, steps=steps)
+    return atoms, opt.nsteps
+
+
+def settings(name, fmax, steps=3000, **options):
+    return EngineSettings(optimizer=name, fmax=fmax, steps=steps, relax_cell=True, **options)
+
+
+def molopt_relax(structures, potential, name, fmax, **options):
+    items = [(k, structure_from_atoms(a)) for k, a in enumerate(structures)]
+    results = relax(items, potential, settings(name, fmax, **options))
+    return {r.key: r for r in results}
+
+
+def slab():
+    """An argon fcc(111) slab periodic in x and y (vacuum along z), rattled and strained in
+    the plane."""
+    atoms = fcc111("Ar", size=(2, 2, 3), a=5.1, vacuum=6.0)
+    atoms.rattle(0.05, seed=5)
+    strain = np.array([[0.03, 0.01, 0.0], [0.0, -0.02, 0.0], [0.0, 0.0, 0.0]])
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    assert list(atoms.pbc) == [True, True, False]
+    return atoms
+
+
+#: (molopt options, ASE FrechetCellFilter options, structure)
+CASES = {
+    "in-plane mask": ({"cell_mask": IN_PLANE}, {"mask": IN_PLANE}, crystal),
+    "diagonal mask": (
+        {"cell_mask": (True, True, True, False, False, False)},
+        {"mask": [1, 1, 1, 0, 0, 0]},
+        crystal,
+    ),
+    "hydrostatic": ({"hydrostatic": True}, {"hydrostatic_strain": True}, crystal),
+    "constant volume": ({"constant_volume": True}, {"constant_volume": True}, crystal),
+    "constant volume, in-plane mask": (
+        {"constant_volume": True, "cell_mask": IN_PLANE},
+        {"constant_volume": True, "mask": IN_PLANE},
+        crystal,
+    ),
+    "scalar pressure, hydrostatic": (
+        {"pressure": 0.3 * GPA, "hydrostatic": True},
+        {"scalar_pressure": 0.3 * GPA, "hydrostatic_strain": True},
+        crystal,
+    ),
+    "2D slab": ({}, {"mask": IN_PLANE}, slab),
+}
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_ase_filter_options(argon, name, case):
+    options, ase_options, make = CASES[case]
+    atoms = make()
+    ref, ref_steps = ase_relax(atoms, name, fmax=1e-4, **ase_options)
+    result = molopt_relax([atoms], argon, name, fmax=1e-4, **options)[0]
+    assert result.status == "converged"
+    assert result.steps == ref_steps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-9)
+    np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-8)
+    mask = free_components(options.get("cell_mask"), atoms.pbc)
+    start = atoms.cell.array
+    # the fixed components of the cell did not move (the vacuum direction of a slab)
+    strain = np.linalg.solve(start, result.structure.cell) - np.eye(3)
+    np.testing.assert_allclose(strain[~mask.T], 0.0, atol=1e-12)
+    if options.get("constant_volume") and mask.all():
+        # (with a mask, ASE's projection also removes a trace from fixed components, and the
+        # volume is not kept: molopt does as ASE does)
+        assert abs(result.structure.volume - atoms.get_volume()) < 1e-8
+
+
+def test_in_plane_mask_moves_the_plane(argon):
+    """The in-plane relaxations above are not trivially fixed cells: the plane changed."""
+    result = molopt_relax([slab()], argon, "fire", fmax=1e-3)[0]
+    start = slab().cell.array
+    assert np.abs(result.structure.cell[:2] - start[:2]).max() > 1e-2
+    np.testing.assert_array_equal(result.structure.cell[2], start[2])
+
+
+def stress_of(atoms):
+    atoms = atoms.copy()
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    return atoms.get_stress(voigt=False)
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+def test_target_stress_is_reached(argon, name):
+    """A full target stress tensor (GPa in the CLI; eV/A^3 here, positive = tensile as ASE
+    reports stress): ASE's stress of the relaxed structure equals it, to what fmax allows
+    (cell forces are virial / N: |stress - target| <~ fmax N / V)."""
+    target = np.array([-0.05, -0.1, -0.02, 0.01, 0.0, -0.02]) * GPA
+    atoms = crystal()
+    fmax = 1e-5
+    result = molopt_relax([atoms], argon, name, fmax=fmax, stress=tuple(target))[0]
+    assert result.status == "converged"
+    relaxed = result.structure
+    got = stress_of(_atoms(relaxed))
+    expected = np.array([[-0.05, -0.02, 0.0], [-0.02, -0.1, 0.01], [0.0, 0.01, -0.02]]) * GPA
+    tolerance = 3 * fmax * len(atoms) / relaxed.volume
+    np.testing.assert_allclose(got, expected, atol=tolerance)
+    # and far from the unstressed minimum's stress
+    free = molopt_relax([atoms], argon, name, fmax=fmax)[0]
+    assert np.abs(stress_of(_atoms(free.structure)) - expected).max() > 50 * tolerance
+
+
+def _atoms(structure):
+    from ase import Atoms
+
+    return Atoms(
+        numbers=structure.numbers,
+        positions=structure.positions,
+        cell=structure.cell,
+        pbc=structure.pbc,
+    )
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+def test_hydrostatic_target_stress_equals_scalar_pressure(argon, name):
+    """``stress = -p`` on the diagonal is the pressure ``p``: the same steps, energies, cells."""
+    p = 0.4 * GPA
+    atoms = crystal()
+    by_pressure = molopt_relax([atoms], argon, name, fmax=1e-4, pressure=p)[0]
+    by_stress = molopt_relax([atoms], argon, name, fmax=1e-4, stress=(-p, -p, -p, 0, 0, 0))[0]
+    assert by_stress.steps == by_pressure.steps
+    assert by_stress.energy == pytest.approx(by_pressure.energy, abs=1e-12)
+    np.testing.assert_allclose(by_stress.structure.cell, by_pressure.structure.cell, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+def test_batch_of_crystal_and_slab_equals_each_alone(argon, name):
+    """A 3D crystal and a 2D slab in one batch: each its own mask, as if relaxed alone."""
+    options = {"constant_volume": True}
+    together = molopt_relax([crystal(), slab()], argon, name, fmax=1e-4, **options)
+    for k, make in enumerate([crystal, slab]):
+        alone = molopt_relax([make()], argon, name, fmax=1e-4, **options)[0]
+        assert together[k].steps == alone.steps
+        assert together[k].energy == pytest.approx(alone.energy, abs=1e-12)
+        np.testing.assert_allclose(together[k].structure.cell, alone.structure.cell, atol=1e-12)
+
+
+def test_parse_mask_and_stress():
+    assert parse_mask("xx,yy,xy") == IN_PLANE
+    assert parse_mask("yx, yy, xx") == IN_PLANE
+    assert parse_mask("1,1,0,0,0,1") == IN_PLANE
+    assert parse_mask("zz") == (False, False, True, False, False, False)
+    for bad, reason in [
+        ("xy", "blocks"),
+        ("xx,yy,zz,yz,xy", "blocks"),
+        ("1,1,0", "six"),
+        ("xq", "unknown"),
+        ("0,0,0,0,0,0", "frees no"),
+        ("", "empty"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            parse_mask(bad)
+    assert parse_stress("1, 2,3,4,5,6") == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    with pytest.raises(ValueError, match="six"):
+        parse_stress("1,2")
+    with pytest.raises(ValueError, match="numbers"):
+        parse_stress("1,2,3,4,5,a")
