@@ -493,7 +493,6 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
                 index,
             )
     info = {k: v for k, v in atoms.info.items() if isinstance(v, str | int | float | bool)}
-    arrays = {k: v for k, v in atoms.arrays.items() if k not in _OWN_ARRAYS}
     return make_structure(
         atoms.numbers,
         atoms.positions,
@@ -503,12 +502,7 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
         source=source,
         index=index,
         info=info,
-        arrays=arrays,
     )
-
-
-#: per-atom arrays of ASE ``Atoms`` that molopt sets itself (the rest are kept as they are)
-_OWN_ARRAYS = ("numbers", "positions", "forces")
 
 
 def to_atoms(structure: Structure):
@@ -525,6 +519,4 @@ def to_atoms(structure: Structure):
     if structure.fixed.any():
         atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
     atoms.info.update(structure.info)
-    for name, values in structure.arrays.items():
-        atoms.arrays[name] = np.array(values)
     return atoms
