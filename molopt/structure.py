@@ -6,6 +6,7 @@ Units: positions and cell in Angstrom; the cell holds lattice vectors as rows (A
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,12 @@ MIN_SEPARATION = 0.3
 @dataclass(frozen=True)
 class Structure:
     """A single system: ``numbers`` (n,), ``positions`` (n, 3) A, ``cell`` (3, 3) A rows,
-    ``pbc`` (3,) bool, ``fixed`` (n,) bool (ASE FixAtoms), and where it came from."""
+    ``pbc`` (3,) bool, ``fixed`` (n,) bool (ASE FixAtoms), and where it came from.
+
+    ``constraints``: every ASE constraint in ASE's order, as :mod:`molopt.constraints`
+    describes them (FixAtoms included; empty when ``fixed`` says all there is).
+    ``symmetry``: the space-group operations kept during the relaxation
+    (:class:`molopt.symmetry.Symmetry`), or None."""
 
     numbers: np.ndarray
     positions: np.ndarray
@@ -29,6 +35,11 @@ class Structure:
     source: str = "<memory>"
     index: int | None = None
     info: dict = field(default_factory=dict)
+    #: the input's other per-atom arrays (tags, masses, charges, magnetic moments, ...), kept
+    #: as they are and written back into the outputs
+    arrays: dict = field(default_factory=dict)
+    constraints: tuple = ()
+    symmetry: Any = None
 
     @property
     def n_atoms(self) -> int:
@@ -48,6 +59,9 @@ class Structure:
             source=self.source,
             index=self.index,
             info=self.info,
+            arrays=self.arrays,
+            constraints=self.constraints,
+            symmetry=self.symmetry,
         )
 
 
@@ -60,6 +74,7 @@ def make_structure(
     source: str = "<memory>",
     index: int | None = None,
     info: dict | None = None,
+    arrays: dict | None = None,
 ) -> Structure:
     """Build and validate a :class:`Structure` (raises :class:`InputError` naming ``source``)."""
     numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
@@ -71,7 +86,17 @@ def make_structure(
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
     fixed = np.zeros(n, bool) if fixed is None else np.asarray(fixed, dtype=bool).reshape(n)
-    structure = Structure(numbers, positions, cell, pbc, fixed, source, index, dict(info or {}))
+    extra = {}
+    for name, values in (arrays or {}).items():
+        values = np.asarray(values)
+        if values.shape[:1] != (n,):
+            raise InputError(
+                source, f"per-atom array {name!r} has {len(values)} rows, not {n}", index
+            )
+        extra[name] = values
+    structure = Structure(
+        numbers, positions, cell, pbc, fixed, source, index, dict(info or {}), extra
+    )
     validate(structure)
     return structure
 

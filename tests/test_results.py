@@ -272,8 +272,9 @@ def _check_h5py(results, stdout):
 
 
 def _check_mdanalysis(results, stdout):
-    """Every tenth frame's number, step, energy and box; then the mean position and the max
-    force (kJ/mol/A) of the last frame, against h5py's reading of the same file."""
+    """Every tenth frame's number, step, energy and box; then the atoms selected by element,
+    their mean position and the max force (kJ/mol/A) of the last frame, against h5py's
+    reading of the same file."""
     import h5py
 
     with h5py.File(results / "results" / "ar108-fcc.h5md") as f:
@@ -290,8 +291,9 @@ def _check_mdanalysis(results, stdout):
         assert values[2] == pytest.approx(energy[k], abs=1e-9)
         np.testing.assert_allclose(values[3:6], np.linalg.norm(edges[k], axis=1), rtol=1e-6)
     values = _numbers(lines[-1])
-    np.testing.assert_allclose(values[:3], positions.mean(axis=0), atol=1e-4)
-    assert values[3] == pytest.approx(forces.max() * 96.485332, rel=1e-5)
+    assert values[0] == len(positions)  # every atom selected by its element
+    np.testing.assert_allclose(values[1:4], positions.mean(axis=0), atol=1e-4)
+    assert values[4] == pytest.approx(forces.max() * 96.485332, rel=1e-5)
 
 
 def _check_api(results, stdout):

@@ -115,7 +115,8 @@ class TrajectoryWriter:
 
     ``numbers`` (N,), ``pbc`` (3,), ``variable_cell`` whether stress/volume are recorded;
     ``template`` a file from :func:`write_template` to start from (its parameters are kept,
-    :meth:`close` adds this relaxation's own).
+    :meth:`close` adds this relaxation's own); ``masses`` (N,) u and ``charges`` (N,) e are
+    stored as H5MD's time-independent ``mass`` and ``charge`` when given.
     """
 
     def __init__(

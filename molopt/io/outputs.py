@@ -91,8 +91,20 @@ class OutputSink:
         except OSError as exc:
             self._write_error(exc)
             raise OutputsUnwritable(self.fatal or describe(exc)) from exc
+        arrays = structure.arrays
+        masses = arrays.get("masses")
+        if masses is None:
+            from ase.data import atomic_masses
+
+            masses = atomic_masses[structure.numbers]
         self.writers[key] = TrajectoryWriter(
-            h5md_path, structure.numbers, structure.pbc, self.variable_cell, template=template
+            h5md_path,
+            structure.numbers,
+            structure.pbc,
+            self.variable_cell,
+            template=template,
+            masses=masses,
+            charges=arrays.get("initial_charges"),
         )
 
     def frames(self, key, block):

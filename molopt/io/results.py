@@ -60,6 +60,27 @@ def write_extxyz(path: Path, result, info: dict) -> Path:
     return path
 
 
+def combine_extxyz(target: Path, sources: list, indices: list) -> Path:
+    """One extxyz of the frames in ``sources`` (relaxed extxyz outputs), each with its input
+    frame number as ``molopt_index``. Atomic (temp + rename)."""
+    from molopt.io.ase_import import ase_io
+
+    aseio = ase_io()
+    images = []
+    for source, index in zip(sources, indices, strict=True):
+        atoms = aseio.read(str(source), format="extxyz")
+        atoms.info["molopt_index"] = index
+        images.append(atoms)
+    tmp = temporary_path(target)
+    try:
+        aseio.write(str(tmp), images, format="extxyz")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def read_marker(path: Path) -> str | None:
     """The run hash stored in a molopt extxyz output (None if absent or unreadable)."""
     try:
