@@ -19,14 +19,48 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from molopt import __version__, startup
 from molopt.cli.display import LogConsole
 from molopt.errors import MoloptError
 from molopt.optimizers import NAMES as OPTIMIZER_NAMES
 
+
+@contextmanager
+def _whole_words() -> Iterator[None]:
+    """Help text wrapped at spaces only: Python's text wrapper also breaks after hyphens,
+    which cuts option names (``--check-`` / ``hessian``) and words across lines."""
+    from typer._click import _textwrap
+
+    breaking = _textwrap.TextWrapper
+
+    class WholeWords(breaking):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+    _textwrap.TextWrapper = WholeWords
+    try:
+        yield
+    finally:
+        _textwrap.TextWrapper = breaking
+
+
+class _Group(TyperGroup):
+    def format_help(self, ctx, formatter) -> None:
+        with _whole_words():
+            super().format_help(ctx, formatter)
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx, formatter) -> None:
+        with _whole_words():
+            super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
     name="molopt",
+    cls=_Group,
     help="Relax molecules, clusters and crystals with differentiable JAX potentials.",
     no_args_is_help=True,
     add_completion=False,
@@ -144,7 +178,7 @@ for _command in (
     results.convert,
     results.plot,
 ):
-    app.command()(_command)
+    app.command(cls=_Command)(_command)
 del _command
 
 

@@ -29,12 +29,17 @@ class LogConsole(Console):
     """A Rich console that writes plain, unwrapped lines when its stream is not a terminal
     (a log file, a pipe, a batch job): Rich would wrap them at 80 columns, in the middle of
     numbers, and shrink table columns until their text is cut. On a terminal it is Rich's
-    console unchanged."""
+    console unchanged. A ``width`` given here is kept; the ``COLUMNS`` of the environment
+    (which Rich reads as a width too) is not, off a terminal."""
+
+    def __init__(self, *args, width: int | None = None, **kwargs):
+        super().__init__(*args, width=width, **kwargs)
+        self._given_width = width is not None
 
     @property
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)
-        if self.is_terminal or self._width is not None:
+        if self.is_terminal or self._given_width:
             return size
         return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
 
