@@ -223,12 +223,14 @@ class _Run:
                 output=None,
                 status="failed",
                 error=f"{f.where}: {reason}",
+        self.summary_status: dict = {}  # key -> its record's status
             ),
         )
 
     def skipped(self, key, previous: dict, **extra):
         f = self.frames[key]
         h5md_path, _ = out.output_paths(self.out_dir, f.stem)
+        self.summary_status[key] = rec["status"]
         self.emit(
             key,
             out.record(
@@ -288,6 +290,13 @@ class _Run:
                 continue
             self.spec_of[key] = spec
             keys.append(key)
+        for path, keys in self.multi_frame().items():
+            combined = self.combined_stem(keys)
+            if stems.get(combined, path) != path:
+                raise ConfigError(
+                    f"the input {stems[combined]} would write {combined}.extxyz, the combined "
+                    f"output of the frames of {path}; rename one of them"
+                )
         by_spec: dict = {}
         for key in keys:
             by_spec.setdefault(self.spec_of[key].name, []).append(key)
@@ -296,6 +305,54 @@ class _Run:
         if choice.given is None:
             for name in names:
                 group = by_spec[name]
+    def multi_frame(self) -> dict:
+        """Input path -> keys of its frames, for the files read as several frames."""
+        groups: dict = {}
+        for key, f in enumerate(self.frames):
+            if f.index is not None:
+                groups.setdefault(f.path, []).append(key)
+        return groups
+
+    def combined_stem(self, keys: list) -> str:
+        """``<stem>-all``: where the relaxed frames of one multi-frame file are collected."""
+        return self.frames[keys[0]].stem.rsplit("-", 1)[0] + "-all"
+
+    def write_combined(self) -> None:
+        """For each multi-frame input, one extxyz with the relaxed frames that have outputs,
+        in input order (each with its ``molopt_index``), rewritten when one of them was
+        relaxed in this run."""
+        for path, keys in self.multi_frame().items():
+            relaxed_now = [
+                k
+                for k in keys
+                if k in self.recorded
+                and self.summary_status.get(k) in ("converged", "not_converged")
+            ]
+            target = out.output_paths(self.out_dir, self.combined_stem(keys))[1]
+            if not relaxed_now and target.exists():
+                continue
+            done = [
+                k
+                for k in keys
+                if out.previous_run(self.out_dir, self.frames[k].stem)[0] == "complete"
+            ]
+            if not done:
+                continue
+            try:
+                out.combine_extxyz(
+                    target,
+                    [out.output_paths(self.out_dir, self.frames[k].stem)[1] for k in done],
+                    [self.frames[k].index for k in done],
+                )
+            except OSError as exc:
+                self.note(
+                    f"cannot write {target} ({exc.strerror}); the frames' own outputs are whole"
+                )
+                continue
+            missing = len(keys) - len(done)
+            note = f" ({missing} frame(s) without outputs left out)" if missing else ""
+            self.note(f"{len(done)} relaxed frames of {path} collected in {target}{note}")
+
                 numbers = set()
                 for key in group:
                     numbers.update(int(z) for z in self.frames[key].structure.numbers)
@@ -412,6 +469,8 @@ class _Run:
                 state, previous = out.previous_run(self.out_dir, f.stem)
                 done = state == "complete" and previous.get("run_hash") == self.run_hash(key)
                 if done or outcome.status == "failed":
+        if not self.stopped:
+            self.write_combined()
                     if held:
                         self.claims.release(f.stem)
                     if done:

@@ -35,6 +35,8 @@ class RelaxResult:
     error: str | None = None
     wall_time: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: converged, step_limit, non_finite or exploded (:attr:`Status.stop_reason`)
+    stop_reason: str = ""
 
 
 class Sink(Protocol):
@@ -169,17 +171,24 @@ class Reporter:
             np.asarray(st.positions[rows], np.float64), np.asarray(st.cell[k], np.float64)
         )
         stress = None
-        if code != Status.FAILED and structure.pbc.all() and final_stress:
+        if code.label != "failed" and structure.pbc.all() and final_stress:
             # with a fixed cell the loop does not compute dE/dstrain: the snapshot then holds
             # one evaluation with stress for every system finishing at this boundary
             stress = np.asarray(st.dE_dstrain[k], np.float64) / structure.volume
         error = None
         if code == Status.FAILED:
             error = "energy or forces became non-finite (NaN/inf): the structure exploded"
+        elif code == Status.EXPLODED:
+            per_atom = float(st.energy[k]) / structure.n_atoms
+            error = (
+                f"the energy fell to {per_atom:.4g} eV/atom, past any physical value: the "
+                "structure exploded (the potential is outside what it describes); stopped early"
+            )
         return RelaxResult(
             key=item.key,
             structure=structure,
-            status=code.label if code != Status.RUNNING else "not_converged",
+            status=code.label,
+            stop_reason=code.stop_reason,
             energy=float(st.energy[k]),
             fmax=float(st.fmax[k]),
             steps=int(st.n_steps[k]) + item.step_offset,

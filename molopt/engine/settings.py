@@ -38,6 +38,9 @@ class EngineSettings:
     max_batch_atoms: int = 32_768
     trajectory_interval: int = 1
     final_stress: bool = True
+    #: a structure whose energy per atom falls below -explode_energy (eV) has exploded: no
+    #: physical energy is that low (a learned potential's hole), so it stops there
+    explode_energy: float = 1000.0
 
     @property
     def dtype(self):

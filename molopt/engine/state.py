@@ -19,12 +19,27 @@ class Status(IntEnum):
     RUNNING = 0
     CONVERGED = 1
     NOT_CONVERGED = 2
-    FAILED = 3
+    FAILED = 3  # energy or forces not finite
+    EXPLODED = 4  # energy past its sane bound: stopped early
 
     @property
     def label(self) -> str:
         """The status as users read it (JSON records, H5MD ``/parameters``)."""
-        return self.name.lower()
+        if self in (Status.FAILED, Status.EXPLODED):
+            return "failed"
+        return "not_converged" if self == Status.RUNNING else self.name.lower()
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the relaxation stopped: ``converged``, ``step_limit``, ``non_finite`` (energy
+        or forces NaN/inf) or ``exploded`` (energy past its bound)."""
+        return {
+            Status.CONVERGED: "converged",
+            Status.NOT_CONVERGED: "step_limit",
+            Status.RUNNING: "step_limit",
+            Status.FAILED: "non_finite",
+            Status.EXPLODED: "exploded",
+        }[self]
 
 
 @batched_state
@@ -57,10 +72,12 @@ class RelaxState:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Targets:
-    """Convergence: ``fmax`` (eV/A, strict ``<`` as ASE) and ``max_steps`` per system."""
+    """Convergence: ``fmax`` (eV/A, strict ``<`` as ASE) and ``max_steps`` per system; a
+    system whose energy per atom falls below ``energy_floor`` (eV) has exploded."""
 
     fmax: jax.Array
     max_steps: jax.Array
+    energy_floor: jax.Array
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,27 @@ def describe(exc: OSError) -> str:
     return f"{name} ({exc.filename})" if exc.filename else name
 
 
+def final_cell(result) -> dict:
+    """The final cell of a periodic structure as a record gives it: lengths (A), angles
+    (degrees), volume (A^3) and, when its stress is known, the pressure (GPa, -trace/3)."""
+    structure = result.structure
+    if not structure.pbc.any():
+        return {}
+    import numpy as np
+    from ase.geometry import cell_to_cellpar
+    from ase.units import GPa
+
+    par = cell_to_cellpar(structure.cell)
+    report = {
+        "cell_lengths": [float(x) for x in par[:3]],
+        "cell_angles": [float(x) for x in par[3:]],
+        "volume": structure.volume,
+    }
+    if result.stress is not None:
+        report["pressure_GPa"] = float(-np.trace(result.stress) / 3 / GPa)
+    return report
+
+
 class OutputSink:
     """Writes each structure's trajectory and relaxed extxyz and emits its record.
 
@@ -201,6 +222,7 @@ class OutputSink:
                 steps=result.steps if result is not None else None,
                 error=f"{frame.where}: {reason}",
                 potential=self.potential_name,
+                stop_reason=getattr(result, "stop_reason", None) or None,
             ),
         )
 
@@ -232,7 +254,8 @@ class OutputSink:
             "wall_time_s": result.wall_time,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        extra = getattr(result, "extra", None) or {}
+        extra = {"stop_reason": result.stop_reason, **final_cell(result)}
+        extra.update(getattr(result, "extra", None) or {})
         params.update({k: v for k, v in extra.items() if v is not None})
         info = {
             OUTPUT_MARKER: params["run_hash"],
