@@ -13,6 +13,7 @@ from pathlib import Path
 from molopt.errors import ConfigError
 from molopt.optimizers import NAMES as OPTIMIZER_NAMES
 from molopt.optimizers import option_names
+from molopt.optimizers.cell_options import mask_names, parse_mask, parse_stress, voigt_to_matrix
 
 #: 1 GPa in eV/A^3
 GPA = 1.0 / 160.21766208
@@ -28,6 +29,13 @@ class RunSettings:
     steps: int = 10_000
     relax_cell: bool = False
     pressure: float = 0.0  # GPa, variable cell only
+    # variable cell only: free strain components ("xx,yy,xy" or six 0/1 in Voigt order),
+    # ASE's hydrostatic_strain and constant_volume, a target stress (six Voigt values, GPa,
+    # positive = tensile as ASE reports stress)
+    cell_mask: str | None = None
+    hydrostatic: bool = False
+    constant_volume: bool = False
+    stress: str | None = None
     precision: str = "float64"
     out_dir: str = "."
     json: bool = False
@@ -52,10 +60,24 @@ class RunSettings:
             "steps": self.steps,
             "relax_cell": self.relax_cell,
             "pressure": self.pressure if self.relax_cell else 0.0,
+            **self.cell_options(),
             "precision": self.precision,
             "trajectory_interval": self.trajectory_interval,
             "check_hessian": self.check_hessian,
         }
+
+    def cell_options(self) -> dict:
+        """The cell options that are set, normalized (``1,1,0,0,0,1`` is ``xx,yy,xy``); unset
+        ones are left out, so runs from before they existed keep their identity."""
+        if not self.relax_cell:
+            return {}
+        values = {
+            "cell_mask": self.cell_mask and mask_names(voigt_to_matrix(parse_mask(self.cell_mask))),
+            "hydrostatic": self.hydrostatic,
+            "constant_volume": self.constant_volume,
+            "stress": self.stress and list(parse_stress(self.stress)),
+        }
+        return {k: v for k, v in values.items() if v}
 
     def shard_pair(self) -> tuple[int, int] | None:
         if self.shard is None:
@@ -249,6 +271,27 @@ def _check_finite(values: dict, source: str) -> None:
             raise ConfigError(f"{source}: '{name}' must be a finite number (got {value})")
 
 
+def _check_cell_options(s: RunSettings, source: str) -> None:
+    given = [n for n in ("cell_mask", "hydrostatic", "constant_volume", "stress") if getattr(s, n)]
+    if given and not s.relax_cell:
+        raise ConfigError(f"{source}: {', '.join(given)}: only with relax_cell")
+    try:
+        if s.cell_mask is not None:
+            parse_mask(s.cell_mask)
+        if s.stress is not None:
+            parse_stress(s.stress)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if s.stress is not None and s.pressure:
+        raise ConfigError(
+            f"{source}: give pressure or stress, not both (pressure p is stress -p,-p,-p,0,0,0)"
+        )
+    if s.hydrostatic and s.constant_volume:
+        raise ConfigError(
+            f"{source}: hydrostatic and constant_volume together leave the cell nothing to relax"
+        )
+
+
 def validate(values: dict, source: str = "settings") -> RunSettings:
     for name, value in values.items():
         _type_check(name, value, source)
@@ -283,6 +326,7 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         raise ConfigError(f"{source}: skin must be positive (got {s.skin})")
     if s.pressure and not s.relax_cell:
         raise ConfigError(f"{source}: pressure applies only with relax_cell")
+    _check_cell_options(s, source)
     if s.index is not None:
         try:
             parse_index(s.index)

@@ -22,6 +22,7 @@ from molopt.io import atomic
 from molopt.io import read as reader
 from molopt.io import results as out
 from molopt.io.claims import Claims
+from molopt.optimizers.cell_options import free_components, parse_mask, parse_stress
 from molopt.potentials import registry
 
 
@@ -60,6 +61,10 @@ def engine_settings(settings: RunSettings):
         steps=settings.steps,
         relax_cell=settings.relax_cell,
         pressure=settings.pressure * GPA,
+        cell_mask=parse_mask(settings.cell_mask) if settings.cell_mask else None,
+        stress=tuple(v * GPA for v in parse_stress(settings.stress)) if settings.stress else None,
+        hydrostatic=settings.hydrostatic,
+        constant_volume=settings.constant_volume,
         precision=settings.precision,
         skin=settings.skin,
         chunk=settings.chunk,
@@ -67,6 +72,22 @@ def engine_settings(settings: RunSettings):
         max_batch_atoms=settings.max_batch_atoms,
         trajectory_interval=settings.trajectory_interval,
     )
+
+
+def _cell_refusal(structure, settings: RunSettings) -> str | None:
+    """Why ``--relax-cell`` cannot relax ``structure``'s cell, or None. Only components
+    between periodic directions are free (a slab periodic in x and y relaxes xx, yy, xy)."""
+    pbc = structure.pbc
+    if not pbc.any():
+        return "--relax-cell needs a structure periodic in at least one direction"
+    mask = parse_mask(settings.cell_mask) if settings.cell_mask else None
+    if not free_components(mask, pbc).any():
+        axes = "".join(a for a, p in zip("xyz", pbc, strict=True) if p)
+        return (
+            f"--cell-mask {settings.cell_mask} frees no component between the periodic "
+            f"directions ({axes}) of this structure"
+        )
+    return None
 
 
 def _device_description() -> str:
@@ -97,6 +118,7 @@ def common_parameters(settings: RunSettings, spec) -> dict:
         "max_steps": settings.steps,
         "relax_cell": settings.relax_cell,
         "pressure_GPa": settings.pressure,
+        "cell_options": settings.cell_options(),
         "trajectory_interval": settings.trajectory_interval,
         "settings": settings.result_settings(),
     }
@@ -415,8 +437,8 @@ class _Run:
             if not spec.covers(f.structure.numbers):
                 self.fail(key, _uncovered(spec, f.structure))
                 continue
-            if settings.relax_cell and not f.structure.pbc.all():
-                self.fail(key, "--relax-cell needs a structure periodic in all three directions")
+            if settings.relax_cell and _cell_refusal(f.structure, settings):
+                self.fail(key, _cell_refusal(f.structure, settings))
                 continue
             items.append(key)
         return items

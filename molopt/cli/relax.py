@@ -49,6 +49,35 @@ def relax(
     pressure: Annotated[
         float | None, typer.Option(help="External pressure in GPa for --relax-cell. [default: 0]")
     ] = None,
+    cell_mask: Annotated[
+        str | None,
+        typer.Option(
+            help="Free cell components for --relax-cell: names (xx,yy,xy) or six 0/1 in "
+            "Voigt order xx,yy,zz,yz,xz,xy. Only periodic directions are free (a slab "
+            "relaxes its in-plane cell). [default: all]",
+        ),
+    ] = None,
+    hydrostatic: Annotated[
+        bool | None,
+        typer.Option(
+            "--hydrostatic/--no-hydrostatic", help="--relax-cell scales the cell only (ASE)."
+        ),
+    ] = None,
+    constant_volume: Annotated[
+        bool | None,
+        typer.Option(
+            "--constant-volume/--no-constant-volume",
+            help="--relax-cell keeps the volume (ASE's constant_volume).",
+        ),
+    ] = None,
+    stress: Annotated[
+        str | None,
+        typer.Option(
+            help="Target stress for --relax-cell, six values in GPa, Voigt order "
+            "xx,yy,zz,yz,xz,xy, positive = tensile (as ASE reports stress); the relaxed "
+            "stress equals it. --pressure P is --stress=-P,-P,-P,0,0,0.",
+        ),
+    ] = None,
     precision: Annotated[
         Precision | None, typer.Option(help="Floating-point precision. [default: float64]")
     ] = None,

@@ -26,6 +26,7 @@ from molopt.engine.reporting import Item, NullSink, RelaxResult, Reporter, Sink,
 from molopt.engine.settings import EngineSettings, chunk_for
 from molopt.engine.state import Program, RelaxState, Status, Targets
 from molopt.optimizers import cell as cellfilter
+from molopt.optimizers import cell_options
 from molopt.potentials.base import PotentialMethods as Potential
 from molopt.structure import Structure
 
@@ -293,6 +294,9 @@ class Engine:
             item = live.items[k]
             self.reporter.emit_final(item, live.layout, live.pbc, snap, k)
             result = self.reporter.result(item, live.layout, k, snap, self.settings.final_stress)
+            if live.reference is not None:  # which strain components were free
+                free = np.asarray(jax.device_get(live.reference.mask[k])) > 0
+                result.extra["cell_mask"] = cell_options.mask_names(free)
             done.add(k)
             if self.after_converged is not None and result.status == "converged":
                 again = self.after_converged(result, item.restarts, self.potential)
