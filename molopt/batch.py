@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +59,10 @@ class Batch:
     Arrays: ``species`` (A,) int32 index into the potential's element table; ``numbers``
     (A,) atomic numbers (0 for padding); ``system_idx`` (A,) int32 in [0, S] (S = padding);
     ``atom_mask`` (A,) bool; ``fixed`` (A,) bool (ASE FixAtoms); ``pbc`` (S, 3) bool;
-    ``system_mask`` (S,) bool; ``n_atoms`` (S,) int32.
+    ``system_mask`` (S,) bool; ``n_atoms`` (S,) int32. ``constraints``: the constraints
+    beyond FixAtoms (:class:`molopt.constraints.Constraints`), ``symmetry``: the space-group
+    operations kept (:class:`molopt.symmetry.BatchSymmetry`); None where no system has any
+    (:func:`molopt.engine.packing.pack_structures` fills them).
     """
 
     species: jax.Array
@@ -70,6 +74,8 @@ class Batch:
     system_mask: jax.Array
     n_atoms: jax.Array
     n_systems: int = dataclasses.field(metadata=dict(static=True), default=1)
+    constraints: Any = None
+    symmetry: Any = None
 
     @property
     def n_padded_atoms(self) -> int:

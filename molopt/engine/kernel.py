@@ -12,7 +12,9 @@ from functools import partial
 import jax.numpy as jnp
 import numpy as np
 
+from molopt import constraints as cons
 from molopt import neighbors as nl
+from molopt import symmetry as sym
 from molopt._jax import jax
 from molopt.batch import Batch, system_sum
 from molopt.engine.state import Program, RelaxState, Status, StepBuffer
@@ -20,7 +22,7 @@ from molopt.optimizers import cell as cellfilter
 from molopt.optimizers.rows import Rows
 from molopt.potentials.base import PotentialMethods as Potential
 
-RUNNING, CONVERGED, NOT_CONVERGED, FAILED, EXPLODED = (int(s) for s in Status)
+RUNNING, CONVERGED, NOT_CONVERGED, FAILED = (int(s) for s in Status)
 
 
 def _rows(batch: Batch, program: Program) -> Rows:
@@ -57,9 +59,10 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     ev = potential.evaluate(positions, cell, batch, nbrs, program.stress or program.variable_cell)
     forces = jnp.where(batch.atom_mask[:, None], ev.forces, 0.0)
     constrained = jnp.where(batch.fixed[:, None], 0.0, forces)
+    constrained, energy, dE_dstrain = _constrain(constrained, ev, positions, cell, batch)
     if program.variable_cell:
         generalized = cellfilter.generalized_forces(
-            state.x, constrained, ev.dE_dstrain, cell, F, batch.system_idx, reference
+            state.x, constrained, dE_dstrain, cell, F, batch.system_idx, reference
         )
     else:
         generalized = constrained
@@ -73,11 +76,7 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     n_steps = state.n_steps + (counted & state.pending).astype(jnp.int32)
     status = state.status
     status = jnp.where(running & bad, FAILED, status)
-    floor = targets.energy_floor * jnp.maximum(batch.n_atoms, 1)
-    status = jnp.where(running & ~bad & (ev.energy < floor), EXPLODED, status)
-    status = jnp.where(
-        (status == RUNNING) & counted & ~bad & (fmax < targets.fmax), CONVERGED, status
-    )
+    status = jnp.where(counted & ~bad & (fmax < targets.fmax), CONVERGED, status)
     status = jnp.where(
         (status == RUNNING) & counted & (n_steps >= targets.max_steps), NOT_CONVERGED, status
     )
@@ -87,8 +86,8 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
         cell=cell,
         forces=forces,
         generalized=generalized,
-        energy=ev.energy,
-        dE_dstrain=ev.dE_dstrain,
+        energy=energy,
+        dE_dstrain=dE_dstrain,
         fmax=fmax,
         n_steps=n_steps,
         status=status,
@@ -96,6 +95,45 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     )
     # systems that were not running keep every evaluated quantity as it was
     return _keep_finished(updated, state, running, batch, program), counted
+
+
+def _constrain(forces, ev, positions, cell, batch: Batch):
+    """ASE's constraints beyond FixAtoms on what the optimizer sees: forces as
+    ``Atoms.get_forces()``, the stress as ``Atoms.get_stress()`` (symmetrized), the energy as
+    ``Atoms.get_potential_energy()`` (springs included)."""
+    energy, dE_dstrain = ev.energy, ev.dE_dstrain
+    if batch.constraints is not None:
+        forces, springs = cons.adjust_forces(
+            batch.constraints, forces, positions, cell, batch.pbc, batch.system_idx, batch.n_systems
+        )
+        energy = energy + springs
+    if batch.symmetry is not None:
+        forces = sym.symmetrize_vectors(
+            batch.symmetry, forces, cell, batch.system_idx, batch.n_systems
+        )
+        dE_dstrain = sym.symmetrize_tensors(batch.symmetry, dE_dstrain, cell)
+    return forces, energy, dE_dstrain
+
+
+def _constrain_step(step, cell, batch: Batch, program: Program, reference):
+    """An optimizer's step as ``Atoms.set_positions`` applies it under the constraints (and
+    the cell step as ``FixSymmetry.adjust_cell``): atom steps are in the optimizer's frame,
+    the reference cell's with a variable cell."""
+    if batch.constraints is None and batch.symmetry is None:
+        return step
+    n_atoms = batch.n_padded_atoms
+    atoms = step[:n_atoms]
+    if batch.constraints is not None:
+        atoms = cons.adjust_step(batch.constraints, atoms, batch.system_idx, batch.n_systems)
+    if batch.symmetry is None:
+        return jnp.concatenate([atoms, step[n_atoms:]])
+    frame = reference.cell if program.variable_cell else cell
+    atoms = sym.symmetrize_vectors(batch.symmetry, atoms, frame, batch.system_idx, batch.n_systems)
+    if not program.variable_cell:
+        return atoms
+    cell_step = step[n_atoms:].reshape(batch.n_systems, 3, 3)
+    cell_step = sym.symmetrize_tensors(batch.symmetry, cell_step, reference.cell)
+    return jnp.concatenate([atoms, cell_step.reshape(-1, 3)])
 
 
 def _keep_finished(new: RelaxState, old: RelaxState, running, batch, program):
@@ -211,7 +249,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active, rows)
         moved = dataclasses.replace(
             s,
-            x=s.x + jnp.where(movable, dx, 0.0),
+            x=s.x + _constrain_step(jnp.where(movable, dx, 0.0), s.cell, batch, program, reference),
             opt=opt,
             pending=jnp.asarray(True),
             completes=completes,

@@ -5,11 +5,14 @@ its structures never move)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
+from molopt import constraints as cons
 from molopt import neighbors as nl
+from molopt import symmetry as sym
 from molopt.batch import Batch, Layout, pack
 from molopt.structure import Structure
 
@@ -19,11 +22,26 @@ def pack_structures(
 ) -> tuple[Batch, np.ndarray, np.ndarray, Layout]:
     """(batch, positions (A, 3), cells (S, 3, 3), layout) with the species numbered as the
     potential numbers them; ``layout`` as :func:`molopt.batch.plan_layout` plans it unless
-    given."""
+    given; the structures' constraints and kept symmetries go into the batch."""
     species: dict[int, int] = {}
     for st in structures:
         species.update(potential.species_of(st.numbers))
-    return pack(list(structures), species, dtype, layout)
+    batch, positions, cells, layout = pack(list(structures), species, dtype, layout)
+    batch = dataclasses.replace(
+        batch,
+        constraints=_constraints(structures, layout, dtype),
+        symmetry=sym.pack([s.symmetry for s in structures], layout, dtype),
+    )
+    return batch, positions, cells, layout
+
+
+def _constraints(structures: Sequence[Structure], layout: Layout, dtype):
+    """The batch's constraints beyond FixAtoms, or None when no structure has any (each
+    structure's were checked when it was made)."""
+    if not any(cons.needs_arrays(s.constraints) for s in structures):
+        return None
+    arrays = [cons.host_arrays(s.constraints, s.n_atoms, s.cell) for s in structures]
+    return cons.pack(arrays, layout.offsets, layout.n_padded_atoms, layout.n_systems, dtype)
 
 
 def neighbor_lists(

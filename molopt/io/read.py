@@ -8,14 +8,17 @@ named explicitly, they fail with a reason. Each frame becomes a validated
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from molopt import constraints as cons
 from molopt.config import parse_index
 from molopt.errors import ConfigError, InputError
 from molopt.io.ase_import import ase_io
@@ -476,39 +479,67 @@ def partial_occupancy(atoms) -> str | None:
 
 
 def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Structure:
-    """An ASE ``Atoms`` as a validated :class:`Structure` (FixAtoms carried over)."""
-    from ase.constraints import FixAtoms
-
+    """An ASE ``Atoms`` as a validated :class:`Structure` (its constraints carried over)."""
     disorder = partial_occupancy(atoms)
     if disorder:
         raise InputError(source, disorder, index)
-    fixed = np.zeros(len(atoms), bool)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed[constraint.index] = True
-        else:
-            raise InputError(
-                source,
-                f"constraint {type(constraint).__name__} is not supported (only FixAtoms)",
-                index,
-            )
-    info = {k: v for k, v in atoms.info.items() if isinstance(v, str | int | float | bool)}
-    return make_structure(
+    constraints = _constraints(atoms, source, index)
+    info = {
+        k: v
+        for k, v in atoms.info.items()
+        if isinstance(v, str | int | float | bool) and k != CONSTRAINTS_KEY
+    }
+    structure = make_structure(
         atoms.numbers,
         atoms.positions,
         atoms.cell.array,
         atoms.pbc,
-        fixed,
+        cons.fixed_atoms(constraints, len(atoms)),
         source=source,
         index=index,
         info=info,
     )
+    if cons.needs_arrays(constraints):
+        structure = dataclasses.replace(structure, constraints=constraints)
+    return structure
+
+
+#: the extxyz comment-line key where molopt keeps the constraints extxyz has no column for
+CONSTRAINTS_KEY = "molopt_constraints"
+
+
+def _constraints(atoms, source: str, index: int | None) -> tuple:
+    """The constraints of ``atoms`` as :mod:`molopt.constraints` describes them, checked; a
+    molopt extxyz's ``molopt_constraints`` (the constraints its columns cannot hold) when
+    ``atoms`` came from one. An unsupported constraint is an :class:`InputError` naming it."""
+    saved = atoms.info.get(CONSTRAINTS_KEY)
+    if isinstance(saved, str):
+        try:
+            described = [dict(c) for c in json.loads(saved)]
+        except (ValueError, TypeError) as exc:
+            raise InputError(source, f"unreadable {CONSTRAINTS_KEY} ({exc})", index) from exc
+        return cons.validated(described, len(atoms), atoms.cell.array, source, index)
+    described = []
+    for constraint in atoms.constraints:
+        name = type(constraint).__name__
+        if name not in cons.SUPPORTED:
+            hint = "; use --fix-symmetry instead" if name == "FixSymmetry" else ""
+            raise InputError(
+                source,
+                f"constraint {name} is not supported by molopt (supported: "
+                f"{', '.join(cons.SUPPORTED)}){hint}",
+                index,
+            )
+        d = constraint.todict()
+        masses = atoms.get_masses() if name in ("FixCom", "FixSubsetCom") else None
+        described.append(cons.describe(d["name"], d.get("kwargs", {}), masses))
+    return cons.validated(described, len(atoms), atoms.cell.array, source, index)
 
 
 def to_atoms(structure: Structure):
     """A :class:`Structure` as ASE ``Atoms`` (FixAtoms restored)."""
     from ase import Atoms
-    from ase.constraints import FixAtoms
+    from ase.constraints import FixAtoms, dict2constraint
 
     atoms = Atoms(
         numbers=structure.numbers,
@@ -516,7 +547,9 @@ def to_atoms(structure: Structure):
         cell=structure.cell,
         pbc=structure.pbc,
     )
-    if structure.fixed.any():
+    if structure.constraints:
+        atoms.set_constraint([dict2constraint(c) for c in structure.constraints])
+    elif structure.fixed.any():
         atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
     atoms.info.update(structure.info)
     return atoms
