@@ -223,12 +223,14 @@ class _Run:
         self.frames: list = []
         self.spec_of: dict = {}  # key -> PotentialSpec
         self.recorded: set = set()
+        self.summary_status: dict = {}  # key -> its record's status
         self.no_potential: dict = {}  # key -> why no shipped potential applies
         self.claims = None
         self.stopped: str | None = None
 
     def emit(self, key, rec: dict):
         self.recorded.add(key)
+        self.summary_status[key] = rec["status"]
         self.summary.records.append(rec)
         if self.on_record:
             self.on_record(rec)
@@ -245,14 +247,12 @@ class _Run:
                 output=None,
                 status="failed",
                 error=f"{f.where}: {reason}",
-        self.summary_status: dict = {}  # key -> its record's status
             ),
         )
 
     def skipped(self, key, previous: dict, **extra):
         f = self.frames[key]
         h5md_path, _ = out.output_paths(self.out_dir, f.stem)
-        self.summary_status[key] = rec["status"]
         self.emit(
             key,
             out.record(
@@ -290,6 +290,13 @@ class _Run:
                     "rename one or relax them in separate --out-dir directories"
                 )
             stems[f.stem] = f.path
+        for path, keys in self.multi_frame().items():
+            combined = self.combined_stem(keys)
+            if stems.get(combined, path) != path:
+                raise ConfigError(
+                    f"the input {stems[combined]} would write {combined}.extxyz, the combined "
+                    f"output of the frames of {path}; rename one of them"
+                )
         for f in self.frames:
             for target in out.output_paths(self.out_dir, f.stem):
                 if target.exists() and target.resolve() == f.path.resolve():
@@ -298,35 +305,6 @@ class _Run:
                         "choose another --out-dir"
                     )
 
-    def choose_potentials(self) -> list:
-        """Keys with a potential; failed records for the others."""
-        choice = PotentialChoice(self.settings)
-        keys = []
-        for key, f in enumerate(self.frames):
-            if f.structure is None:
-                continue
-            try:
-                spec = choice.spec_for(f.structure)
-            except PotentialError:
-                self.no_potential[key] = _no_potential(f.structure)
-                continue
-            self.spec_of[key] = spec
-            keys.append(key)
-        for path, keys in self.multi_frame().items():
-            combined = self.combined_stem(keys)
-            if stems.get(combined, path) != path:
-                raise ConfigError(
-                    f"the input {stems[combined]} would write {combined}.extxyz, the combined "
-                    f"output of the frames of {path}; rename one of them"
-                )
-        by_spec: dict = {}
-        for key in keys:
-            by_spec.setdefault(self.spec_of[key].name, []).append(key)
-        names = sorted(by_spec)
-        self.summary.potential = ", ".join(names)
-        if choice.given is None:
-            for name in names:
-                group = by_spec[name]
     def multi_frame(self) -> dict:
         """Input path -> keys of its frames, for the files read as several frames."""
         groups: dict = {}
@@ -375,6 +353,28 @@ class _Run:
             note = f" ({missing} frame(s) without outputs left out)" if missing else ""
             self.note(f"{len(done)} relaxed frames of {path} collected in {target}{note}")
 
+    def choose_potentials(self) -> list:
+        """Keys with a potential; failed records for the others."""
+        choice = PotentialChoice(self.settings)
+        keys = []
+        for key, f in enumerate(self.frames):
+            if f.structure is None:
+                continue
+            try:
+                spec = choice.spec_for(f.structure)
+            except PotentialError:
+                self.no_potential[key] = _no_potential(f.structure)
+                continue
+            self.spec_of[key] = spec
+            keys.append(key)
+        by_spec: dict = {}
+        for key in keys:
+            by_spec.setdefault(self.spec_of[key].name, []).append(key)
+        names = sorted(by_spec)
+        self.summary.potential = ", ".join(names)
+        if choice.given is None:
+            for name in names:
+                group = by_spec[name]
                 numbers = set()
                 for key in group:
                     numbers.update(int(z) for z in self.frames[key].structure.numbers)
@@ -469,6 +469,8 @@ class _Run:
                 self.claims.release_all()
             for directory in directories:  # of a process that died while this one ran
                 atomic.remove_dead_leftovers(directory)
+        if not self.stopped:
+            self.write_combined()
         if self.stopped:
             for key in keys:
                 if key not in self.recorded:
@@ -491,8 +493,6 @@ class _Run:
                 state, previous = out.previous_run(self.out_dir, f.stem)
                 done = state == "complete" and previous.get("run_hash") == self.run_hash(key)
                 if done or outcome.status == "failed":
-        if not self.stopped:
-            self.write_combined()
                     if held:
                         self.claims.release(f.stem)
                     if done:

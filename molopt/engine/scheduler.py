@@ -91,8 +91,8 @@ class Engine:
         self.targets = Targets(
             fmax=jax.device_put(np.asarray(settings.fmax, self.dtype)),
             max_steps=jax.device_put(np.asarray(settings.steps, np.int32)),
-        )
             energy_floor=jax.device_put(np.asarray(-settings.explode_energy, self.dtype)),
+        )
         self.compiles = 0
         self.shapes_seen: set = set()
         #: seconds a compaction is taken to cost; None: measured (``policy.compaction_cost``)
