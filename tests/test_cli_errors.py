@@ -217,6 +217,16 @@ def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path):
         assert "no such file" in line and "TOML" not in line
     line = one_clear_line(invoke("fit", folder, "-o", tmp_path / "f.toml"), folder)
     assert "is a directory" in line
+    from molopt.analysis.fitting import FitConfig
+    from molopt.errors import ConfigError
+    from molopt.training.train import TrainConfig
+
+    for reader in (TrainConfig.from_toml, FitConfig.from_toml):  # the library's own readers
+        with pytest.raises(ConfigError, match="no such file") as missing_file:
+            reader(missing)
+        assert "TOML" not in str(missing_file.value)
+        with pytest.raises(ConfigError, match="is a directory"):
+            reader(folder)
     line = one_clear_line(invoke("hessian", tmp_path, "-p", "argon"), tmp_path)
     assert "is a directory" in line
 
