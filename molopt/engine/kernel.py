@@ -22,7 +22,7 @@ from molopt.optimizers import cell as cellfilter
 from molopt.optimizers.rows import Rows
 from molopt.potentials.base import PotentialMethods as Potential
 
-RUNNING, CONVERGED, NOT_CONVERGED, FAILED = (int(s) for s in Status)
+RUNNING, CONVERGED, NOT_CONVERGED, FAILED, EXPLODED = (int(s) for s in Status)
 
 
 def _rows(batch: Batch, program: Program) -> Rows:
@@ -76,7 +76,11 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     n_steps = state.n_steps + (counted & state.pending).astype(jnp.int32)
     status = state.status
     status = jnp.where(running & bad, FAILED, status)
-    status = jnp.where(counted & ~bad & (fmax < targets.fmax), CONVERGED, status)
+    floor = targets.energy_floor * jnp.maximum(batch.n_atoms, 1)
+    status = jnp.where(running & ~bad & (ev.energy < floor), EXPLODED, status)
+    status = jnp.where(
+        (status == RUNNING) & counted & ~bad & (fmax < targets.fmax), CONVERGED, status
+    )
     status = jnp.where(
         (status == RUNNING) & counted & (n_steps >= targets.max_steps), NOT_CONVERGED, status
     )
