@@ -182,9 +182,31 @@ def read_toml(path, what: str) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not a text file (TOML expected)") from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path}: not valid TOML ({exc})") from None
+    where = _non_finite(data)
+    if where:
+        raise ConfigError(f"{what} {path}: '{where}' must be a finite number (nan or inf given)")
+    return data
+
+
+def _non_finite(value, where: str = "") -> str | None:
+    """The key (``table.key``, ``list[k]``) of the first NaN or infinite number in TOML data,
+    or None: no setting of molopt's commands has a meaning for them."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{k}]", v) for k, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, key)
+        if found:
+            return found
+    return None
 
 
 def reject_unknown(data: dict, known, path, what: str) -> None:

@@ -191,6 +191,8 @@ def test_nothing_to_relax_says_what_was_searched(tmp_path):
     assert "notes.txt" in one_clear_line(invoke("relax", docs, "-o", tmp_path / "o"), docs)
     pattern = str(tmp_path / "*.cif")
     one_clear_line(invoke("relax", pattern, "-o", tmp_path / "o"), pattern)
+    pattern = str(tree / "*")  # matches the sub-directories only
+    assert "--recursive" in one_clear_line(invoke("relax", pattern, "-o", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -281,6 +283,14 @@ def test_nan_in_a_config_file_is_refused(tmp_path):
     config.write_text("relax_cell = true\npressure = nan\n")
     line = one_clear_line(invoke("relax", src, "-c", config, "-o", tmp_path / "o"), config)
     assert "pressure" in line and "finite" in line
+    training = tmp_path / "train.toml"
+    training.write_text('name = "x"\nlearning_rate = inf\n')
+    line = one_clear_line(invoke("train", src, "-c", training, "-o", tmp_path / "t"), training)
+    assert "learning_rate" in line and "finite" in line
+    fitting = tmp_path / "fit.toml"
+    fitting.write_text('potential = "argon"\n[[targets]]\nkind = "data"\nweight = nan\n')
+    line = one_clear_line(invoke("fit", fitting, "-o", tmp_path / "f.toml"), fitting)
+    assert "targets[0].weight" in line and "finite" in line
 
 
 def test_presets_belong_to_their_command(tmp_path):

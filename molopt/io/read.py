@@ -166,10 +166,17 @@ def discover_with_places(inputs: list[str], recursive: bool = False) -> list[tup
         elif path.exists():
             found.append((path, here))
         elif glob.has_magic(text):
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=recursive))
-            matches = [m for m in matches if m.is_file() and _is_structure_file(m)]
+            everything = sorted(Path(m) for m in glob.glob(text, recursive=recursive))
+            matches = [m for m in everything if m.is_file() and _is_structure_file(m)]
             if not matches:
-                raise ConfigError(f"{text}: no structure files match this pattern")
+                folders = sum(m.is_dir() for m in everything)
+                hint = (
+                    f" (it matches {folders} director{'y' if folders == 1 else 'ies'}: name "
+                    "them as inputs, with --recursive to search their sub-directories)"
+                    if folders
+                    else ""
+                )
+                raise ConfigError(f"{text}: no structure files match this pattern{hint}")
             found.extend((m, here) for m in matches)
         else:
             raise ConfigError(f"{text}: no such file or directory")
@@ -489,6 +496,7 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
         for k, v in atoms.info.items()
         if isinstance(v, str | int | float | bool) and k != CONSTRAINTS_KEY
     }
+    arrays = {k: v for k, v in atoms.arrays.items() if k not in _OWN_ARRAYS}
     structure = make_structure(
         atoms.numbers,
         atoms.positions,
@@ -498,6 +506,7 @@ def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Str
         source=source,
         index=index,
         info=info,
+        arrays=arrays,
     )
     if cons.needs_arrays(constraints):
         structure = dataclasses.replace(structure, constraints=constraints)
@@ -536,6 +545,10 @@ def _constraints(atoms, source: str, index: int | None) -> tuple:
     return cons.validated(described, len(atoms), atoms.cell.array, source, index)
 
 
+#: per-atom arrays of ASE ``Atoms`` that molopt sets itself (the rest are kept as they are)
+_OWN_ARRAYS = ("numbers", "positions", "forces")
+
+
 def to_atoms(structure: Structure):
     """A :class:`Structure` as ASE ``Atoms`` (FixAtoms restored)."""
     from ase import Atoms
@@ -552,4 +565,6 @@ def to_atoms(structure: Structure):
     elif structure.fixed.any():
         atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
     atoms.info.update(structure.info)
+    for name, values in structure.arrays.items():
+        atoms.arrays[name] = np.array(values)
     return atoms
