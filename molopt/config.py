@@ -49,6 +49,8 @@ class RunSettings:
     skin: float = 1.0
     chunk: int = 64
     check_hessian: bool = False
+    #: the memory a batch may need, e.g. "8G", "512M" (None: a safe share of the device's)
+    max_memory: str | None = None
     optimizer_options: dict = field(default_factory=dict)
 
     def result_settings(self) -> dict:
@@ -314,6 +316,22 @@ def _check_cell_options(s: RunSettings, source: str) -> None:
         )
 
 
+_MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from "8G", "512M", "1.5GiB", "2048" (binary units)."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _MEMORY_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise ValueError(f"must be a size such as 8G or 512M (got {text!r})") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"must be a positive size (got {text!r})")
+    return int(number * _MEMORY_UNITS[unit])
+
+
 def validate(values: dict, source: str = "settings") -> RunSettings:
     for name, value in values.items():
         _type_check(name, value, source)
@@ -349,6 +367,11 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
     if s.pressure and not s.relax_cell:
         raise ConfigError(f"{source}: pressure applies only with relax_cell")
     _check_cell_options(s, source)
+    if s.max_memory is not None:
+        try:
+            parse_memory(s.max_memory)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: max_memory {exc}") from None
     if s.index is not None:
         try:
             parse_index(s.index)

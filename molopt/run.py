@@ -16,7 +16,7 @@ from pathlib import Path
 
 from molopt import elements as el
 from molopt import interrupt
-from molopt.config import GPA, RunSettings
+from molopt.config import GPA, RunSettings, parse_memory
 from molopt.errors import ConfigError, PotentialError
 from molopt.io import atomic
 from molopt.io import read as reader
@@ -71,6 +71,7 @@ def engine_settings(settings: RunSettings):
         batch_size=settings.batch_size,
         max_batch_atoms=settings.max_batch_atoms,
         trajectory_interval=settings.trajectory_interval,
+        max_memory=parse_memory(settings.max_memory) if settings.max_memory else None,
     )
 
 

@@ -156,6 +156,14 @@ def relax(
             "[default: no-check-hessian]",
         ),
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory a batch may need, e.g. 8G or 512M; a structure that alone needs "
+            "more fails with the reason. [default: half the available memory, or 80% of "
+            "the GPU's]",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
     """Relax structures to a local energy minimum; write <stem>.h5md and <stem>.extxyz."""

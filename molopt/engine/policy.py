@@ -11,17 +11,26 @@ from dataclasses import dataclass
 from molopt.batch import Layout, plan_layout
 
 
-def admit(queue: deque, keep: list, batch_size: int, max_batch_atoms: int) -> list:
+def admit(
+    queue: deque,
+    keep: list,
+    batch_size: int,
+    max_batch_atoms: int,
+    fits: Callable[[list], bool] | None = None,
+) -> list:
     """Items for the next batch: ``keep`` (still running) plus queued ones that fit, in queue
     order, taken from ``queue``. A batch holds at most ``batch_size`` structures and, unless
-    one structure alone is bigger, ``max_batch_atoms`` atoms; periodic structures and
-    molecules are never mixed (periodic images need many more neighbour slots)."""
+    one structure alone is bigger, ``max_batch_atoms`` atoms and what ``fits`` (the memory
+    bound) accepts; periodic structures and molecules are never mixed (periodic images need
+    many more neighbour slots)."""
     chosen = list(keep)
     atoms = sum(it.structure.n_atoms for it in chosen)
     periodic = chosen[0].structure.pbc.any() if chosen else None
     while queue and len(chosen) < batch_size:
         n = queue[0].structure.n_atoms
         if chosen and atoms + n > max_batch_atoms:
+            break
+        if chosen and fits is not None and not fits(chosen + [queue[0]]):
             break
         if periodic is not None and bool(queue[0].structure.pbc.any()) != periodic:
             break

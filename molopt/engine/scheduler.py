@@ -19,7 +19,7 @@ from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
 from molopt.batch import Batch, Layout
-from molopt.engine import policy, transplant
+from molopt.engine import memory, policy, transplant
 from molopt.engine.kernel import advance, cast_potential, evaluate_once, initial_state
 from molopt.engine.packing import neighbor_lists, pack_structures
 from molopt.engine.reporting import Item, NullSink, RelaxResult, Reporter, Sink, snapshot
@@ -77,6 +77,9 @@ class Engine:
         self.sink = sink or NullSink()
         self.progress = progress
         self.after_converged = after_converged
+        #: bytes a batch may need (None: set by :meth:`relax`); estimated neighbours per atom
+        self.memory_limit: int | None = settings.max_memory
+        self.neighbours: dict = {}
         #: asked for each structure just before it first enters a batch; one it refuses (another
         #: process relaxes it) is passed over and listed in ``passed_over``
         self.claim = claim
@@ -242,18 +245,42 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
     def relax(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
         relieve_mapping_pressure()
+        s = self.settings
+        if self.memory_limit is None:
+            self.memory_limit = s.max_memory or memory.default_limit()
+        results: list[RelaxResult] = []
         # structures with periodic images need many more neighbour slots than molecules:
         # batching them apart keeps the padded neighbour capacity small for each
         ordered = sorted(items, key=lambda item: (not item[1].pbc.any(), -item[1].n_atoms))
-        queue = deque(Item(key, s) for key, s in ordered)
-        total = len(queue)
-        results: list[RelaxResult] = []
+        queue = deque()
+        reach = float(self.potential.cutoff) + s.skin
+        for key, structure in ordered:
+            item = Item(key, structure)
+            self.neighbours[key] = memory.neighbours_per_atom(structure, reach)
+            need = self._bytes([item])
+            if need > self.memory_limit:
+                self._fail(
+                    item,
+                    f"needs about {memory.describe(need)} of memory (about "
+                    f"{self.neighbours[key]:.0f} neighbours per atom within {reach:g} A), more "
+                    f"than the {memory.describe(self.memory_limit)} allowed (--max-memory)",
+                    results,
+                )
+            else:
+                queue.append(item)
+        total = len(queue) + len(results)
         carry: dict = {}
         keep: list = []
         s = self.settings
         while queue or keep:
             interrupt.check()
-            chosen = policy.admit(queue, keep, s.batch_size, s.max_batch_atoms)
+            chosen = policy.admit(
+                queue,
+                keep,
+                s.batch_size,
+                s.max_batch_atoms,
+                lambda batch: self._bytes(batch) <= self.memory_limit,
+            )
             if self.claim is not None:
                 chosen = self._claimed(chosen, carry)
                 if not chosen:
@@ -267,7 +294,13 @@ class Engine:
                     it.begun = True
                     self.sink.begin(it.key, it.structure)
             began = self.clock()
-            live = self._launch(chosen, carry)
+            try:
+                live = self._launch(chosen, carry)
+            except Exception as exc:
+                if not memory.out_of_memory(exc):
+                    raise
+                keep = self._split_after_oom(chosen, queue, results, exc)
+                continue
             live.setup_s = self.clock() - began
             self.reporter.emit_initial(
                 live.items, live.layout, live.pbc, snapshot(live.state), fresh
@@ -276,6 +309,47 @@ class Engine:
             if self.progress:
                 self.progress(len(results), total)
         return results
+    # -- memory ------------------------------------------------------------------------------
+    def _bytes(self, items: list) -> int:
+        """Estimated bytes of a batch of ``items`` (:mod:`molopt.engine.memory`)."""
+        atoms = sum(it.structure.n_atoms for it in items)
+        neighbours = max(self.neighbours[it.key] for it in items)
+        return memory.bytes_for(atoms, neighbours, self.potential, self.dtype)
+
+    def _fail(self, item: Item, reason: str, results: list) -> None:
+        """Report ``item`` failed with ``reason`` without relaxing it (further)."""
+        if not item.begun:
+            item.begun = True
+            item.started_at = time.perf_counter()
+            self.sink.begin(item.key, item.structure)
+        s = item.structure
+        result = RelaxResult(
+            key=item.key,
+            structure=s,
+            status="failed",
+            energy=float("nan"),
+            fmax=float("nan"),
+            steps=item.step_offset,
+            forces=np.zeros((s.n_atoms, 3)),
+            error=reason,
+            wall_time=time.perf_counter() - item.started_at,
+            stop_reason="out_of_memory",
+        )
+        self.sink.end(item.key, result)
+        results.append(result)
+
+    def _split_after_oom(self, chosen: list, queue: deque, results: list, exc) -> list:
+        """The device ran out of memory starting a batch of ``chosen``: a structure alone
+        fails with the reason; more go back to the queue, and batches from now on are bounded
+        by half of what this one was estimated to need. Returns the new ``keep`` (none)."""
+        if len(chosen) == 1:
+            message = str(exc).strip().splitlines()[0][:300]
+            self._fail(chosen[0], f"the device ran out of memory ({message})", results)
+            return []
+        self.memory_limit = max(1, self._bytes(chosen) // 2)
+        queue.extendleft(reversed(chosen))  # running ones keep their state in the carry
+        return []
+
 
     def _claimed(self, chosen: list, carry: dict) -> list:
         """``chosen`` without the new structures :attr:`claim` refuses."""
@@ -340,7 +414,19 @@ class Engine:
                 )
                 if repack:
                     return [live.items[k] for k in running], self._carry(live, running)
-            self._advance(live)
+            try:
+                self._advance(live)
+            except Exception as exc:
+                if not memory.out_of_memory(exc):
+                    raise
+                # its state went with the failed call (donated): what ran fails with the
+                # reason, and later batches are bounded by half of this one's estimate
+                self.memory_limit = max(1, self._bytes(live.items) // 2)
+                message = str(exc).strip().splitlines()[0][:300]
+                for k in running:
+                    reason = f"the device ran out of memory during the relaxation ({message})"
+                    self._fail(live.items[k], reason, results)
+                return [], {}
 
     def _advance(self, live: LiveBatch) -> None:
         """One compiled chunk of steps; its frames reported, stale neighbour lists rebuilt."""

@@ -41,6 +41,9 @@ class EngineSettings:
     #: a structure whose energy per atom falls below -explode_energy (eV) has exploded: no
     #: physical energy is that low (a learned potential's hole), so it stops there
     explode_energy: float = 1000.0
+    #: bytes a batch may need (:mod:`molopt.engine.memory`'s estimate); None: a safe share of
+    #: the device's memory. A structure that alone needs more fails with the reason.
+    max_memory: int | None = None
 
     @property
     def dtype(self):

@@ -128,6 +128,9 @@ class EMT(PotentialMethods):
     n0: jax.Array
     s0_max: float = _static()
     asap_cutoff: bool = _static(default=False)
+    #: XLA temporaries per neighbour slot of a force+stress call in float64, measured
+    #: (:mod:`molopt.engine.memory`)
+    slot_bytes = 256
 
     @classmethod
     def from_table(cls, elements=None, asap_cutoff: bool = False) -> EMT:

@@ -54,6 +54,9 @@ class LennardJones(PotentialMethods):
     shift: bool = _static(default=True)
 
     uses_ghosts = True  # (a class constant, not a field)
+    #: XLA temporaries per neighbour slot of a force+stress call in float64, measured
+    #: (:mod:`molopt.engine.memory`)
+    slot_bytes = 128
 
     def __post_init__(self):
         object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))

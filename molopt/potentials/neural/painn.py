@@ -98,6 +98,12 @@ class PaiNN(Potential):
     reference: jax.Array  # (n_species,) eV per atom
     scale: jax.Array  # () eV
 
+    @property
+    def slot_bytes(self) -> int:
+        """XLA temporaries per neighbour slot of a force call in float64, measured: about 24
+        bytes per feature (:mod:`molopt.engine.memory`)."""
+        return 24 * self.n_features
+
     def __init__(
         self,
         elements,
