@@ -310,3 +310,32 @@ def test_relaxation_equals_ase(emt, name, make):
     assert result.steps == ref_steps
     assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-8)
+
+
+# --- ASE's optimizer benchmark (bench/ase_optimizer_benchmark.py) ---------------------------
+
+
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ase_optimizer_benchmark.py"
+    spec = importlib.util.spec_from_file_location("ase_optimizer_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ase_optimizer_benchmark_fast_rows():
+    """The benchmark's rows on two of its small systems (both with FixAtoms): molopt's FIRE
+    and LBFGS with molopt's emt take ASE's steps to ASE's energies (fmax 0.02, float64)."""
+    bench = _benchmark_module()
+    names = ["Distorted Cu(111) surface", "C/Cu(100)"]
+    table = bench.rows(["fire", "lbfgs"], names=names)
+    assert len(table) == 4 and all(r["fixed"] > 0 for r in table)
+    for r in table:
+        where = f"{r['optimizer']} on {r['system']}"
+        assert r["ase"]["converged"] and r["molopt"]["converged"], where
+        assert r["molopt"]["steps"] == r["ase"]["steps"], where
+        assert r["delta_energy"] <= 1e-10, where
+    assert "| fire | C/Cu(100) | 9 (4) | 31 | 31 |" in bench.markdown(table, bench.FMAX)
