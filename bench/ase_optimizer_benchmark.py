@@ -14,7 +14,7 @@ benchmark runs them (``--together``: molopt relaxes all seven in one batch).
 
 Prints a markdown table: optimizer steps (ASE's ``nsteps``; ASE's test.py counts force
 calls, one more than the steps for these optimizers) and final energies of both, and their
-difference.
+difference; then the same in the README's form, a line per system.
 
 The rows are checked by tests/test_emt.py (a few of the fast ones).
 """
@@ -153,6 +153,33 @@ def markdown(table: list[dict], fmax: float) -> str:
     return "\n".join(lines)
 
 
+def summary(table: list[dict]) -> str:
+    """The README's form: one line per system, steps as ASE / molopt for each optimizer,
+    and the largest energy difference over the optimizers."""
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in table))
+    by_system: dict[str, dict] = {}
+    for r in table:
+        by_system.setdefault(r["system"], {"atoms": r["atoms"], "fixed": r["fixed"]})
+        by_system[r["system"]][r["optimizer"]] = r
+    head = " | ".join(f"{name.upper()} steps ASE / molopt" for name in optimizers)
+    lines = [
+        f"| system | atoms (fixed) | {head} | largest abs. energy difference (eV) |",
+        "|---|---|" + "---:|" * (len(optimizers) + 1),
+    ]
+    for system, entry in by_system.items():
+        cells = []
+        for name in optimizers:
+            r = entry[name]
+            mark = "" if r["ase"]["converged"] and r["molopt"]["converged"] else " (not conv.)"
+            cells.append(f"{r['ase']['steps']} / {r['molopt']['steps']}{mark}")
+        worst = max(entry[name]["delta_energy"] for name in optimizers)
+        lines.append(
+            f"| {system} | {entry['atoms']} ({entry['fixed']}) | {' | '.join(cells)} "
+            f"| {worst:.0e} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizers", default=",".join(available_optimizers()))
@@ -172,6 +199,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"molopt has no optimizer {missing}")
     table = rows(optimizers, args.fmax, names, args.steps, args.together)
     print(markdown(table, args.fmax))
+    print()
+    print(summary(table))
     return 0
 
 
