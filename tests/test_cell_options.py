@@ -3,8 +3,13 @@ step (float64): a mask of free strain components, hydrostatic strain, constant v
 scalar pressure, and a slab periodic in two directions with its in-plane cell free; a target
 stress tensor (which ASE lacks) reached exactly; a batch mixing options equal to each alone."""
 
+import json
+from pathlib import Path
+
+import ase.io
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import fcc111
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.filters import FrechetCellFilter
@@ -14,6 +19,7 @@ from test_optimizers import crystal  # the sheared, rattled fcc argon of the cel
 
 from molopt.config import GPA
 from molopt.engine import EngineSettings, relax
+from molopt.io.h5md import read_parameters
 from molopt.optimizers.cell_options import free_components, parse_mask, parse_stress
 
 ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}
@@ -42,6 +48,7 @@ def slab():
     """An argon fcc(111) slab periodic in x and y (vacuum along z), rattled and strained in
     the plane."""
     atoms = fcc111("Ar", size=(2, 2, 3), a=5.1, vacuum=6.0)
+    atoms.info.clear()  # (its adsorbate_info does not go into extxyz)
     atoms.rattle(0.05, seed=5)
     strain = np.array([[0.03, 0.01, 0.0], [0.0, -0.02, 0.0], [0.0, 0.0, 0.0]])
     atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
@@ -185,3 +192,92 @@ def test_parse_mask_and_stress():
         parse_stress("1,2")
     with pytest.raises(ValueError, match="numbers"):
         parse_stress("1,2,3,4,5,a")
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from molopt.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def json_records(result):
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_cli_relaxes_a_slab_in_plane_beside_a_crystal(tmp_path):
+    """A directory with a 2D slab and a 3D crystal: one run, each its own mask (the slab's
+    in-plane, said in its record), the slab's cell ASE's with the in-plane mask."""
+    (tmp_path / "in").mkdir()
+    ase.io.write(tmp_path / "in" / "slab.extxyz", slab())
+    ase.io.write(tmp_path / "in" / "bulk.extxyz", crystal())
+    result = invoke(
+        "relax", tmp_path / "in", "-o", tmp_path / "o", "--relax-cell", "--optimizer", "lbfgs",
+        "--fmax", "1e-4", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    masks = {Path(r["input"]).stem: r["cell_mask"] for r in json_records(result)}
+    assert masks == {"slab": "xx,yy,xy", "bulk": "xx,yy,zz,yz,xz,xy"}
+    ref, _ = ase_relax(slab(), "lbfgs", fmax=1e-4, mask=IN_PLANE)
+    relaxed = ase.io.read(tmp_path / "o" / "slab.extxyz")
+    np.testing.assert_allclose(relaxed.cell.array, ref.cell.array, atol=1e-8)
+    assert read_parameters(tmp_path / "o" / "slab.h5md")["cell_mask"] == "xx,yy,xy"
+
+
+def test_cli_stress_is_gpa_with_ase_sign(tmp_path):
+    """``--stress`` in GPa, positive = tensile: the stress written with the relaxed structure
+    (ASE's ``get_stress``) is the target (fails without the GPa conversion or with the sign
+    flipped)."""
+    ase.io.write(tmp_path / "ar.extxyz", crystal())
+    target = "-0.05,-0.1,-0.02,0.01,0,-0.02"
+    result = invoke(
+        "relax", tmp_path / "ar.extxyz", "-o", tmp_path / "o", "--relax-cell",
+        f"--stress={target}", "--fmax", "1e-5", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    relaxed = ase.io.read(tmp_path / "o" / "ar.extxyz")
+    expected = np.array([float(v) for v in target.split(",")]) * GPA
+    np.testing.assert_allclose(relaxed.get_stress(), expected, atol=1e-6)
+    options = read_parameters(tmp_path / "o" / "ar.h5md")["cell_options"]
+    assert list(options["stress"]) == [-0.05, -0.1, -0.02, 0.01, 0.0, -0.02]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--relax-cell", "--cell-mask", "xy"], "blocks of axes"),
+        (["--relax-cell", "--cell-mask", "1,1,0"], "six values"),
+        (["--hydrostatic"], "only with relax_cell"),
+        (["--relax-cell", "--stress", "1,2"], "six values"),
+        (["--relax-cell", "--stress=1,1,1,0,0,0", "--pressure", "1"], "not both"),
+        (["--relax-cell", "--hydrostatic", "--constant-volume"], "nothing to relax"),
+    ],
+)
+def test_cli_bad_cell_options_are_usage_errors(tmp_path, args, message):
+    ase.io.write(tmp_path / "ar.extxyz", crystal())
+    result = invoke("relax", tmp_path / "ar.extxyz", "-o", tmp_path / "o", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_structures_without_a_free_cell_fail_alone(tmp_path):
+    """A molecule (nothing periodic) and a slab whose mask frees only zz (its vacuum) fail,
+    each with its reason; the crystal beside them relaxes."""
+    (tmp_path / "in").mkdir()
+    ase.io.write(tmp_path / "in" / "slab.extxyz", slab())
+    ase.io.write(tmp_path / "in" / "bulk.extxyz", crystal())
+    ase.io.write(tmp_path / "in" / "dimer.xyz", Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 3.8]]))
+    result = invoke(
+        "relax", tmp_path / "in", "-o", tmp_path / "o", "--relax-cell", "--cell-mask", "zz",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    by_stem = {Path(r["input"]).stem: r for r in json_records(result)}
+    assert by_stem["bulk"]["status"] == "converged"
+    assert "periodic in at least one direction" in by_stem["dimer"]["error"]
+    assert "frees no component between the periodic directions (xy)" in by_stem["slab"]["error"]
