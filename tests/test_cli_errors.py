@@ -421,6 +421,14 @@ def test_help_describes_every_option_and_reads_at_80_columns(name):
                 assert word in words, f"{name}: help word {word!r} cut or lost"
 
 
+def test_the_command_list_reads_whole_at_80_columns():
+    text = invoke("--help", env={"COLUMNS": "80"}, terminal_width=80).stdout
+    listed = text.split("Commands:")[1]
+    for name in commands():
+        assert name in listed
+    assert "..." not in listed and all(len(line) <= 80 for line in text.splitlines())
+
+
 def test_relax_help_shows_the_defaults_the_run_uses():
     from molopt.config import RunSettings
 

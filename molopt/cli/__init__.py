@@ -166,20 +166,21 @@ def interruptible(message: str) -> Iterator[None]:
 
 from molopt.cli import fit, hessian, potentials, relax, results, training  # noqa: E402
 
-# in the order `molopt --help` lists them
-for _command in (
-    relax.relax,
-    potentials.potentials,
-    training.train,
-    training.evaluate,
-    fit.fit,
-    hessian.hessian,
-    results.info,
-    results.convert,
-    results.plot,
+# in the order `molopt --help` lists them, each with the line it shows there (Click would cut
+# the docstring's first sentence at 45 characters)
+for _command, _summary in (
+    (relax.relax, "Relax structures to a local energy minimum."),
+    (potentials.potentials, "List the shipped potentials."),
+    (training.train, "Train a PaiNN potential on labelled data."),
+    (training.evaluate, "Errors of a potential on labelled data."),
+    (fit.fit, "Fit Lennard-Jones parameters to target properties."),
+    (hessian.hessian, "Hessian eigenvalues and harmonic frequencies of a structure."),
+    (results.info, "What is inside molopt trajectories."),
+    (results.convert, "Write trajectory frames in any format ASE writes."),
+    (results.plot, "Plot energy and fmax against optimizer step."),
 ):
-    app.command(cls=_Command)(_command)
-del _command
+    app.command(cls=_Command, short_help=_summary)(_command)
+del _command, _summary
 
 
 def main() -> NoReturn:

@@ -209,7 +209,7 @@ class TrainDisplay:
 
 def potentials_table(rows: list[dict]) -> None:
     """``molopt potentials``: one row per shipped potential."""
-    table = Table(title="Shipped potentials")
+    table = Table(title="Shipped potentials", title_justify="left")
     for column in ("name", "kind", "elements", "cutoff (A)", "description"):
         table.add_column(column)
     for r in rows:
