@@ -169,6 +169,10 @@ def test_a_single_frame_format_with_many_frames_is_refused(trajectory, tmp_path)
     target = tmp_path / "POSCAR"
     line = one_clear_line(invoke("convert", traj, target, "--format", "vasp"), target)
     assert "--frames -1" in line and not target.exists()
+    # a writer that fails half-way (VASP needs a cell, the cluster has none) leaves no file
+    result = invoke("convert", traj, target, "--format", "vasp", "--frames", "-1")
+    assert "cannot write" in one_clear_line(result, target)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- 3. nothing to do -----------------------------------------------------------------------

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -97,6 +98,7 @@ def convert(
         fail(f"{output}: is the trajectory being converted")
     from molopt.api import read_trajectory
     from molopt.io.ase_import import ase_io
+    from molopt.io.atomic import temporary_path
 
     try:
         images = read_trajectory(Path(trajectory), frames)
@@ -109,9 +111,13 @@ def convert(
             f"{output}: the {fmt.name} format holds one frame and --frames {frames} selects "
             f"{len(images)}; select one (e.g. --frames -1) or choose a multi-frame format"
         )
+    # written aside and renamed into place: a writer that fails half-way leaves no file
+    temporary = temporary_path(Path(output))
     try:
-        ase_io().write(output, images if len(images) > 1 else images[0], format=fmt.name)
+        ase_io().write(str(temporary), images if len(images) > 1 else images[0], format=fmt.name)
+        os.replace(temporary, output)
     except Exception as exc:  # ASE raises many kinds for formats it cannot write
+        temporary.unlink(missing_ok=True)
         fail(f"cannot write {output}: {exc}")
     err.print(f"wrote {len(images)} frame(s) to {output}")
 
