@@ -1,0 +1,135 @@
+"""BFGS against ASE's own (``ase.optimize.BFGS``): same steps, same energies in float64,
+fixed and variable cell, constraints, options; in batches, refilled and compacted."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from ase.calculators.lj import LennardJones as AseLJ
+from ase.constraints import FixAtoms
+from ase.filters import FrechetCellFilter
+from ase.optimize import BFGS as AseBFGS
+from conftest import rattled_cluster, structure_from_atoms
+from test_batch import compact_cluster, mixed_structures
+from test_optimizers import cluster, crystal, molopt_relax
+
+from molopt import engine as E
+from molopt.config import GPA
+from molopt.engine import EngineSettings, relax
+from molopt.optimizers import option_names
+from molopt.optimizers.bfgs import BFGS
+
+
+def ase_bfgs(atoms, fmax, cell=False, pressure=0.0, **options):
+    """ASE's BFGS on a copy of ``atoms`` (argon LJ as molopt's shipped ``argon``)."""
+    atoms = atoms.copy()
+    atoms.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    target = FrechetCellFilter(atoms, scalar_pressure=pressure) if cell else atoms
+    opt = AseBFGS(target, logfile=None, **options)
+    opt.run(fmax=fmax, steps=5000)
+    return atoms, opt.nsteps
+
+
+def fixed_crystal():
+    atoms = crystal()
+    atoms.set_constraint(FixAtoms(indices=[0, 5]))
+    return atoms
+
+
+def assert_same_relaxation(result, ref, ref_steps, atol_energy=1e-10):
+    assert result.status == "converged"
+    assert result.steps == ref_steps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=atol_energy)
+    np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [cluster, crystal, fixed_crystal])
+def test_parity_with_ase_fixed_cell(argon, make):
+    atoms = make()
+    ref, ref_steps = ase_bfgs(atoms, fmax=1e-4)
+    result = molopt_relax(atoms, argon, "bfgs", fmax=1e-4)
+    assert_same_relaxation(result, ref, ref_steps)
+    fixed = atoms.constraints[0].index if atoms.constraints else []
+    np.testing.assert_array_equal(result.structure.positions[fixed], atoms.positions[fixed])
+
+
+@pytest.mark.parametrize("pressure_gpa", [0.0, 0.5])
+def test_parity_with_ase_frechet_cell_filter(argon, pressure_gpa):
+    atoms = crystal()
+    p = pressure_gpa * GPA
+    ref, ref_steps = ase_bfgs(atoms, fmax=1e-4, cell=True, pressure=p)
+    result = molopt_relax(atoms, argon, "bfgs", fmax=1e-4, cell=True, pressure=p)
+    assert_same_relaxation(result, ref, ref_steps)
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "options, make",
+    [
+        ({"maxstep": 0.05}, cluster),
+        ({"alpha": 20.0}, crystal),
+        ({"maxstep": 0.1, "alpha": 150.0}, cluster),
+    ],
+)
+def test_parity_with_ase_non_default_options(argon, options, make):
+    atoms = make()
+    ref, ref_steps = ase_bfgs(atoms, fmax=1e-4, **options)
+    result = molopt_relax(
+        atoms, argon, "bfgs", fmax=1e-4, optimizer_options=tuple(sorted(options.items()))
+    )
+    assert_same_relaxation(result, ref, ref_steps)
+
+
+def test_options_are_maxstep_and_alpha():
+    """The user's options are ASE's; the block size the engine sets is not one of them."""
+    assert option_names("bfgs") == {"maxstep", "alpha"}
+    assert BFGS() == BFGS(maxstep=0.2, alpha=70.0)
+
+
+def assert_as_alone(results, items, settings, argon):
+    """Each result as the structure relaxed alone: same steps, energy and positions to the
+    rounding of its block's size (the eigendecomposition of a padded block rounds
+    differently, and hundreds of steps carry that along)."""
+    alone_settings = dataclasses.replace(settings, batch_size=1)
+    for key, s in items:
+        (alone,) = relax([(key, s)], argon, alone_settings)
+        got = results[key]
+        assert got.status == alone.status == "converged"
+        assert got.steps == alone.steps
+        assert got.energy == pytest.approx(alone.energy, abs=1e-9)
+        np.testing.assert_allclose(got.structure.positions, alone.structure.positions, atol=1e-6)
+
+
+def test_batch_of_mixed_sizes_equals_each_alone(argon):
+    """Small systems padded to the largest one's block follow their own paths."""
+    items = list(enumerate([rattled_cluster(n, seed=n) for n in (5, 22, 13)]))
+    settings = EngineSettings(optimizer="bfgs", fmax=1e-3)
+    results = {r.key: r for r in relax(items, argon, settings)}
+    assert_as_alone(results, items, settings, argon)
+
+
+@pytest.mark.parametrize("relax_cell", [False, True])
+def test_refilled_batches_equal_relaxing_alone(argon, relax_cell):
+    """Systems leave, queued ones take their places with a fresh Hessian, and the running
+    ones move into the new batch with theirs (a block of another size)."""
+    structures = mixed_structures()
+    if relax_cell:
+        structures = [s for s in structures if s.pbc.all()] * 2
+    items = list(enumerate(structures))
+    settings = EngineSettings(optimizer="bfgs", fmax=1e-3, relax_cell=relax_cell, batch_size=3)
+    results = {r.key: r for r in relax(items, argon, settings)}
+    assert_as_alone(results, items, settings, argon)
+
+
+def test_tail_compaction_moves_hessians_into_smaller_blocks(argon):
+    """The 55-atom cluster finishes first; the two 6-atom ones then move from blocks of 64
+    rows into a batch whose blocks hold 8, and go on as if alone."""
+    structures = [compact_cluster(7.5, seed=1), rattled_cluster(6, seed=1), rattled_cluster(6, 2)]
+    items = list(enumerate(structures))
+    settings = EngineSettings(optimizer="bfgs", fmax=1e-3, chunk=8)
+    engine = E.Engine(argon, settings)
+    engine.compaction_cost = 0.0
+    results = {r.key: r for r in engine.relax(items)}
+    assert {shape[0] for shape in engine.shapes_seen} == {96, 12}  # padded atoms: compacted
+    assert results[0].steps < min(results[1].steps, results[2].steps)
+    assert_as_alone(results, items, settings, argon)
