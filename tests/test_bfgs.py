@@ -9,7 +9,7 @@ from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS as AseBFGS
-from conftest import rattled_cluster, structure_from_atoms
+from conftest import rattled_cluster
 from test_batch import compact_cluster, mixed_structures
 from test_optimizers import cluster, crystal, molopt_relax
 
