@@ -133,13 +133,15 @@ def config_path(name_or_path: str, kind: str = "relax") -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         raise ConfigError(f"{what} {name_or_path}: is a directory, not a settings file")
-    if path.is_file():
-        return path
     known = presets(kind)
-    if name_or_path in known:
-        return known[name_or_path]
-    other = preset_kind(name_or_path)
-    if other != kind and name_or_path in presets(other):
+    shipped = {p.resolve() for d in preset_directories() for p in d.glob("*.toml")}
+    if path.is_file() and path.resolve() not in shipped:
+        return path
+    name = path.stem if path.is_file() else name_or_path  # a file of configs/ by its name
+    if name in known:
+        return known[name]
+    other = preset_kind(name)
+    if other != kind and name in presets(other):
         raise ConfigError(
             f"{what} {name_or_path}: is a preset for {PRESET_KINDS[other][2]}, "
             f"not for {PRESET_KINDS[kind][2]} (presets: {', '.join(sorted(known)) or 'none'})"

@@ -304,6 +304,9 @@ def test_presets_belong_to_their_command(tmp_path):
     line = one_clear_line(invoke("relax", src, "-c", "train-emt-metals"), "train-emt-metals")
     assert "molopt train" in line
     assert "train-" not in line.split("presets:")[1] and "fit-" not in line.split("presets:")[1]
+    shipped = Path(cfg.preset_directories()[0])
+    line = one_clear_line(invoke("relax", src, "-c", shipped / "train-emt-metals.toml"))
+    assert "molopt train" in line  # the preset's file named by its path
     line = one_clear_line(invoke("relax", src, "-c", "nosuch"), "nosuch")
     assert "tight" in line and "train-" not in line and "fit-" not in line
     data = write_cluster(tmp_path / "d.extxyz")
