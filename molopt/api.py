@@ -110,6 +110,9 @@ def read_trajectory(path, frames=":", as_atoms: bool = True):
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
+    from molopt.io.read import ase_constraints
+
+    constraints = data["parameters"].get("constraints")
     images = []
     for t in np.atleast_1d(np.arange(len(data["step"]))[index]):
         atoms = Atoms(
@@ -123,6 +126,8 @@ def read_trajectory(path, frames=":", as_atoms: bool = True):
             values["stress"] = full_3x3_to_voigt_6_stress(data["stress"][t])
         atoms.calc = SinglePointCalculator(atoms, **values)
         atoms.info.update(step=int(data["step"][t]), fmax=float(data["fmax"][t]))
+        if constraints:
+            atoms.set_constraint(ase_constraints(constraints))
         images.append(atoms)
     return images
 

@@ -51,6 +51,13 @@ class RunSettings:
     check_hessian: bool = False
     #: the memory a batch may need, e.g. "8G", "512M" (None: a safe share of the device's)
     max_memory: str | None = None
+    #: atoms to fix in every structure (``--fix``: indices, ranges, element:X, z<h terms)
+    fix: str | None = None
+    #: keep each structure's space group (ASE FixSymmetry) at tolerance ``symprec`` (A)
+    fix_symmetry: bool = False
+    #: refine each relaxed structure to its space group
+    symmetrize: bool = False
+    symprec: float = 0.01
     optimizer_options: dict = field(default_factory=dict)
 
     def result_settings(self) -> dict:
@@ -66,7 +73,22 @@ class RunSettings:
             "precision": self.precision,
             "trajectory_interval": self.trajectory_interval,
             "check_hessian": self.check_hessian,
+            **self.symmetry_options(),
         }
+
+    def symmetry_options(self) -> dict:
+        """``--fix``, ``--fix-symmetry``, ``--symmetrize`` (with ``symprec``) when set; unset
+        ones are left out, so runs from before they existed keep their identity."""
+        out: dict = {}
+        if self.fix:
+            out["fix"] = self.fix
+        if self.fix_symmetry:
+            out["fix_symmetry"] = True
+        if self.symmetrize:
+            out["symmetrize"] = True
+        if out.get("fix_symmetry") or out.get("symmetrize"):
+            out["symprec"] = self.symprec
+        return out
 
     def cell_options(self) -> dict:
         """The cell options that are set, normalized (``1,1,0,0,0,1`` is ``xx,yy,xy``); unset
@@ -374,6 +396,15 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
             parse_memory(s.max_memory)
         except ValueError as exc:
             raise ConfigError(f"{source}: max_memory {exc}") from None
+    if not s.symprec > 0:
+        raise ConfigError(f"{source}: symprec must be positive (got {s.symprec})")
+    if s.fix:
+        from molopt.constraints import parse_fix
+
+        try:
+            parse_fix(s.fix)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: fix {exc}") from None
     if s.index is not None:
         try:
             parse_index(s.index)

@@ -28,6 +28,8 @@ per padded atom, the FixCom masses, and the springs padded to a power of two.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,6 +93,89 @@ def describe(name: str, kwargs: dict, masses: Sequence[float] | None = None) -> 
 
 def fix_atoms(indices) -> dict:
     return describe("FixAtoms", {"indices": [int(i) for i in indices]})
+
+
+def parse_fix(text: str) -> list[tuple]:
+    """``--fix``: comma-separated terms, each selecting atoms to fix: ``7`` or ``0-11``
+    (0-based indices, ranges inclusive), ``element:Pt``, ``z<5.0`` (also ``x``, ``y`` and
+    ``>``; Cartesian A). Returns the terms as tuples; ValueError naming a bad term."""
+    from molopt import elements
+
+    terms = []
+    for raw in str(text).split(","):
+        term = raw.strip().replace(" ", "")
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", term)
+        if match:
+            first = int(match.group(1))
+            last = int(match.group(2)) if match.group(2) is not None else first
+            if last < first:
+                raise ValueError(f"range {term!r} runs backwards")
+            terms.append(("indices", first, last))
+            continue
+        if term.startswith("element:"):
+            try:
+                terms.append(("element", elements.number(term.removeprefix("element:"))))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{term!r}: unknown element") from exc
+            continue
+        match = re.fullmatch(r"([xyz])([<>])(.+)", term)
+        if match:
+            try:
+                value = float(match.group(3))
+            except ValueError:
+                raise ValueError(f"{term!r}: {match.group(3)!r} is not a number") from None
+            terms.append(("height", "xyz".index(match.group(1)), match.group(2), value))
+            continue
+        raise ValueError(
+            f"term {raw.strip()!r} is none of: an index or range (0-11), element:Pt, z<5.0"
+        )
+    return terms
+
+
+def selected_by_fix(text: str, numbers, positions) -> np.ndarray:
+    """(n,) bool: the atoms any term of ``text`` (:func:`parse_fix`) selects; ValueError
+    for an index past the structure's atoms."""
+    numbers = np.asarray(numbers)
+    positions = np.asarray(positions)
+    n = len(numbers)
+    chosen = np.zeros(n, bool)
+    for term in parse_fix(text):
+        if term[0] == "indices":
+            if term[2] >= n:
+                raise ValueError(f"--fix names atom {term[2]} of a {n}-atom structure")
+            chosen[term[1] : term[2] + 1] = True
+        elif term[0] == "element":
+            chosen |= numbers == term[1]
+        else:
+            _, axis, op, value = term
+            chosen |= positions[:, axis] < value if op == "<" else positions[:, axis] > value
+    return chosen
+
+
+def with_fix(structure, text: str):
+    """``structure`` with the atoms ``--fix`` selects fixed: a FixAtoms appended to its
+    constraints (:class:`InputError` naming it for an index it does not have)."""
+    try:
+        chosen = selected_by_fix(text, structure.numbers, structure.positions)
+    except ValueError as exc:
+        raise InputError(structure.source, str(exc), structure.index) from exc
+    if not chosen.any():
+        return structure
+    constraints = tuple(structure.constraints)
+    if structure.fixed.any() and not constraints:
+        constraints = (fix_atoms(np.nonzero(structure.fixed)[0]),)
+    constraints = constraints + (fix_atoms(np.nonzero(chosen)[0]),)
+    if any(c["name"] in ("FixCom", "FixSubsetCom") for c in structure.constraints):
+        raise InputError(
+            structure.source,
+            "--fix adds a FixAtoms after the structure's FixCom, which must come last",
+            structure.index,
+        )
+    return dataclasses.replace(
+        structure,
+        fixed=structure.fixed | chosen,
+        constraints=constraints if needs_arrays(constraints) else (),
+    )
 
 
 def fixed_atoms(constraints: Sequence[dict], n_atoms: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 from molopt import elements as el
 from molopt import interrupt
 from molopt.config import GPA, RunSettings, parse_memory
-from molopt.errors import ConfigError, PotentialError
+from molopt.errors import ConfigError, InputError, PotentialError
 from molopt.io import atomic
 from molopt.io import read as reader
 from molopt.io import results as out
@@ -186,6 +186,34 @@ class PotentialChoice:
         return found
 
 
+def _prepared(frame, settings: RunSettings):
+    """``frame`` with ``--fix``'s atoms fixed and, with ``--fix-symmetry``, its structure
+    refined to its space group and carrying the operations to keep; a failed frame naming
+    the reason when that cannot be done."""
+    if frame.structure is None or not (settings.fix or settings.fix_symmetry):
+        return frame
+    from molopt import constraints as cons
+    from molopt import symmetry
+
+    try:
+        structure = frame.structure
+        if settings.fix:
+            structure = cons.with_fix(structure, settings.fix)
+        if settings.fix_symmetry:
+            structure = symmetry.prepare(structure, settings.symprec)
+    except InputError as exc:
+        return dataclasses.replace(frame, structure=None, error=exc.reason)
+    return dataclasses.replace(frame, structure=structure)
+
+
+def _cell_constraints(structure) -> str:
+    names = sorted({c["name"] for c in structure.constraints if c["name"] != "FixAtoms"})
+    return (
+        f"--relax-cell keeps FixAtoms and --fix-symmetry only; this structure has "
+        f"{', '.join(names)}"
+    )
+
+
 def _uncovered(spec, structure) -> str:
     missing = sorted(set(int(z) for z in structure.numbers) - set(spec.elements))
     names = ", ".join(el.symbol(z) for z in missing)
@@ -279,7 +307,7 @@ class _Run:
         paths = _select_shard(reader.discover_with_places(inputs, settings.recursive), settings)
         for path, place in paths:
             interrupt.check()
-            read = reader.read_frames(path, settings.index)
+            read = [_prepared(f, settings) for f in reader.read_frames(path, settings.index)]
             if place != Path("."):  # a recursive search: outputs mirror the input tree
                 read = [dataclasses.replace(f, stem=(place / f.stem).as_posix()) for f in read]
             self.frames.extend(read)
@@ -441,6 +469,11 @@ class _Run:
             if settings.relax_cell and _cell_refusal(f.structure, settings):
                 self.fail(key, _cell_refusal(f.structure, settings))
                 continue
+            if settings.relax_cell and any(
+                c["name"] != "FixAtoms" for c in f.structure.constraints
+            ):
+                self.fail(key, _cell_constraints(f.structure))
+                continue
             items.append(key)
         return items
 
@@ -547,6 +580,8 @@ class _Run:
                 lambda spec=spec: common_parameters(settings, spec),
                 self.emit,
                 self.claims,
+                symprec=settings.symprec if settings.fix_symmetry or settings.symmetrize else None,
+                symmetrize=settings.symmetrize,
             )
             after_converged = None
             if settings.check_hessian:

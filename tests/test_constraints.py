@@ -1,8 +1,14 @@
 """ASE's constraints and FixSymmetry in molopt's batches, step for step against ASE (float64)."""
 
+import json
+from pathlib import Path
+
+import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
+from ase.build import bulk
+from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import (
     FixAtoms,
     FixBondLength,
@@ -12,13 +18,25 @@ from ase.constraints import (
     FixedPlane,
     FixScaled,
     FixSubsetCom,
+    FixSymmetry,
     Hookean,
+    dict2constraint,
 )
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE, LBFGS
+from ase.spacegroup.symmetrize import check_symmetry
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from conftest import rattled_cluster, structure_from_atoms
 from test_optimizers import ase_relax, crystal
+from typer.testing import CliRunner
 
+from molopt import symmetry
+from molopt.batch import plan_layout
+from molopt.cli import app
+from molopt.constraints import parse_fix, selected_by_fix
 from molopt.engine import EngineSettings, relax
 from molopt.errors import InputError
+from molopt.io import h5md
 
 
 def cluster():
@@ -129,3 +147,213 @@ def test_unsupported_constraint_is_an_error_naming_it(constraint, named):
     with pytest.raises(InputError) as info:
         structure_from_atoms(atoms)
     assert named in str(info.value)
+
+
+# --- outputs and the command line --------------------------------------------------------
+
+
+def relax_cli(tmp_path, inputs, *args):
+    result = CliRunner().invoke(
+        app,
+        [
+            "relax",
+            *map(str, inputs),
+            "--potential",
+            "argon",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--json",
+            "--fmax",
+            "0.01",
+            *args,
+        ],
+    )
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result, {Path(r["input"]).stem: r for r in records}
+
+
+def test_outputs_keep_the_constraints(tmp_path):
+    atoms = cluster()
+    atoms.set_constraint(
+        [
+            FixAtoms([0, 2]),
+            FixCartesian([4], mask=(False, False, True)),
+            FixedLine([5], direction=[0, 0, 1]),
+            Hookean(6, 7, k=1.0, rt=3.0),
+        ]
+    )
+    ase.io.write(tmp_path / "c.traj", atoms)
+    result, records = relax_cli(tmp_path, [tmp_path / "c.traj"])
+    assert result.exit_code == 0, result.output
+    assert records["c"]["status"] == "converged"
+    want = [c.todict() for c in atoms.constraints]
+
+    # the extxyz: FixAtoms/FixCartesian in ASE's move_mask, all of them for molopt
+    relaxed = ase.io.read(tmp_path / "out" / "c.extxyz")
+    mask = np.ones((len(atoms), 3), bool)
+    mask[[0, 2]] = False
+    mask[4, 2] = False
+    got = np.ones((len(atoms), 3), bool)
+    for c in relaxed.constraints:
+        got[c.index] &= ~np.asarray(getattr(c, "mask", (True,) * 3))
+    np.testing.assert_array_equal(got, mask)
+    again = structure_from_atoms(relaxed)
+    assert [c["name"] for c in again.constraints] == [c["name"] for c in want]
+    # molopt's energy is ASE's get_potential_energy (springs included) when read back (to
+    # the 1e-8 A that extxyz prints positions with)
+    relaxed.set_constraint([dict2constraint(c) for c in again.constraints])
+    assert relaxed.get_potential_energy() == pytest.approx(records["c"]["energy"], abs=1e-7)
+
+    # the trajectory's /parameters, and molopt convert
+    params = h5md.read_parameters(tmp_path / "out" / "c.h5md")
+    assert [c["name"] for c in params["constraints"]] == [c["name"] for c in want]
+    converted = tmp_path / "c-out.traj"
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "out" / "c.h5md"), str(converted), "--frames", "-1"]
+    )
+    assert result.exit_code == 0, result.output
+    back = ase.io.read(converted)
+    assert [c.todict()["name"] for c in back.constraints] == [c["name"] for c in want]
+    np.testing.assert_allclose(back.constraints[2].dir, [0, 0, 1])
+
+
+def test_fix_from_the_command_line(tmp_path):
+    atoms = cluster()
+    ase.io.write(tmp_path / "a.xyz", atoms)
+    result, records = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix", "0-2, 7,z<1.0")
+    assert result.exit_code == 0, result.output
+    relaxed = ase.io.read(tmp_path / "out" / "a.extxyz")
+    want = {0, 1, 2, 7} | set(np.nonzero(atoms.positions[:, 2] < 1.0)[0].tolist())
+    (fix,) = relaxed.constraints
+    assert set(fix.index.tolist()) == want
+    moved = np.linalg.norm(relaxed.positions - atoms.positions, axis=1)
+    assert np.all(moved[sorted(want)] < 1e-7) and moved.max() > 1e-3  # extxyz prints 1e-8 A
+
+
+def test_fix_syntax():
+    numbers = np.array([18, 78, 18, 78])
+    positions = np.array([[0, 0, 1.0], [0, 0, 6.0], [0, 0, 4.0], [0, 0, 9.0]])
+    chosen = selected_by_fix("element:Pt", numbers, positions)
+    np.testing.assert_array_equal(chosen, [False, True, False, True])
+    np.testing.assert_array_equal(selected_by_fix("z<5", numbers, positions), [1, 0, 1, 0])
+    np.testing.assert_array_equal(selected_by_fix("3,z>8.5,0-1", numbers, positions), [1, 1, 0, 1])
+    for bad in ("element:Xx", "z<", "3-1", "q>1", ""):
+        with pytest.raises(ValueError):
+            parse_fix(bad)
+    with pytest.raises(ValueError, match="atom 9 of a 4-atom"):
+        selected_by_fix("5-9", numbers, positions)
+
+
+def test_unsupported_constraint_fails_that_structure_alone(tmp_path):
+    bad = cluster()
+    bad.set_constraint(FixBondLength(0, 1))
+    ase.io.write(tmp_path / "bad.traj", bad)
+    ase.io.write(tmp_path / "good.xyz", cluster())
+    result, records = relax_cli(tmp_path, [tmp_path / "bad.traj", tmp_path / "good.xyz"])
+    assert result.exit_code == 1
+    assert records["bad"]["status"] == "failed"
+    assert "FixBondLength" in records["bad"]["error"] and "bad.traj" in records["bad"]["error"]
+    assert records["good"]["status"] == "converged"
+
+
+# --- symmetry -------------------------------------------------------------------------------
+
+
+def symmetric_crystal():
+    """fcc argon with one atom pushed along z and the cell stretched along z (P4mm), then
+    rattled well inside the symmetry tolerance: refining gives P4mm back."""
+    atoms = bulk("Ar", "fcc", a=5.3, cubic=True).repeat((2, 2, 2))
+    atoms.positions[0] += [0.0, 0.0, 0.3]
+    atoms.set_cell(atoms.cell.array @ np.diag([1.0, 1.0, 1.03]), scale_atoms=True)
+    atoms.rattle(0.001, seed=2)
+    return atoms
+
+
+def test_refine_and_operations_match_ase():
+    atoms = symmetric_crystal()
+    ref = atoms.copy()
+    constraint = FixSymmetry(ref, symprec=0.01)  # refines ref in place
+    mine = symmetry.prepare(structure_from_atoms(atoms), 0.01)
+    np.testing.assert_allclose(mine.cell, ref.cell.array, atol=1e-12)
+    np.testing.assert_allclose(mine.positions, ref.positions, atol=1e-12)
+    assert (mine.symmetry.number, mine.symmetry.symbol) == (99, "P4mm")
+    np.testing.assert_array_equal(mine.symmetry.rotations, constraint.rotations)
+    np.testing.assert_array_equal(mine.symmetry.image, constraint.symm_map)
+
+
+def test_group_averages_match_ase():
+    """Forces and stress averaged over the operations as ASE's symmetrize_rank1/rank2."""
+    atoms = symmetric_crystal()
+    constraint = FixSymmetry(atoms)
+    structure = symmetry.prepare(structure_from_atoms(atoms))
+    layout = plan_layout([structure.n_atoms])
+    packed = symmetry.pack([structure.symmetry], layout, np.float64)
+    rng = np.random.default_rng(0)
+    forces = np.zeros((layout.n_padded_atoms, 3))
+    forces[: len(atoms)] = rng.normal(size=(len(atoms), 3))
+    stress = rng.normal(size=(3, 3))
+    stress = stress + stress.T
+    cells = np.zeros((layout.n_systems, 3, 3))
+    cells[0] = atoms.cell.array
+    system_idx = np.full(layout.n_padded_atoms, layout.n_systems)
+    system_idx[: len(atoms)] = 0
+    mine = symmetry.symmetrize_vectors(packed, forces, cells, system_idx, layout.n_systems)
+    want = forces[: len(atoms)].copy()
+    constraint.adjust_forces(atoms, want)
+    np.testing.assert_allclose(np.asarray(mine)[: len(atoms)], want, atol=1e-13)
+    tensors = np.zeros((layout.n_systems, 3, 3))
+    tensors[0] = stress
+    voigt = full_3x3_to_voigt_6_stress(stress)
+    constraint.adjust_stress(atoms, voigt)
+    mine = symmetry.symmetrize_tensors(packed, tensors, cells)
+    np.testing.assert_allclose(np.asarray(mine)[0], voigt_6_to_full_3x3_stress(voigt), atol=1e-13)
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs"])
+@pytest.mark.parametrize("cell", [False, True])
+def test_fix_symmetry_parity_with_ase(argon, optimizer, cell):
+    """ASE's FixSymmetry (+ FrechetCellFilter with a variable cell), step for step; the
+    relaxed structure still has every operation it started with."""
+    atoms = symmetric_crystal()
+    ref = atoms.copy()
+    ref.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    ref.set_constraint(FixSymmetry(ref))
+    opt = {"fire": FIRE, "lbfgs": LBFGS}[optimizer](
+        FrechetCellFilter(ref) if cell else ref, logfile=None
+    )
+    opt.run(fmax=1e-3, steps=1000)
+    start = symmetry.prepare(structure_from_atoms(atoms))
+    result = molopt_relax([("x", start)], argon, optimizer, 1e-3, relax_cell=cell)["x"]
+    assert result.status == "converged"
+    assert result.steps == opt.nsteps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(result.structure.positions, ref.positions, atol=1e-8)
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-8)
+    assert_keeps_operations(result.structure, start.symmetry)
+
+
+def assert_keeps_operations(structure, kept):
+    """Every operation of ``kept`` still maps ``structure`` onto itself (to 1e-8)."""
+    fractional = np.linalg.solve(structure.cell.T, structure.positions.T).T
+    for rotation, translation, image in zip(
+        kept.rotations, kept.translations, kept.image, strict=True
+    ):
+        offset = fractional @ rotation.T + translation - fractional[image]
+        offset -= np.round(offset)
+        assert np.abs(offset).max() < 1e-8
+
+
+def test_symmetry_records_and_symmetrize(tmp_path):
+    atoms = symmetric_crystal()
+    ase.io.write(tmp_path / "p4mm.traj", atoms)
+    result, records = relax_cli(
+        tmp_path, [tmp_path / "p4mm.traj"], "--fix-symmetry", "--relax-cell", "--symmetrize"
+    )
+    assert result.exit_code == 0, result.output
+    rec = records["p4mm"]
+    assert rec["spacegroup_initial"] == {"symbol": "P4mm", "number": 99}
+    assert rec["spacegroup_final"]["number"] in (99, 123, 129, 139, 221, 225)  # P4mm or above
+    params = h5md.read_parameters(tmp_path / "out" / "p4mm.h5md")
+    assert params["spacegroup_initial"] == {"symbol": "P4mm", "number": 99}
+    relaxed = ase.io.read(tmp_path / "out" / "p4mm.extxyz")
+    assert check_symmetry(relaxed, 1e-6).number == rec["spacegroup_final"]["number"]

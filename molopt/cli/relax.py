@@ -78,6 +78,33 @@ def relax(
             "stress equals it. --pressure P is --stress=-P,-P,-P,0,0,0.",
         ),
     ] = None,
+    fix: Annotated[
+        str | None,
+        typer.Option(
+            help="Fix atoms (ASE FixAtoms) in every structure, added to its own constraints: "
+            "comma-separated 0-based indices and ranges (0-11,15), elements (element:Pt), "
+            "heights (z<5.0; also x, y and >); an atom any term selects is fixed.",
+        ),
+    ] = None,
+    fix_symmetry: Annotated[
+        bool | None,
+        typer.Option(
+            "--fix-symmetry/--no-fix-symmetry",
+            help="Keep each structure's space group (ASE FixSymmetry: refined at the start, "
+            "forces, stress and steps symmetrized).",
+        ),
+    ] = None,
+    symprec: Annotated[
+        float | None,
+        typer.Option(help="Symmetry tolerance (A) of --fix-symmetry/--symmetrize. [default: 0.01]"),
+    ] = None,
+    symmetrize: Annotated[
+        bool | None,
+        typer.Option(
+            "--symmetrize/--no-symmetrize",
+            help="Refine each relaxed structure to its space group (at --symprec).",
+        ),
+    ] = None,
     precision: Annotated[
         Precision | None, typer.Option(help="Floating-point precision. [default: float64]")
     ] = None,

@@ -11,6 +11,7 @@ too (disk full, quota, read-only filesystem) stops the run: the sink raises
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 from molopt.io import atomic
 from molopt.io import results as out
 from molopt.io.claims import Claims
-from molopt.io.read import OUTPUT_MARKER
+from molopt.io.read import OUTPUT_MARKER, described_constraints
 
 #: errors after which no later write can succeed either
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -78,8 +79,14 @@ class OutputSink:
         common: Callable[[], dict],
         on_record: Callable[[object, dict], None],
         claims: Claims | None = None,
+        symprec: float | None = None,
+        symmetrize: bool = False,
     ):
         self.frame_of = frame_of
+        #: with a tolerance (A), records and trajectories give the space group at the start
+        #: and the end; ``symmetrize``: the relaxed structure is refined to its space group
+        self.symprec = symprec
+        self.symmetrize = symmetrize
         self.out_dir = Path(out_dir)
         self.variable_cell = variable_cell
         self.potential_name = potential_name
@@ -226,6 +233,21 @@ class OutputSink:
             ),
         )
 
+    def _symmetry(self, start, result):
+        """(result, record fields): the result refined to its space group with
+        ``symmetrize``, and the space groups at the start and the end."""
+        if self.symprec is None:
+            return result, {}
+        from molopt import symmetry
+
+        if self.symmetrize:
+            refined = symmetry.symmetrized(result.structure, self.symprec)
+            result = dataclasses.replace(result, structure=refined)
+        return result, {
+            "spacegroup_initial": symmetry.space_group(start, self.symprec),
+            "spacegroup_final": symmetry.space_group(result.structure, self.symprec),
+        }
+
     def _write(self, key, writer, result):
         frame = self.frame_of[key]
         h5md_path, xyz_path = out.output_paths(self.out_dir, frame.stem)
@@ -254,8 +276,10 @@ class OutputSink:
             "wall_time_s": result.wall_time,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        extra = {"stop_reason": result.stop_reason, **final_cell(result)}
+        result, groups = self._symmetry(frame.structure, result)
+        extra = {"stop_reason": result.stop_reason, **final_cell(result), **groups}
         extra.update(getattr(result, "extra", None) or {})
+        params["constraints"] = described_constraints(frame.structure)
         params.update({k: v for k, v in extra.items() if v is not None})
         info = {
             OUTPUT_MARKER: params["run_hash"],

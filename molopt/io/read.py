@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from molopt import constraints as cons
 from molopt.config import parse_index
 from molopt.errors import ConfigError, InputError
 from molopt.io.ase_import import ase_io
@@ -487,6 +486,8 @@ def partial_occupancy(atoms) -> str | None:
 
 def from_atoms(atoms, source: str = "<memory>", index: int | None = None) -> Structure:
     """An ASE ``Atoms`` as a validated :class:`Structure` (its constraints carried over)."""
+    from molopt import constraints as cons  # with JAX: not needed to list or hash inputs
+
     disorder = partial_occupancy(atoms)
     if disorder:
         raise InputError(source, disorder, index)
@@ -521,6 +522,8 @@ def _constraints(atoms, source: str, index: int | None) -> tuple:
     """The constraints of ``atoms`` as :mod:`molopt.constraints` describes them, checked; a
     molopt extxyz's ``molopt_constraints`` (the constraints its columns cannot hold) when
     ``atoms`` came from one. An unsupported constraint is an :class:`InputError` naming it."""
+    from molopt import constraints as cons
+
     saved = atoms.info.get(CONSTRAINTS_KEY)
     if isinstance(saved, str):
         try:
@@ -549,10 +552,28 @@ def _constraints(atoms, source: str, index: int | None) -> tuple:
 _OWN_ARRAYS = ("numbers", "positions", "forces")
 
 
+def described_constraints(structure: Structure) -> list:
+    """Every constraint of ``structure`` as ASE's ``todict()`` descriptions (FixAtoms from
+    its ``fixed`` mask when that is all it has)."""
+    if structure.constraints:
+        return [dict(c) for c in structure.constraints]
+    if structure.fixed.any():
+        return [
+            {"name": "FixAtoms", "kwargs": {"indices": np.nonzero(structure.fixed)[0].tolist()}}
+        ]
+    return []
+
+
+def ase_constraints(described) -> list:
+    """ASE constraint objects from :func:`described_constraints`' descriptions."""
+    from ase.constraints import dict2constraint
+
+    return [dict2constraint({"name": c["name"], "kwargs": c["kwargs"]}) for c in described]
+
+
 def to_atoms(structure: Structure):
     """A :class:`Structure` as ASE ``Atoms`` (FixAtoms restored)."""
     from ase import Atoms
-    from ase.constraints import FixAtoms, dict2constraint
 
     atoms = Atoms(
         numbers=structure.numbers,
@@ -560,10 +581,8 @@ def to_atoms(structure: Structure):
         cell=structure.cell,
         pbc=structure.pbc,
     )
-    if structure.constraints:
-        atoms.set_constraint([dict2constraint(c) for c in structure.constraints])
-    elif structure.fixed.any():
-        atoms.set_constraint(FixAtoms(indices=np.nonzero(structure.fixed)[0]))
+    if structure.constraints or structure.fixed.any():
+        atoms.set_constraint(ase_constraints(described_constraints(structure)))
     atoms.info.update(structure.info)
     for name, values in structure.arrays.items():
         atoms.arrays[name] = np.array(values)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from molopt.io.atomic import temporary_path
-from molopt.io.read import OUTPUT_MARKER, to_atoms
+from molopt.io.read import CONSTRAINTS_KEY, OUTPUT_MARKER, to_atoms
 
 
 def run_hash(input_sha256: str, index, settings: dict, potential_sha256: str) -> str:
@@ -43,12 +43,21 @@ def write_extxyz(path: Path, result, info: dict) -> Path:
 
     aseio = ase_io()
     atoms = to_atoms(result.structure)
-    results = {"energy": float(result.energy), "forces": np.asarray(result.forces)}
+    # the calculator's energy is the potential's: ASE adds the springs (Hookean) itself when
+    # the file is read back and asked for its potential energy, as molopt's energy includes
+    springs = sum(
+        c.adjust_potential_energy(atoms)
+        for c in atoms.constraints
+        if hasattr(c, "adjust_potential_energy")
+    )
+    results = {"energy": float(result.energy) - springs, "forces": np.asarray(result.forces)}
     if result.stress is not None:
         results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(result.stress))
     atoms.calc = SinglePointCalculator(atoms, **results)
     atoms.info = {k: v for k, v in atoms.info.items() if k not in ("energy", "stress")}
     atoms.info.update(info)
+    if result.structure.constraints:  # extxyz's move_mask holds FixAtoms/FixCartesian only
+        atoms.info[CONSTRAINTS_KEY] = json.dumps(list(result.structure.constraints))
     tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
