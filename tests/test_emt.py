@@ -246,6 +246,20 @@ def test_asap_cutoff_each_system_has_its_own_rc(emt_asap):
     )  # two isolated Cu atoms: -E0 each
 
 
+def test_atom_energies_equal_ase(emt):
+    """Per-atom energies (ASE's ``energies``), padding exactly zero."""
+    atoms = build("Pt(111) + O, H")
+    structure = structure_from_atoms(atoms)
+    batch, positions, cells, layout = pack_structures([structure], emt, np.float64)
+    host = neighbor_lists(positions, cells, batch.pbc, layout, emt, 1.0, np.float64)
+    energies = np.asarray(emt.atom_energies(positions, cells, batch, host.to_device()))
+    reference = atoms.copy()
+    reference.calc = AseEMT()
+    expected = reference.get_potential_energies()
+    np.testing.assert_allclose(energies[: len(atoms)], expected, atol=1e-12)
+    assert layout.n_padded_atoms > len(atoms) and not energies[len(atoms) :].any()
+
+
 # --- the shipped file and the registry ----------------------------------------------------
 
 
@@ -361,3 +375,39 @@ def test_ase_optimizer_benchmark_in_one_batch():
     together = bench.molopt_relax(named, "fire", bench.FMAX, 1000, together=True)
     steps = {d: r["steps"] for (d, _), r in zip(named, together, strict=True)}
     assert {d: steps[d] for d in ase_steps} == ase_steps
+
+
+def test_command_line_relaxes_a_cu_cluster_and_a_pt_slab(tmp_path):
+    import json
+
+    import ase.io
+    from typer.testing import CliRunner
+
+    from molopt.cli import app
+
+    ase.io.write(tmp_path / "cu.xyz", _rattled(Octahedron("Cu", 3), 30, 0.1))
+    ase.io.write(tmp_path / "pt.traj", _pt_slab_with_o())
+    args = ["relax", str(tmp_path / "cu.xyz"), str(tmp_path / "pt.traj"), "--potential", "emt"]
+    result = CliRunner().invoke(app, args + ["--json", "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["input"].rsplit("/", 1)[-1] for r in found) == ["cu.xyz", "pt.traj"]
+    assert all(r["status"] == "converged" and r["fmax"] < 0.05 for r in found)
+
+
+def test_api_bfgs_equals_ase():
+    """molopt.relax (the Python API) with emt and BFGS: ASE's BFGS with ASE's EMT, step for
+    step, on a Pt slab with O and its bottom layer fixed."""
+    from ase.optimize import BFGS
+
+    import molopt
+
+    atoms = _pt_slab_with_o()
+    ref = atoms.copy()
+    ref.calc = AseEMT()
+    optimizer = BFGS(ref, logfile=None)
+    optimizer.run(fmax=0.01, steps=1000)
+    relaxed = molopt.relax(atoms, potential="emt", optimizer="bfgs", fmax=0.01, steps=1000)
+    assert relaxed.info["molopt_status"] == "converged"
+    assert relaxed.info["molopt_steps"] == optimizer.nsteps
+    assert relaxed.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-10)
