@@ -98,6 +98,22 @@ def dense_linear(linear):
     return mats
 
 
+def wigner_3j_used(tp, l1: int, l2: int, l3: int):
+    """The Wigner 3j symbol the compiled e3nn tensor product multiplies by: its buffer (made
+    in float32, so rounded to float32) where it keeps one, else the exact value (e3nn writes
+    paths through l = 0 as Python-float constants)."""
+    import torch
+    from e3nn import o3
+
+    exact = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
+    for name, buffer in tp.named_buffers():
+        if name.endswith(f"_w3j_{l1}_{l2}_{l3}"):
+            used = buffer.detach().to(torch.float64)
+            assert torch.allclose(used, exact, atol=1e-6)
+            return used.numpy()
+    return exact.numpy()
+
+
 def act_constant(act) -> float:
     """e3nn's normalize2mom constant of a (wrapped) SiLU, 1.0 when e3nn treats it as identity."""
     import torch
@@ -115,7 +131,6 @@ def convert(model_name: str):
     import numpy as np
     import sevenn
     import torch
-    from e3nn import o3
     from sevenn import util
     from sevenn.calculator import SevenNetCalculator
 
@@ -171,7 +186,7 @@ def convert(model_name: str):
             weight_pos += mul1
             key = f"w3j/{l1}{l2}{l3}"
             if key not in arrays:
-                arrays[key] = o3.wigner_3j(l1, l2, l3, dtype=torch.float64).numpy()
+                arrays[key] = wigner_3j_used(tp, l1, l2, l3)
         # outputs of one l must come out in instruction order (e3nn sorts them so)
         assert [i.i_out for i in tp.instructions] == sorted(i.i_out for i in tp.instructions)
         mlp = conv.weight_nn
