@@ -411,3 +411,20 @@ def test_api_bfgs_equals_ase():
     assert relaxed.info["molopt_status"] == "converged"
     assert relaxed.info["molopt_steps"] == optimizer.nsteps
     assert relaxed.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+
+
+def test_variable_cell_relaxation_equals_ase(emt):
+    """--relax-cell with emt: ASE's LBFGS on FrechetCellFilter with ASE's EMT, step for step,
+    on a strained, rattled CuAu alloy (the cell path runs on EMT's dE/dstrain)."""
+    from ase.filters import FrechetCellFilter
+
+    atoms = _strained(_alloy(["Cu", "Au"], 31, size=(2, 1, 1), a=3.8), 31)
+    ref = atoms.copy()
+    ref.calc = AseEMT()
+    optimizer = LBFGS(FrechetCellFilter(ref), logfile=None)
+    optimizer.run(fmax=0.01, steps=1000)
+    settings = EngineSettings(optimizer="lbfgs", fmax=0.01, steps=1000, relax_cell=True)
+    (result,) = relax([("x", structure_from_atoms(atoms))], emt, settings)
+    assert result.status == "converged" and result.steps == optimizer.nsteps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-8)
