@@ -3,8 +3,10 @@ fixed and variable cell, constraints, options; in batches, refilled and compacte
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
@@ -18,6 +20,7 @@ from molopt.config import GPA
 from molopt.engine import EngineSettings, relax
 from molopt.optimizers import option_names
 from molopt.optimizers.bfgs import BFGS
+from molopt.optimizers.rows import Rows
 
 
 def ase_bfgs(atoms, fmax, cell=False, pressure=0.0, **options):
@@ -80,6 +83,51 @@ def test_parity_with_ase_non_default_options(argon, options, make):
     assert_same_relaxation(result, ref, ref_steps)
 
 
+def test_steps_equal_ase_bfgs_step_for_step():
+    """Two systems (3 and 5 rows, row order interleaved, one padding row) driven with random
+    forces, so that the Hessian becomes indefinite (the step divides by |eigenvalue|), a
+    step repeats a configuration (ASE skips that update), and steps get scaled to maxstep:
+    each system's steps and Hessian are those of ASE's BFGS fed the same points."""
+    rng = np.random.default_rng(4)
+    system_idx = np.array([1, 1, 0, 1, 0, 0, 1, 1, 2])  # the last row: padding
+    optimizer = BFGS(maxstep=0.15, alpha=30.0, system_rows=6)
+    rows = Rows(jnp.asarray(system_idx), 2)
+    state = optimizer.init(len(system_idx), 2, jnp.float64)
+    references = []
+    for k in range(2):
+        members = system_idx == k
+        references.append(
+            AseBFGS(Atoms(f"Ar{members.sum()}"), logfile=None, maxstep=0.15, alpha=30.0)
+        )
+    x = rng.normal(size=(len(system_idx), 3))
+    lowest = np.inf
+    previous = moved = np.zeros_like(x)
+    for step in range(8):
+        forces = rng.normal(size=x.shape) * 0.5
+        if step == 2:  # forces that grow along the last step: negative curvature
+            forces = previous + 100.0 * moved
+        forces[system_idx == 2] = 0.0
+        state, dx, _ = optimizer.step(
+            state, jnp.asarray(x), jnp.asarray(forces), jnp.ones(2, bool), rows
+        )
+        dx = np.asarray(dx)
+        for k, ref in enumerate(references):
+            members = system_idx == k
+            n = 3 * members.sum()
+            expected, lengths = ref.prepare_step(x[members].ravel(), -forces[members].ravel())
+            expected = ref.determine_step(expected, lengths).reshape(-1, 3)
+            np.testing.assert_allclose(dx[members], expected, rtol=1e-10, atol=1e-13)
+            np.testing.assert_allclose(
+                np.asarray(state.hessian[k])[:n, :n], ref.H, rtol=1e-10, atol=1e-12
+            )
+            lowest = min(lowest, np.linalg.eigvalsh(ref.H).min())
+        assert np.all(dx[system_idx == 2] == 0.0)
+        previous, moved = forces, dx
+        if step != 4:  # step 5 starts where step 4 did: the same configuration
+            x = x + dx
+    assert lowest < 0.0  # an indefinite Hessian was met
+
+
 def test_options_are_maxstep_and_alpha():
     """The user's options are ASE's; the block size the engine sets is not one of them."""
     assert option_names("bfgs") == {"maxstep", "alpha"}
@@ -116,7 +164,9 @@ def test_refilled_batches_equal_relaxing_alone(argon, relax_cell):
     if relax_cell:
         structures = [s for s in structures if s.pbc.all()] * 2
     items = list(enumerate(structures))
-    settings = EngineSettings(optimizer="bfgs", fmax=1e-3, relax_cell=relax_cell, batch_size=3)
+    settings = EngineSettings(
+        optimizer="bfgs", fmax=1e-3, relax_cell=relax_cell, batch_size=3, chunk=8
+    )
     results = {r.key: r for r in relax(items, argon, settings)}
     assert_as_alone(results, items, settings, argon)
 

@@ -117,9 +117,10 @@ class BFGS:
             return out.at[system, slot].set(a, mode="drop").reshape(n_systems, dim)
 
         def unblock(v):
-            """(S, 3D) -> (R, 3) (padding rows read system S-1's last slot, masked later)."""
+            """(S, 3D) -> (R, 3) (padding rows get zeros)."""
             v = v.reshape(n_systems, dim // 3, 3)
-            return v[jnp.minimum(system, n_systems - 1), jnp.minimum(slot, dim // 3 - 1)]
+            got = v[jnp.minimum(system, n_systems - 1), jnp.minimum(slot, dim // 3 - 1)]
+            return jnp.where((system < n_systems)[:, None], got, 0.0)
 
         dx = x - state.x0
         moved = system_max(jnp.max(jnp.abs(dx), axis=1), system, n_systems) >= SAME_CONFIGURATION
