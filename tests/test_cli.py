@@ -181,7 +181,8 @@ def test_multi_frame_outputs(tmp_path):
         r["index"] for r in records(result)
     ) == [0, 1, 2]
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == [f"many-{k}.{ext}" for k in range(3) for ext in ("extxyz", "h5md")]
+    each = [f"many-{k}.{ext}" for k in range(3) for ext in ("extxyz", "h5md")]
+    assert names == sorted(each + ["many-all.extxyz"])  # and every frame in one file
     result = invoke(
         "relax", tmp_path / "many.extxyz", "-o", tmp_path / "o2", "--index", "-1", "--json"
     )

@@ -394,10 +394,13 @@ def test_train_resume_evaluate_cli(tmp_path):
     card = (out / "tiny-cuau.toml").read_text()
     assert "weights_sha256" in card and "reference_method" in card
     written = (out / "tiny-cuau.eqx").read_bytes()
+    # an earlier training there is never replaced silently
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
     # training is seeded (initial weights, split, batch order): a second run into the same
-    # directory without --resume starts over, ignores the checkpoints there and writes the
+    # directory with --overwrite starts over, ignores the checkpoints there and writes the
     # same weights byte for byte
-    again = runner.invoke(app, args)
+    again = runner.invoke(app, args + ["--overwrite"])
     assert again.exit_code == 0, again.output
     assert (out / "tiny-cuau.eqx").read_bytes() == written
     resumed = runner.invoke(app, args + ["--resume", "--epochs", "3"])

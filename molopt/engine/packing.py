@@ -1,7 +1,8 @@
 """The one packer: structures -> a padded :class:`~molopt.batch.Batch` with host coordinates,
 and the neighbour lists a potential needs for it. Relaxation, single-point evaluation and
-implicit differentiation all pack through here (training packs its fixed pair lists itself:
-its structures never move)."""
+implicit differentiation all pack through here; training packs its batches with the same
+:func:`molopt.batch.pack` and fills their neighbour slots from pair lists it computes once
+(its structures never move)."""
 
 from __future__ import annotations
 

@@ -194,22 +194,19 @@ class Batcher:
         return batches
 
     def make(self, members: list[int]) -> LabelledBatch:
-
-        from molopt.batch import Batch
+        """The batch of ``members`` in the fixed shape (``batch_atoms``, ``batch_structures``),
+        packed as every batch is (:func:`molopt.batch.pack`), with the labels and the
+        neighbour slots from the pair lists computed once (training structures never move)."""
+        from molopt.batch import Layout, pack
         from molopt.neighbors import Neighbors
 
         A, S = self.batch_atoms, self.batch_structures
         K = max(self.need[k] for k in members)
         dtype = self.dtype
-        positions = np.zeros((A, 3), dtype)
-        cells = np.zeros((S, 3, 3), dtype)
-        species = np.zeros(A, np.int32)
-        numbers = np.zeros(A, np.int32)
-        system_idx = np.full(A, S, np.int32)
-        atom_mask = np.zeros(A, bool)
-        pbc = np.zeros((S, 3), bool)
-        system_mask = np.zeros(S, bool)
-        n_atoms = np.zeros(S, np.int32)
+        structures = [self.data[k].structure for k in members]
+        sizes = [s.n_atoms for s in structures]
+        layout = Layout(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), A, S)
+        batch, positions, cells, _ = pack(structures, self.species, dtype, layout)
         energy = np.zeros(S, dtype)
         forces = np.zeros((A, 3), dtype)
         stress = np.zeros((S, 3, 3), dtype)
@@ -217,21 +214,10 @@ class Batcher:
         index = np.repeat(np.arange(A, dtype=np.int32)[None, :], K, axis=0)
         mask = np.zeros((K, A), bool)
         shift = np.zeros((3 if self.periodic else 0, K, A), np.int8)
-        start = 0
         for slot, k in enumerate(members):
             d = self.data[k]
-            s = d.structure
-            n = s.n_atoms
-            rows = slice(start, start + n)
-            positions[rows] = s.positions
-            species[rows] = [self.species[int(z)] for z in s.numbers]
-            numbers[rows] = s.numbers
-            system_idx[rows] = slot
-            atom_mask[rows] = True
-            cells[slot] = s.cell
-            pbc[slot] = s.pbc
-            system_mask[slot] = True
-            n_atoms[slot] = n
+            rows = layout.atoms_of(slot)
+            start = rows.start
             energy[slot] = d.energy
             forces[rows] = d.forces
             if d.stress is not None:
@@ -245,18 +231,6 @@ class Batcher:
                 mask[position, i + start] = True
                 if self.periodic:
                     shift[:, position, i + start] = shifts.T
-            start += n
-        batch = Batch(
-            species=jax.device_put(species),
-            numbers=jax.device_put(numbers),
-            system_idx=jax.device_put(system_idx),
-            atom_mask=jax.device_put(atom_mask),
-            fixed=jax.device_put(np.zeros(A, bool)),
-            pbc=jax.device_put(pbc),
-            system_mask=jax.device_put(system_mask),
-            n_atoms=jax.device_put(n_atoms),
-            n_systems=S,
-        )
         nbrs = Neighbors(
             index=jax.device_put(index),
             shift=jax.device_put(shift),
@@ -276,7 +250,7 @@ class Batcher:
             jax.device_put(forces),
             jax.device_put(stress),
             jax.device_put(has_stress),
-            jax.device_put(n_atoms),
+            batch.n_atoms,
         )
 
 
