@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from molopt.cli import app
 from molopt.engine import EngineSettings, relax
 from molopt.engine.state import Status
+from molopt.io import h5md
 from molopt.potentials.base import Potential
 from molopt.potentials.registry import load
 
@@ -62,6 +63,9 @@ def test_records_give_the_final_cell_and_pressure(tmp_path):
     np.testing.assert_allclose(rec["cell_angles"], relaxed.cell.angles(), rtol=1e-12)
     assert rec["volume"] == pytest.approx(relaxed.get_volume(), rel=1e-12)
     pressure = -np.trace(relaxed.get_stress(voigt=False)) / 3 / GPa
-    assert rec["pressure_GPa"] == pytest.approx(pressure, rel=1e-9)
+    assert rec["pressure_final_GPa"] == pytest.approx(pressure, rel=1e-9)
+    params = h5md.read_parameters(tmp_path / "o" / "ar.h5md")
+    assert params["pressure_final_GPa"] == rec["pressure_final_GPa"]
+    assert params["pressure_GPa"] == 0.0  # the setting (a target), not overwritten
     assert rec["stop_reason"] == "converged"
     assert "cell_lengths" not in recs["cluster.xyz"]  # molecules have no cell

@@ -57,7 +57,7 @@ def final_cell(result) -> dict:
         "volume": structure.volume,
     }
     if result.stress is not None:
-        report["pressure_GPa"] = float(-np.trace(result.stress) / 3 / GPa)
+        report["pressure_final_GPa"] = float(-np.trace(result.stress) / 3 / GPa)
     return report
 
 
