@@ -258,6 +258,8 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
             pending=jnp.asarray(True),
             completes=completes,
         )
+        if program.variable_cell:  # as ASE reads U back from a masked cell
+            moved = dataclasses.replace(moved, x=cellfilter.read_back(moved.x, reference))
         positions, cell, _ = _physical(moved.x, s.cell, batch, program, reference)
         stale = (
             nl.stale_systems(

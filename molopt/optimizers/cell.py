@@ -5,8 +5,8 @@ the three rows of ``U = N log(F)``, F the deformation gradient (cell = cell0 @ F
 = z @ F^T), N the number of atoms (ASE's ``exp_cell_factor``). The generalized forces are
 ``f @ F`` on atoms and, on U, the derivative of the enthalpy through the matrix exponential
 (its Frechet derivative) divided by N, as in ASE. The convergence test includes the cell
-rows, so cell relaxations do not stop early. Here U itself is the state (F = expm(U/N)), so
-no matrix logarithm is ever needed.
+rows, so cell relaxations do not stop early. Here U itself is the state (F = expm(U/N)); a
+matrix logarithm is needed only for the masks that are not blocks of axes (below).
 
 Each system has its own options (ASE's ``FrechetCellFilter`` arguments), in the order ASE
 applies them to the virial ``-(dE/dstrain - V sigma_target)``:
@@ -18,10 +18,12 @@ applies them to the virial ``-(dE/dstrain - V sigma_target)``:
   forces are then not an energy's); the fixed point is still stress = target.
 - ``hydrostatic`` (``hydrostatic_strain``): the virial replaced by its trace / 3 on the
   diagonal, so the cell only scales.
-- ``mask`` (3, 3) 0/1 (ASE's ``mask``): virial components outside it are zero and the cell
-  coordinates move only inside it (:func:`free_rows`). Masks are blocks of axes
-  (:func:`molopt.optimizers.cell_options.check_mask`): U then stays inside the mask and F is
-  exactly the masked deformation ASE builds.
+- ``mask`` (3, 3) 0/1 (ASE's ``mask``): virial components outside it are zero, and the cell
+  is ``cell0 @ (I + (F - I) * mask)^T``, from which ASE reads U back (``logm``) before each
+  step. For a mask that is a block of axes (:func:`molopt.optimizers.cell_options.is_block`:
+  ``xx,yy,xy``, ``zz``, ...) U stays inside the mask and that round trip only drops the
+  step's components outside it (:func:`free_rows`); for any other mask (``xy`` alone, all but
+  ``xy``) :func:`read_back` does ASE's round trip (``roundtrip`` systems).
 - ``constant_volume``: the trace of the cell forces removed (ASE's projection), so
   tr(U) and hence det(F), the volume, stay where they started.
 """
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import expm
 
-from molopt.optimizers.cell_options import free_components, voigt_to_matrix
+from molopt.optimizers.cell_options import free_components, is_block, voigt_to_matrix
 
 
 @jax.tree_util.register_dataclass
@@ -43,8 +45,8 @@ from molopt.optimizers.cell_options import free_components, voigt_to_matrix
 class CellReference:
     """Per system: ``cell`` (S, 3, 3) reference cells (A); ``factor`` (S,) exp_cell_factor
     (atoms per system); ``stress`` (S, 3, 3) target stress (eV/A^3, positive = tensile);
-    ``mask`` (S, 3, 3) free strain components (1.0 free, 0.0 fixed); ``hydrostatic`` and
-    ``constant_volume`` (S,) bool."""
+    ``mask`` (S, 3, 3) free strain components (1.0 free, 0.0 fixed); ``hydrostatic``,
+    ``constant_volume`` and ``roundtrip`` (the mask is not a block of axes) (S,) bool."""
 
     cell: jax.Array
     factor: jax.Array
@@ -52,6 +54,7 @@ class CellReference:
     mask: jax.Array
     hydrostatic: jax.Array
     constant_volume: jax.Array
+    roundtrip: jax.Array
 
 
 def make_reference(
@@ -86,6 +89,7 @@ def make_reference(
         mask=put(masks),
         hydrostatic=put(np.full(n_systems, hydrostatic), bool),
         constant_volume=put(np.full(n_systems, constant_volume), bool),
+        roundtrip=put([not is_block(m) for m in masks], bool),
     )
 
 
@@ -97,9 +101,53 @@ def deformation(log_deformation_rows: jax.Array, reference: CellReference) -> ja
 
 
 def free_rows(reference: CellReference) -> jax.Array:
-    """(3S, 3) 1.0 where a cell coordinate may move: a step outside the mask is dropped, as
-    ASE drops it when it builds the masked cell (and reads U back from that cell)."""
-    return reference.mask.reshape(-1, 3)
+    """(3S, 3) 1.0 where a cell coordinate may move: a step outside a block mask is dropped,
+    as ASE drops it when it builds the masked cell (and reads U back from that cell); the
+    steps of ``roundtrip`` systems all apply (:func:`read_back` follows)."""
+    free = jnp.where(reference.roundtrip[:, None, None], 1.0, reference.mask)
+    return free.reshape(-1, 3)
+
+
+def _sqrtm(a: jax.Array, iterations: int = 10) -> jax.Array:
+    """Principal square root of a (3, 3) matrix near the identity: Denman and Beavers,
+    Appl. Math. Comput. 2, 63 (1976), a fixed number of iterations (quadratic convergence)."""
+    eye = jnp.eye(3, dtype=a.dtype)
+
+    def iterate(_, yz):
+        y, z = yz
+        return 0.5 * (y + jnp.linalg.inv(z)), 0.5 * (z + jnp.linalg.inv(y))
+
+    return jax.lax.fori_loop(0, iterations, iterate, (a, eye))[0]
+
+
+def _logm(a: jax.Array, roots: int = 2, terms: int = 14) -> jax.Array:
+    """Principal logarithm of a (3, 3) matrix near the identity by inverse scaling and
+    squaring (Kenney and Laub, SIAM J. Matrix Anal. Appl. 10, 191 (1989)): ``roots`` square
+    roots, then log A = 2 atanh(Z), Z = (A - I)(A + I)^-1, as its odd series. For the
+    deformations of a relaxation (|log F| < 1) it agrees with scipy.linalg.logm to ~1e-15."""
+    eye = jnp.eye(3, dtype=a.dtype)
+    for _ in range(roots):
+        a = _sqrtm(a)
+    z = jnp.linalg.solve((a + eye).T, (a - eye).T).T
+    z2 = z @ z
+    term, total = z, z
+    for j in range(1, terms):
+        term = term @ z2
+        total = total + term / (2 * j + 1)
+    return (2.0 ** (roots + 1)) * total
+
+
+def read_back(x: jax.Array, reference: CellReference) -> jax.Array:
+    """Coordinates (A + 3S, 3) with the cell rows of ``roundtrip`` systems replaced by what
+    ASE reads back from the masked cell, N logm(I + (expm(U/N) - I) * mask)."""
+    n_systems = reference.cell.shape[0]
+    n_atoms = x.shape[0] - 3 * n_systems
+    factor = reference.factor[:, None, None]
+    u = x[n_atoms:].reshape(n_systems, 3, 3) / factor
+    eye = jnp.eye(3, dtype=x.dtype)
+    masked = eye + (jax.vmap(expm)(u) - eye) * jnp.swapaxes(reference.mask, 1, 2)
+    u = jnp.where(reference.roundtrip[:, None, None], jax.vmap(_logm)(masked), u)
+    return jnp.concatenate([x[:n_atoms], (u * factor).reshape(3 * n_systems, 3)], axis=0)
 
 
 def to_physical(x, system_idx, reference: CellReference):
