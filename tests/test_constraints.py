@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import ase.io
 import numpy as np
@@ -24,7 +25,7 @@ from ase.constraints import (
 )
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE, LBFGS
-from ase.spacegroup.symmetrize import check_symmetry
+from ase.spacegroup.symmetrize import check_symmetry, symmetrize_rank2
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from conftest import rattled_cluster, structure_from_atoms
 from test_optimizers import ase_relax, crystal
@@ -34,7 +35,8 @@ from molopt import symmetry
 from molopt.batch import plan_layout
 from molopt.cli import app
 from molopt.constraints import parse_fix, selected_by_fix
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, kernel, relax
+from molopt.engine.packing import pack_structures
 from molopt.errors import InputError
 from molopt.io import h5md
 
@@ -121,9 +123,11 @@ def test_constraints_hold_as_in_ase(argon):
 
 
 def test_batch_of_different_constraints_equals_each_alone(argon):
+    """Structures with different constraints, one keeping its symmetry, one with none."""
     names = ["FixedLine", "Hookean", "FixCom", "FixScaled"]
     items = [(name, structure_from_atoms(constrained(name))) for name in names]
     items.append(("plain", structure_from_atoms(cluster())))
+    items.append(("symmetry", symmetry.prepare(structure_from_atoms(symmetric_crystal()))))
     together = molopt_relax(items, argon, "lbfgs", 0.01)
     for key, structure in items:
         alone = molopt_relax([(key, structure)], argon, "lbfgs", 0.01)[key]
@@ -357,3 +361,34 @@ def test_symmetry_records_and_symmetrize(tmp_path):
     assert params["spacegroup_initial"] == {"symbol": "P4mm", "number": 99}
     relaxed = ase.io.read(tmp_path / "out" / "p4mm.extxyz")
     assert check_symmetry(relaxed, 1e-6).number == rec["spacegroup_final"]["number"]
+
+
+@pytest.mark.parametrize("variable_cell", [False, True])
+def test_steps_are_symmetrized_as_ase(argon, variable_cell):
+    """A step that breaks the symmetry is averaged as FixSymmetry.adjust_positions does (in
+    the reference cell's fractional coordinates with a variable cell), the cell step as
+    symmetrize_rank2 averages a deformation."""
+    atoms = symmetric_crystal()
+    constraint = FixSymmetry(atoms)
+    structure = symmetry.prepare(structure_from_atoms(atoms))
+    batch, positions, cells, layout = pack_structures([structure], argon, np.float64)
+    n = len(atoms)
+    rng = np.random.default_rng(1)
+    step = np.zeros((layout.n_padded_atoms + (3 * layout.n_systems if variable_cell else 0), 3))
+    step[:n] = rng.normal(scale=0.01, size=(n, 3))
+    cell_step = rng.normal(scale=0.01, size=(3, 3))
+    if variable_cell:
+        step[layout.n_padded_atoms : layout.n_padded_atoms + 3] = cell_step
+    program = SimpleNamespace(variable_cell=variable_cell)
+    reference = SimpleNamespace(cell=cells)
+    # with a variable cell the current cell has moved away from the reference
+    current = cells @ (np.eye(3) + rng.normal(scale=0.02, size=(3, 3))) if variable_cell else cells
+    mine = np.asarray(kernel._constrain_step(step, current, batch, program, reference))
+    new = atoms.positions + step[:n]
+    constraint.adjust_positions(atoms, new)
+    np.testing.assert_allclose(mine[:n], new - atoms.positions, atol=1e-14)
+    if variable_cell:
+        cell = atoms.cell.array
+        want = symmetrize_rank2(cell, np.linalg.inv(cell), cell_step, constraint.rotations)
+        got = mine[layout.n_padded_atoms : layout.n_padded_atoms + 3]
+        np.testing.assert_allclose(got, want, atol=1e-14)
