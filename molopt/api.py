@@ -36,10 +36,16 @@ def relax(
     relax_cell: bool = False,
     pressure: float = 0.0,
     precision: str = "float64",
+    cell_mask: str | None = None,
+    hydrostatic: bool = False,
+    constant_volume: bool = False,
+    stress: str | None = None,
     **optimizer_options,
 ):
     """Relax one ASE ``Atoms`` (returns ``Atoms``) or a list (returns a list, same order), all
-    in one batch. ``pressure`` in GPa (with ``relax_cell``). The inputs are not modified;
+    in one batch. ``pressure`` in GPa (with ``relax_cell``), and the cell options of
+    ``molopt relax`` (``cell_mask="xx,yy,xy"``, ``stress="sxx,syy,szz,syz,sxz,sxy"`` in GPa,
+    positive = tensile, ``hydrostatic``, ``constant_volume``). The inputs are not modified;
     the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
     ``info['molopt_status']``, ``info['molopt_steps']``, ``info['molopt_fmax']``. Raises
     :class:`~molopt.errors.ConfigError` for invalid settings (checked as ``molopt relax``
@@ -59,6 +65,10 @@ def relax(
             "steps": steps,
             "relax_cell": relax_cell,
             "pressure": pressure,
+            "cell_mask": cell_mask,
+            "hydrostatic": hydrostatic,
+            "constant_volume": constant_volume,
+            "stress": stress,
             "precision": precision,
             "trajectory_interval": 0,
         },

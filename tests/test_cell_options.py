@@ -287,3 +287,19 @@ def test_cli_structures_without_a_free_cell_fail_alone(tmp_path):
     assert by_stem["bulk"]["status"] == "converged"
     assert "periodic in at least one direction" in by_stem["dimer"]["error"]
     assert "frees no component between the periodic directions (xy)" in by_stem["slab"]["error"]
+
+
+def test_api_takes_the_cell_options(argon):
+    """``molopt.relax`` passes the cell options through (checked as the CLI checks them)."""
+    import molopt
+    from molopt.errors import ConfigError
+
+    atoms = crystal()
+    atoms.calc = None
+    relaxed = molopt.relax(
+        atoms, "argon", "fire", fmax=1e-4, relax_cell=True, cell_mask="xx,yy,xy", steps=3000
+    )
+    ref, _ = ase_relax(crystal(), "fire", fmax=1e-4, mask=IN_PLANE)
+    np.testing.assert_allclose(relaxed.cell.array, ref.cell.array, atol=1e-9)
+    with pytest.raises(ConfigError, match="only with relax_cell"):
+        molopt.relax(atoms, "argon", hydrostatic=True)
