@@ -392,3 +392,16 @@ def test_steps_are_symmetrized_as_ase(argon, variable_cell):
         want = symmetrize_rank2(cell, np.linalg.inv(cell), cell_step, constraint.rotations)
         got = mine[layout.n_padded_atoms : layout.n_padded_atoms + 3]
         np.testing.assert_allclose(got, want, atol=1e-14)
+
+
+def test_bad_fix_and_symmetry_requests(tmp_path):
+    ase.io.write(tmp_path / "a.xyz", cluster())
+    result, _ = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix", "0-x")
+    assert result.exit_code == 2 and "fix" in result.output and "0-x" in result.output
+    result, _ = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix-symmetry", "--symprec", "0")
+    assert result.exit_code == 2 and "symprec" in result.output
+    result, records = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix-symmetry")
+    assert records["a"]["status"] == "failed"
+    assert "periodic in all three directions" in records["a"]["error"]
+    result, records = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix", "40")
+    assert records["a"]["status"] == "failed" and "atom 40 of a 13-atom" in records["a"]["error"]
