@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 OPTIMIZER_TESTS = ("tests/test_optimizers.py", "tests/test_batch.py")
 CLI_TESTS = ("tests/test_cli.py",)
+CELL_OPTION_TESTS = ("tests/test_cell_options.py::test_parity_with_ase_filter_options",)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,41 @@ MUTANTS = [
         'atom_rows = jnp.einsum("ax,axy->ay", forces, F[system_of_atom])',
         'atom_rows = jnp.einsum("ax,ayx->ay", forces, F[system_of_atom])',
         OPTIMIZER_TESTS,
+    ),
+    Mutant(
+        "cell: hydrostatic_strain ignored",
+        "molopt/optimizers/cell.py",
+        "virial = jnp.where(reference.hydrostatic[:, None, None], _diagonal_trace(virial), virial)",
+        "virial = virial",
+        CELL_OPTION_TESTS,
+    ),
+    Mutant(
+        "cell: constant_volume does not remove the trace",
+        "molopt/optimizers/cell.py",
+        "        log_forces - _diagonal_trace(log_forces),\n",
+        "        log_forces,\n",
+        CELL_OPTION_TESTS,
+    ),
+    Mutant(
+        "cell: steps outside a block mask are kept",
+        "molopt/optimizers/cell.py",
+        "free = jnp.where(reference.roundtrip[:, None, None], 1.0, reference.mask)",
+        "free = jnp.ones_like(reference.mask)",
+        CELL_OPTION_TESTS,
+    ),
+    Mutant(
+        "cell: U not read back from the masked cell",
+        "molopt/optimizers/cell.py",
+        "u = jnp.where(reference.roundtrip[:, None, None], jax.vmap(_logm)(masked), u)",
+        "u = u",
+        CELL_OPTION_TESTS,
+    ),
+    Mutant(
+        "cell: a slab's vacuum direction is free",
+        "molopt/optimizers/cell_options.py",
+        "return given & np.outer(periodic, periodic)",
+        "return given",
+        CELL_OPTION_TESTS,
     ),
     # -- the engine's convergence and constraint rules ------------------------------------
     Mutant(
