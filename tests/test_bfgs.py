@@ -2,6 +2,7 @@
 fixed and variable cell, constraints, options; in batches, refilled and compacted."""
 
 import dataclasses
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ from molopt import engine as E
 from molopt.config import GPA
 from molopt.engine import EngineSettings, relax
 from molopt.optimizers import option_names
-from molopt.optimizers.bfgs import BFGS
+from molopt.optimizers.bfgs import BFGS, LARGE_SYSTEM_ATOMS, block_rows
 from molopt.optimizers.rows import Rows
 
 
@@ -134,6 +135,18 @@ def test_options_are_maxstep_and_alpha():
     assert BFGS() == BFGS(maxstep=0.2, alpha=70.0)
 
 
+def test_block_sizes_and_the_large_system_warning():
+    """Blocks hold the batch's largest system (at least 16 rows, padding at most 1/8 past
+    that); past LARGE_SYSTEM_ATOMS rows a warning names the cost and suggests lbfgs."""
+    assert [block_rows(n) for n in (3, 16, 17, 100, 1000, 1025)] == [16, 16, 18, 104, 1024, 1152]
+    assert BFGS().for_batch(100) == BFGS(system_rows=104)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BFGS().for_batch(LARGE_SYSTEM_ATOMS)
+    with pytest.warns(UserWarning, match="lbfgs"):
+        BFGS().for_batch(LARGE_SYSTEM_ATOMS + 1)
+
+
 def assert_as_alone(results, items, settings, argon):
     """Each result as the structure relaxed alone: same steps, energy and positions to the
     rounding of its block's size (the eigendecomposition of a padded block rounds
@@ -172,8 +185,8 @@ def test_refilled_batches_equal_relaxing_alone(argon, relax_cell):
 
 
 def test_tail_compaction_moves_hessians_into_smaller_blocks(argon):
-    """The 55-atom cluster finishes first; the two 6-atom ones then move from blocks of 64
-    rows into a batch whose blocks hold 8, and go on as if alone."""
+    """The 55-atom cluster finishes first; the two 6-atom ones then move from blocks of 56
+    rows into a batch whose blocks hold 16, and go on as if alone."""
     structures = [compact_cluster(7.5, seed=1), rattled_cluster(6, seed=1), rattled_cluster(6, 2)]
     items = list(enumerate(structures))
     settings = EngineSettings(optimizer="bfgs", fmax=1e-3, chunk=8)
