@@ -246,6 +246,25 @@ def test_asap_cutoff_each_system_has_its_own_rc(emt_asap):
     )  # two isolated Cu atoms: -E0 each
 
 
+@pytest.mark.parametrize("asap_cutoff", [False, True])
+def test_closed_form_derivatives_equal_autodiff(asap_cutoff):
+    """EMT.evaluate (forces and dE/dstrain in closed form) equals the reference route,
+    automatic differentiation of the energy, on a mixed batch."""
+    from molopt.potentials.base import autodiff_evaluate
+
+    potential = EMT.from_table(asap_cutoff=asap_cutoff)
+    names = ["NiPdPt random alloy, strained", "Pt(111) + O, H", "Ni wire (1D periodic)"]
+    structures = [structure_from_atoms(build(n)) for n in names]
+    batch, positions, cells, layout = pack_structures(structures, potential, np.float64)
+    host = neighbor_lists(positions, cells, batch.pbc, layout, potential, 1.0, np.float64)
+    nbrs = host.to_device()
+    fused = potential.evaluate(positions, cells, batch, nbrs, True)
+    reference = autodiff_evaluate(potential, positions, cells, batch, nbrs, True)
+    np.testing.assert_allclose(fused.energy, reference.energy, atol=1e-11)
+    np.testing.assert_allclose(fused.forces, reference.forces, atol=1e-12)
+    np.testing.assert_allclose(fused.dE_dstrain, reference.dE_dstrain, atol=1e-10)
+
+
 def test_atom_energies_equal_ase(emt):
     """Per-atom energies (ASE's ``energies``), padding exactly zero."""
     atoms = build("Pt(111) + O, H")

@@ -38,7 +38,7 @@ from molopt import elements as el
 from molopt._jax import jax
 from molopt.batch import system_max, system_sum
 from molopt.neighbors import pair_vectors
-from molopt.potentials.base import PotentialMethods, static_pytree
+from molopt.potentials.base import Evaluation, PotentialMethods, static_pytree
 
 #: Angstrom per bohr, as ``ase.units.Bohr`` (CODATA 2014), so that the parameters in A come
 #: out bit for bit as ASE's.
@@ -173,9 +173,11 @@ class EMT(PotentialMethods):
         rc, acut = rc[system_of_atom], acut[system_of_atom]
         return rc, acut, list_cutoff(rc, True)
 
-    # -- energy (differentiable in everything) ---------------------------------------------
-    def atom_energies(self, positions, cell, batch, nbrs) -> jax.Array:
-        """Energy of each atom, (A,) eV (zero on padding), as ASE's ``energies``."""
+    # -- the terms of every atom and listed pair ------------------------------------------
+    def _terms(self, positions, cell, batch, nbrs) -> dict:
+        """Everything the energy and its derivatives need: per atom (A,) and per listed pair
+        (K, A) (slot k of atom i: neighbour j = ``nbrs.index[k, i]``); pairs outside
+        ``within`` carry finite values that every sum masks out."""
         dtype = positions.dtype
         n_systems = cell.shape[0]
         e0, s0, v0, eta2, kappa, lam, n0 = (
@@ -188,10 +190,10 @@ class EMT(PotentialMethods):
 
         # per atom (with asap_cutoff they depend on the atom's system too)
         gamma1, gamma2 = gammas(s0[species], eta2[species], kappa[species], rc, acut)
-        inv_12_gamma1 = 1.0 / (12.0 * gamma1)
         pair_v0 = -0.5 * v0[species] / gamma2
 
-        dx, dy, dz = pair_vectors(positions, cell, batch.system_idx, nbrs)
+        vectors = pair_vectors(positions, cell, batch.system_idx, nbrs)
+        dx, dy, dz = vectors
         r2 = dx * dx + dy * dy + dz * dz
         r = jnp.sqrt(jnp.where(nbrs.mask, r2, 1.0))
         within = nbrs.mask & (r < rc_list)
@@ -201,24 +203,86 @@ class EMT(PotentialMethods):
 
         w = fermi(r, rc, acut)
         chi = n0[other] / n0[species][None, :]
-        sigma1 = jnp.sum(
-            jnp.where(within, jnp.exp(-eta2[other] * (r - BETA * s0[other])) * chi * w, 0.0),
-            axis=0,
+        # j's density at i (sigma1 of i), i's at j (sigma1 of j), and the pair terms
+        density_here = jnp.exp(-eta2[other] * (r - BETA * s0[other])) * chi * w
+        density_there = jnp.exp(-eta2[species] * (r - BETA * s0[species])) / chi * w
+        sigma1 = jnp.sum(jnp.where(within, density_here, 0.0), axis=0)
+        sphere_here = pair_v0 * jnp.exp(-kappa[other] * (r / BETA - s0[other])) * chi * w
+        sphere_there = pair_v0[nbrs.index] * (
+            jnp.exp(-kappa[species] * (r / BETA - s0[species])) / chi * w
         )
+
         bonded = sigma1 > 0.0
-        ds = -jnp.log(jnp.where(bonded, sigma1, 1.0) * inv_12_gamma1) / (BETA * eta2[species])
+        sigma1_safe = jnp.where(bonded, sigma1, 1.0)
+        ds = -jnp.log(sigma1_safe / (12.0 * gamma1)) / (BETA * eta2[species])
         lam_ds = lam[species] * ds
-        cohesive = e0[species] * (1.0 + lam_ds) * jnp.exp(-lam_ds)
-        cohesive = cohesive + 6.0 * v0[species] * jnp.exp(-kappa[species] * ds)
+        decay = jnp.exp(-lam_ds)
+        repulsion = 6.0 * v0[species] * jnp.exp(-kappa[species] * ds)
+        cohesive = e0[species] * (1.0 + lam_ds) * decay + repulsion
+        # dE_c/d sigma1 = dE_c/d ds * d ds/d sigma1, zero without neighbours (no pair uses it)
+        d_cohesive = -e0[species] * lam[species] * lam_ds * decay - kappa[species] * repulsion
+        d_cohesive = jnp.where(bonded, d_cohesive / (-BETA * eta2[species] * sigma1_safe), 0.0)
+        return dict(
+            vectors=vectors,
+            r=r,
+            within=within,
+            slope=acut * (w - 1.0),  # (dw/dr) / w
+            other=other,
+            density_here=density_here,
+            density_there=density_there,
+            sphere_here=sphere_here,
+            sphere_there=sphere_there,
+            cohesive=jnp.where(bonded, cohesive, 0.0),
+            d_cohesive=d_cohesive,
+            e0=e0[species],
+            eta2=eta2,
+            kappa=kappa,
+        )
 
-        sigma2_self = jnp.exp(-kappa[other] * (r / BETA - s0[other])) * chi * w
-        sigma2_other = jnp.exp(-kappa[species] * (r / BETA - s0[species])) / chi * w
-        sphere = pair_v0 * sigma2_self + pair_v0[nbrs.index] * sigma2_other
-        sphere = 0.5 * jnp.sum(jnp.where(within, sphere, 0.0), axis=0)
+    # -- energy (differentiable in everything) ---------------------------------------------
+    def atom_energies(self, positions, cell, batch, nbrs) -> jax.Array:
+        """Energy of each atom, (A,) eV (zero on padding), as ASE's ``energies``."""
+        t = self._terms(positions, cell, batch, nbrs)
+        return self._atom_energies(t, batch)
 
-        energy = jnp.where(bonded, cohesive, 0.0) + sphere - e0[species]
+    @staticmethod
+    def _atom_energies(t: dict, batch) -> jax.Array:
+        sphere = t["sphere_here"] + t["sphere_there"]
+        sphere = 0.5 * jnp.sum(jnp.where(t["within"], sphere, 0.0), axis=0)
+        energy = t["cohesive"] + sphere - t["e0"]
         return jnp.where(batch.atom_mask, energy, 0.0)
 
     def energy(self, positions, cell, batch, nbrs) -> jax.Array:
         atom_energy = self.atom_energies(positions, cell, batch, nbrs)
         return system_sum(atom_energy, batch.system_idx, cell.shape[0])
+
+    # -- energy, forces and dE/dstrain in one pass over the pairs --------------------------
+    def evaluate(self, positions, cell, batch, nbrs, stress: bool) -> Evaluation:
+        """The derivatives in closed form, as ASE's EMT computes them (the same numbers as
+        :func:`~molopt.potentials.base.autodiff_evaluate`, without its backward pass). With a
+        full list, dE/dr of the pair (i, j) is gathered from both ends: i's embedding
+        through j's density at i, j's through i's density at j, and both pair terms; so
+        F_i = sum_j dE/dr_ij (r_j - r_i) / r_ij needs no scatter."""
+        t = self._terms(positions, cell, batch, nbrs)
+        species, other, slope = batch.species, t["other"], t["slope"]
+        eta2, kappa = t["eta2"], t["kappa"]
+        d_energy_d_r = (
+            t["d_cohesive"][None, :] * t["density_here"] * (slope - eta2[other])
+            + t["d_cohesive"][nbrs.index] * t["density_there"] * (slope - eta2[species])
+            + t["sphere_here"] * (slope - kappa[other] / BETA)
+            + t["sphere_there"] * (slope - kappa[species] / BETA)
+        )
+        scale = jnp.where(t["within"], d_energy_d_r / t["r"], 0.0)
+        vectors = t["vectors"]
+        forces = jnp.stack([jnp.sum(scale * d, axis=0) for d in vectors], axis=1)
+        forces = jnp.where(batch.atom_mask[:, None], forces, 0.0)
+        n_systems = cell.shape[0]
+        energy = system_sum(self._atom_energies(t, batch), batch.system_idx, n_systems)
+        if stress:
+            half = 0.5 * scale  # each pair is listed from both ends
+            rows = [[jnp.sum(half * a * b, axis=0) for b in vectors] for a in vectors]
+            atom_strain = jnp.stack([jnp.stack(row, axis=1) for row in rows], axis=1)  # (A, 3, 3)
+            dE_dstrain = system_sum(atom_strain, batch.system_idx, n_systems)
+        else:
+            dE_dstrain = jnp.zeros((n_systems, 3, 3), positions.dtype)
+        return Evaluation(energy=energy, forces=forces, dE_dstrain=dE_dstrain)
