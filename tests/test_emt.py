@@ -202,7 +202,7 @@ def test_float32_close_to_ase(emt):
 
 
 def test_pairs_count_up_to_the_list_cutoff_and_not_beyond(emt):
-    """ASE counts a pair while r < rc_list = rc + 0.5 (w is ~5e-6 there, not zero) and drops
+    """ASE counts a pair while r < rc_list = rc + 0.5 (w is ~7e-6 there, not zero) and drops
     it beyond: dimers on both sides of the edge, listed either way (the skin reaches past)."""
     rc_list = emt.cutoff
     for distance in (rc_list - 1e-3, rc_list + 1e-3, rc_list - 0.4, 3.0):

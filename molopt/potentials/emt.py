@@ -14,8 +14,10 @@ neighbours' density match, plus an atomic-sphere correction from pair terms:
 
 with ds_i = s_i - s0_i, chi_ij = n0_j / n0_i, and w(r) = 1 / (1 + exp(acut (r - rc))) a Fermi
 cutoff. As in ASE, pairs count only below rc_list (rc + 0.5 A; a hard edge where w is about
-5e-6), an atom without neighbours has energy -E0, and the energy is
-referred to each element's own fcc crystal (E0 subtracted).
+7e-6), an atom without neighbours has energy -E0, and the energy is referred to each
+element's own fcc crystal at equilibrium (E0 subtracted). Forces and dE/dstrain are in
+closed form (:meth:`EMT.evaluate`); the energy alone is differentiable in everything,
+parameters included.
 
 The cutoff rule (``rc``, ``acut``, ``rc_list``) follows ASE's ``asap_cutoff`` option: by
 default (False, as ASE's default) rc comes from the largest s0 in ASE's whole parameter
