@@ -156,7 +156,9 @@ def test_one_table_of_optimizers():
     from molopt.errors import ConfigError
     from molopt.optimizers import NAMES, optimizer_class, option_names
 
-    assert [m.value for m in OptimizerName] == list(NAMES) == ["fire", "fire2", "lbfgs", "gd"]
+    assert (
+        [m.value for m in OptimizerName] == list(NAMES) == ["fire", "fire2", "lbfgs", "bfgs", "gd"]
+    )
     for name in NAMES:
         assert optimizer_class(name).name == name
     assert option_names("fire") >= {"dt", "maxstep", "astart", "a"}
