@@ -16,7 +16,7 @@ from ase.io import read
 from ase.optimize import BFGS as AseBFGS
 from conftest import EXAMPLES, rattled_cluster
 from test_batch import compact_cluster, mixed_structures
-from test_optimizers import cluster, crystal, molopt_relax
+from test_optimizers import cluster, crystal, lj13_start, molopt_relax
 
 from molopt import engine as E
 from molopt.config import GPA
@@ -24,6 +24,7 @@ from molopt.engine import EngineSettings, relax
 from molopt.optimizers import option_names
 from molopt.optimizers.bfgs import BFGS, LARGE_SYSTEM_ATOMS, block_rows
 from molopt.optimizers.rows import Rows
+from molopt.potentials.lennard_jones import LennardJones
 
 
 def ase_bfgs(atoms, fmax, cell=False, pressure=0.0, **options):
@@ -143,6 +144,14 @@ def test_steps_equal_ase_bfgs_step_for_step():
         if step != 4:  # step 5 starts where step 4 did: the same configuration
             x = x + dx
     assert lowest < 0.0  # an indefinite Hessian was met
+
+
+def test_float32_reaches_the_minimum():
+    """Wales & Doye, J. Phys. Chem. A 101, 5111 (1997): LJ13 = -44.326801 epsilon."""
+    lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=50.0, shift=False)
+    result = molopt_relax(lj13_start(), lj, "bfgs", fmax=1e-3, precision="float32", steps=3000)
+    assert result.status == "converged"
+    assert result.energy == pytest.approx(-44.326801, abs=1e-4)
 
 
 def test_options_are_maxstep_and_alpha():
