@@ -186,11 +186,21 @@ def assert_as_alone(results, items, settings, argon):
         np.testing.assert_allclose(got.structure.positions, alone.structure.positions, atol=1e-6)
 
 
-def test_batch_of_mixed_sizes_equals_each_alone(argon):
-    """Small systems padded to the largest one's block follow their own paths."""
+def test_batch_of_mixed_sizes_equals_each_alone(argon, monkeypatch):
+    """Small systems padded to the largest one's block (the engine sizes the blocks to it)
+    follow their own paths."""
+    sizes = []
+    init = BFGS.init
+
+    def recording_init(self, *args, **kwargs):
+        sizes.append(self.system_rows)
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(BFGS, "init", recording_init)
     items = list(enumerate([rattled_cluster(n, seed=n) for n in (5, 22, 13)]))
     settings = EngineSettings(optimizer="bfgs", fmax=1e-3)
     results = {r.key: r for r in relax(items, argon, settings)}
+    assert set(sizes) == {22}
     assert_as_alone(results, items, settings, argon)
 
 

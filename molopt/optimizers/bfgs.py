@@ -31,8 +31,9 @@ from molopt.batch import system_max
 from molopt.optimizers.rows import Rows, select_state
 from molopt.scopes import ROW, SYSTEM, batched_state, scoped
 
-#: a system with more atoms than this gets a warning: its dense Hessian and the
-#: eigendecomposition every step dominate the cost (see the module docstring)
+#: a system with more rows than this (atoms, plus 3 with a variable cell) gets a warning:
+#: its dense Hessian and the eigendecomposition every step dominate the cost (see the
+#: module docstring)
 LARGE_SYSTEM_ATOMS = 1000
 
 #: ASE skips the update when no coordinate moved by this much (A): the same configuration
