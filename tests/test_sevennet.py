@@ -1,0 +1,190 @@
+"""SevenNet-0 in JAX against sevenn's own PyTorch implementation.
+
+``data/sevennet/reference.extxyz`` holds, for 170 structures across the periodic table, the
+energies, forces and stresses of sevenn's ASE calculator as users run it (float32) and of the
+same model and graph in float64 (``data/sevennet/make_reference.py``). These tests need no
+torch: molopt's float64 evaluation is compared with the float64 reference (tight bounds, far
+below float32 rounding) and with the float32 one (the issue's targets: 1e-5 eV/atom,
+1e-4 eV/A, 1e-5 eV/A^3); molopt's float32 evaluation with the float32 reference. A test
+marked ``sevenn`` compares live when sevenn is importable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from conftest import structure_from_atoms
+
+from molopt.engine.single_point import evaluate
+from molopt.errors import PotentialError
+from molopt.potentials import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "data" / "sevennet" / "reference.extxyz"
+
+#: molopt float64 vs sevenn float64. The file stores positions to 1e-8 A, and sevenn saw the
+#: unrounded ones (all frames but one; make_reference.py now evaluates the stored
+#: coordinates): that alone moves forces by up to ~1e-6 eV/A on stiff molecules. So the
+#: largest deviations are bounded loosely and the medians tightly: float32 rounding anywhere
+#: in the model puts the medians near 1e-7 eV/atom and 1e-6 eV/A.
+F64_ENERGY_PER_ATOM, F64_FORCE, F64_STRESS = 1e-7, 1e-5, 1e-7
+F64_MEDIAN_ENERGY_PER_ATOM, F64_MEDIAN_FORCE = 5e-9, 3e-7
+#: anything vs sevenn float32 (the issue's parity targets; float32 rounding is ~1e-6 relative)
+F32_ENERGY_PER_ATOM, F32_FORCE, F32_STRESS = 1e-5, 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def sevennet():
+    return registry.load("sevennet-0").potential
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ase.io.read(REFERENCE, ":")
+
+
+def _deviations(frames, results, tag):
+    """Per structure |dE|/atom, max |dF| and max |dS| of ``results`` against the ``tag``
+    reference (stress only for fully periodic structures)."""
+    de, df, ds = [], [], []
+    for atoms, (energy, forces, stress) in zip(frames, results, strict=True):
+        de.append(abs(energy - atoms.info[f"{tag}_energy"]) / len(atoms))
+        df.append(float(np.abs(forces - atoms.arrays[f"{tag}_forces"]).max()))
+        if atoms.pbc.all():
+            ds.append(float(np.abs(stress.reshape(-1) - atoms.info[f"{tag}_stress"]).max()))
+        else:
+            assert stress is None
+    return np.array(de), np.array(df), np.array(ds)
+
+
+def _errors(frames, results, tag):
+    """Largest |dE|/atom, |dF| and |dS| over all structures."""
+    return tuple(float(v.max()) for v in _deviations(frames, results, tag))
+
+
+def test_reference_spans_the_periodic_table(reference):
+    elements = {int(z) for atoms in reference for z in atoms.numbers}
+    assert len(reference) >= 100 and len(elements) >= 80
+    assert sum(a.pbc.all() for a in reference) >= 100
+    assert any(not a.pbc.any() for a in reference) and any(
+        a.pbc.tolist() == [True, True, False] for a in reference
+    )
+
+
+@pytest.fixture(scope="module")
+def float64_results(sevennet, reference):
+    structures = [structure_from_atoms(a) for a in reference]
+    return evaluate(structures, sevennet, stress=True, precision="float64")
+
+
+def test_float64_equals_sevenn_float64(reference, float64_results):
+    """Every reference structure in one padded batch; tolerances in the module constants."""
+    de, df, ds = _deviations(reference, float64_results, "f64")
+    assert de.max() < F64_ENERGY_PER_ATOM, de.max()
+    assert df.max() < F64_FORCE, df.max()
+    assert ds.max() < F64_STRESS, ds.max()
+    assert np.median(de) < F64_MEDIAN_ENERGY_PER_ATOM, np.median(de)
+    assert np.median(df) < F64_MEDIAN_FORCE, np.median(df)
+
+
+def test_float64_within_targets_of_sevenn_as_users_run_it(reference, float64_results):
+    de, df, ds = _errors(reference, float64_results, "f32")
+    assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
+
+
+def test_float32_within_targets(sevennet, reference):
+    structures = [structure_from_atoms(a) for a in reference]
+    results = evaluate(structures, sevennet, stress=True, precision="float32")
+    de, df, ds = _errors(reference, results, "f32")
+    assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
+
+
+def test_rotation_and_translation_invariance(sevennet):
+    """Energy invariant, forces and stress rotate with the structure (equivariance of the
+    spherical-harmonic features, checked away from the reference file)."""
+    atoms = bulk("ZnO", "wurtzite", a=3.25, c=5.21).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=3)
+    angle = np.deg2rad(37.0)
+    axis = np.array([1.0, 2.0, 2.0]) / 3.0
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    turned = atoms.copy()
+    turned.set_cell(atoms.cell[:] @ rot.T, scale_atoms=False)
+    turned.positions = atoms.positions @ rot.T + np.array([0.3, -1.1, 2.0])
+    (e0, f0, s0), (e1, f1, s1) = evaluate(
+        [structure_from_atoms(atoms), structure_from_atoms(turned)], sevennet
+    )
+    assert abs(e1 - e0) < 1e-10
+    np.testing.assert_allclose(f1, f0 @ rot.T, atol=1e-9)
+    np.testing.assert_allclose(s1, rot @ s0 @ rot.T, atol=1e-10)
+
+
+def test_element_outside_the_model_is_a_clear_error(tmp_path):
+    """Po (84) is not among SevenNet-0's 89 elements: that structure fails alone, named."""
+    from typer.testing import CliRunner
+
+    from molopt.cli import app
+
+    ase.io.write(tmp_path / "po.xyz", Atoms("Po2", positions=[[0, 0, 0], [2.8, 0, 0]]))
+    result = CliRunner().invoke(
+        app,
+        ["relax", str(tmp_path / "po.xyz"), "--potential", "sevennet-0", "-o", str(tmp_path)],
+    )
+    assert result.exit_code == 1
+    assert "po.xyz" in result.output and "Po" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_modified_weights_are_refused(tmp_path):
+    for suffix in (".toml", ".npz"):
+        shutil.copy(ROOT / "potentials" / f"sevennet-0{suffix}", tmp_path)
+    weights = tmp_path / "sevennet-0.npz"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PotentialError, match="corrupt or modified"):
+        _ = registry.load(tmp_path / "sevennet-0.toml").potential
+
+
+def test_sevennet_is_never_chosen_implicitly():
+    with pytest.raises(PotentialError, match="no shipped potential covers"):
+        registry.choose([11, 17])
+
+
+def test_converter_without_sevenn_says_how_to_install(tmp_path):
+    """Run with a Python that cannot import sevenn (an empty module path for it)."""
+    blocker = tmp_path / "sevenn.py"
+    blocker.write_text("raise ImportError('blocked for this test')\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "data" / "sevennet" / "convert.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode != 0
+    assert "pip install sevenn" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.sevenn
+def test_live_against_sevenn_calculator(sevennet):
+    """With sevenn installed: its ASE calculator on fresh structures, float32 targets."""
+    calculator = pytest.importorskip("sevenn.calculator")
+    calc = calculator.SevenNetCalculator("7net-0", device="cpu")
+    frames = [bulk("MgO", "rocksalt", a=4.2).repeat(2), bulk("Si", "diamond", a=5.43)]
+    for k, atoms in enumerate(frames):
+        atoms.rattle(0.05, seed=k)
+    mine = evaluate([structure_from_atoms(a) for a in frames], sevennet)
+    for atoms, (energy, forces, stress) in zip(frames, mine, strict=True):
+        atoms.calc = calc
+        assert abs(energy - atoms.get_potential_energy()) / len(atoms) < F32_ENERGY_PER_ATOM
+        assert np.abs(forces - atoms.get_forces()).max() < F32_FORCE
+        assert np.abs(stress - atoms.get_stress(voigt=False)).max() < F32_STRESS
