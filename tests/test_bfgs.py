@@ -2,6 +2,7 @@
 fixed and variable cell, constraints, options; in batches, refilled and compacted."""
 
 import dataclasses
+import json
 import os
 import warnings
 
@@ -17,8 +18,10 @@ from ase.optimize import BFGS as AseBFGS
 from conftest import EXAMPLES, rattled_cluster
 from test_batch import compact_cluster, mixed_structures
 from test_optimizers import cluster, crystal, lj13_start, molopt_relax
+from typer.testing import CliRunner
 
 from molopt import engine as E
+from molopt.cli import app
 from molopt.config import GPA
 from molopt.engine import EngineSettings, relax
 from molopt.optimizers import option_names
@@ -158,6 +161,28 @@ def test_options_are_maxstep_and_alpha():
     """The user's options are ASE's; the block size the engine sets is not one of them."""
     assert option_names("bfgs") == {"maxstep", "alpha"}
     assert BFGS() == BFGS(maxstep=0.2, alpha=70.0)
+
+
+def test_command_line_takes_bfgs_and_checks_its_options(tmp_path):
+    """``--optimizer bfgs`` with a config's options relaxes as ASE's BFGS with them; an
+    option BFGS lacks (or the engine's block size) is exit 2 naming the file and the valid
+    options."""
+    source = os.path.join(EXAMPLES, "ar55-cluster.xyz")
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[optimizer]\nalpha = 50.0\n")
+    bad.write_text("[optimizer]\nsystem_rows = 8\n")
+    runner = CliRunner()
+    args = ["relax", source, "--optimizer", "bfgs", "--maxstep", "0.05", "--json"]
+    out = runner.invoke(app, [*args, "--config", str(good), "--out-dir", str(tmp_path / "a")])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout.splitlines()[0])
+    ref, ref_steps = ase_bfgs(read(source), fmax=0.05, alpha=50.0, maxstep=0.05)
+    assert record["steps"] == ref_steps
+    assert record["energy"] == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    out = runner.invoke(app, [*args, "--config", str(bad), "--out-dir", str(tmp_path / "b")])
+    assert out.exit_code == 2
+    assert "bad.toml" in out.output and "system_rows" in out.output
+    assert "valid: alpha, maxstep" in out.output
 
 
 def test_block_sizes_and_the_large_system_warning():
