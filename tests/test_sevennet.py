@@ -30,13 +30,12 @@ from molopt.potentials import registry
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "data" / "sevennet" / "reference.extxyz"
 
-#: molopt float64 vs sevenn float64. The file stores positions to 1e-8 A, and sevenn saw the
-#: unrounded ones (all frames but one; make_reference.py now evaluates the stored
-#: coordinates): that alone moves forces by up to ~1e-6 eV/A on stiff molecules. So the
-#: largest deviations are bounded loosely and the medians tightly: float32 rounding anywhere
-#: in the model puts the medians near 1e-7 eV/atom and 1e-6 eV/A.
-F64_ENERGY_PER_ATOM, F64_FORCE, F64_STRESS = 1e-7, 1e-5, 1e-7
-F64_MEDIAN_ENERGY_PER_ATOM, F64_MEDIAN_FORCE = 5e-9, 3e-7
+#: molopt float64 vs sevenn float64 (its model and graph cast to float64). Measured: max
+#: 1.6e-8 eV/atom, 4.7e-7 eV/A, 4.4e-9 eV/A^3, medians 4.5e-11 eV/atom and 6.7e-9 eV/A; the
+#: few larger residuals were not traced (sevenn's float64 cast may keep some float32
+#: constants). The medians are held tightly: a single float32 step in the model lifts them.
+F64_ENERGY_PER_ATOM, F64_FORCE, F64_STRESS = 1e-7, 5e-6, 5e-8
+F64_MEDIAN_ENERGY_PER_ATOM, F64_MEDIAN_FORCE = 1e-9, 5e-8
 #: anything vs sevenn float32 (the issue's parity targets; float32 rounding is ~1e-6 relative)
 F32_ENERGY_PER_ATOM, F32_FORCE, F32_STRESS = 1e-5, 1e-4, 1e-5
 
