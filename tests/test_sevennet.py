@@ -106,6 +106,18 @@ def test_float32_within_targets(sevennet, reference):
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_sevennet_l3i5_within_targets(precision):
+    """SevenNet-l3i5 (features to l = 3, polynomial envelope) converts with the same code:
+    six structures against sevenn's float32 calculator (data/sevennet/make_reference_l3i5.py;
+    measured in float64: 1.1e-6 eV/atom, 1.1e-5 eV/A, 2.7e-7 eV/A^3)."""
+    frames = ase.io.read(ROOT / "data" / "sevennet" / "reference-l3i5.extxyz", ":")
+    potential = registry.load("sevennet-l3i5").potential
+    results = evaluate([structure_from_atoms(a) for a in frames], potential, precision=precision)
+    de, df, ds = _errors(frames, results, "f32")
+    assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
+
+
 def test_relaxations_equal_ase_fire_with_sevenn():
     """From the same rattled starts (10 structures: oxides, a fluoride, a semiconductor, a
     metal, a slab with an adsorbate, molecules), molopt's FIRE with SevenNet-0 in float64 and

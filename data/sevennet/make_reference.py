@@ -47,6 +47,23 @@ def need_sevenn():
         )
 
 
+def stored_frames(labels):
+    """Fresh copies (numbers, positions, cell, pbc and label only) of the frames of
+    ``reference.extxyz`` named in ``labels``, in that order."""
+    import ase.io
+
+    frames = {a.info["label"]: a for a in ase.io.read(HERE / "reference.extxyz", ":")}
+    out = []
+    for label in labels:
+        atoms = frames[label].copy()
+        for key in [k for k in atoms.info if k != "label"]:
+            del atoms.info[key]
+        for key in [k for k in atoms.arrays if k not in ("numbers", "positions")]:
+            del atoms.arrays[key]
+        out.append(atoms)
+    return out
+
+
 def structures(rng):
     """(label, Atoms) pairs; deterministic for a given generator."""
     from ase import Atoms

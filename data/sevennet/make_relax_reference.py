@@ -13,7 +13,6 @@ minimum; ``info["stage"]``) to ``relax_reference.extxyz`` with the minimum's ene
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -34,27 +33,19 @@ LABELS = (
 
 
 def main():
-    try:
-        import torch
-        from sevenn.calculator import SevenNetCalculator
-    except ImportError:
-        sys.exit("needs sevenn and PyTorch: pip install sevenn (see make_reference.py)")
+    from make_reference import need_sevenn, stored_frames
+
+    need_sevenn()
     import ase.io
+    import torch
     from ase.optimize import FIRE
+    from sevenn.calculator import SevenNetCalculator
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     calc = SevenNetCalculator("7net-0", device="cpu")
-    frames = {a.info["label"]: a for a in ase.io.read(HERE / "reference.extxyz", ":")}
     out = []
-    for label in LABELS:
-        start = frames[label].copy()
-        for key in list(start.info):
-            if key != "label":
-                del start.info[key]
-        for key in list(start.arrays):
-            if key not in ("numbers", "positions"):
-                del start.arrays[key]
+    for label, start in zip(LABELS, stored_frames(LABELS), strict=True):
         work = start.copy()
         work.calc = calc
         optimizer = FIRE(work, logfile=None)
