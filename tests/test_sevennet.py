@@ -159,6 +159,29 @@ def test_rotation_and_translation_invariance(sevennet):
     np.testing.assert_allclose(s1, rot @ s0 @ rot.T, atol=1e-10)
 
 
+def test_relax_an_oxide_with_cell_from_the_command_line(tmp_path):
+    """`molopt relax --potential sevennet-0 --relax-cell` on a strained, rattled MgO file:
+    converges, says which potential, and lands near MgO's PBE lattice constant (4.26 A here;
+    MPtrj's PBE gives about 4.25)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from molopt.cli import app
+
+    atoms = bulk("MgO", "rocksalt", a=4.4)
+    atoms.rattle(0.03, seed=5)
+    ase.io.write(tmp_path / "mgo.extxyz", atoms)
+    args = ["relax", str(tmp_path / "mgo.extxyz"), "--potential", "sevennet-0", "--relax-cell"]
+    result = CliRunner().invoke(app, args + ["--json", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert record["status"] == "converged" and record["potential"] == "sevennet-0"
+    relaxed = ase.io.read(tmp_path / "out" / "mgo.extxyz")
+    a = relaxed.cell.lengths()[0] * np.sqrt(2.0)  # primitive fcc cell -> cubic constant
+    assert 4.22 < a < 4.30, a
+
+
 def test_element_outside_the_model_is_a_clear_error(tmp_path):
     """Po (84) is not among SevenNet-0's 89 elements: that structure fails alone, named."""
     from typer.testing import CliRunner
