@@ -1,13 +1,13 @@
-"""SevenNet-0 in JAX against sevenn's own PyTorch implementation.
+"""SevenNet-0 and SevenNet-l3i5 in JAX against sevenn's own PyTorch implementation.
 
-``data/sevennet/reference.extxyz`` holds, for 170 structures across the periodic table, the
+``data/sevennet/reference.extxyz`` holds, for 171 structures covering all 89 elements, the
 energies, forces and stresses of sevenn's ASE calculator as users run it (float32) and of the
 same model and graph in float64 (``data/sevennet/make_reference.py``). These tests need no
 torch: molopt's float64 evaluation is compared with the float64 reference (tight bounds, far
 below float32 rounding) and with the float32 one (the issue's targets: 1e-5 eV/atom,
-1e-4 eV/A, 1e-5 eV/A^3); molopt's float32 evaluation with the float32 reference. A test
-marked ``sevenn`` compares live when sevenn is importable.
-"""
+1e-4 eV/A, 1e-5 eV/A^3); molopt's float32 evaluation with the float32 reference; l3i5 on six
+structures; relaxations with ASE FIRE + sevenn's calculator on ten. A test marked ``sevenn``
+compares live when sevenn is importable."""
 
 from __future__ import annotations
 
