@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,13 @@ class RunSettings:
     check_hessian: bool = False
     #: the memory a batch may need, e.g. "8G", "512M" (None: a safe share of the device's)
     max_memory: str | None = None
+    #: Dask (molopt.cluster): "local:N" or slurm/pbs/lsf/sge, or a running scheduler's
+    #: address; the config file's [cluster] table (dask-jobqueue's options and jobs,
+    #: minimum_jobs, maximum_jobs); seconds to wait for the scheduler and a first worker
+    cluster: str | None = None
+    scheduler: str | None = None
+    cluster_options: dict = field(default_factory=dict)
+    cluster_timeout: float = 60.0
     #: atoms to fix in every structure (``--fix``: indices, ranges, element:X, z<h terms)
     fix: str | None = None
     #: keep each structure's space group (ASE FixSymmetry) at tolerance ``symprec`` (A)
@@ -185,7 +193,13 @@ def read_config(name_or_path: str) -> dict:
         if name == "optimizer" and isinstance(value, dict):
             values["optimizer_options"] = dict(value)
             continue
-        if name not in FIELDS or name == "optimizer_options":
+        if name == "cluster" and isinstance(value, dict):  # [cluster]: kind = "slurm", ...
+            table = dict(value)
+            if "kind" in table:
+                values["cluster"] = table.pop("kind")
+            values["cluster_options"] = table
+            continue
+        if name not in FIELDS or name in ("optimizer_options", "cluster_options"):
             if name in ("description", "notes"):
                 continue
             raise ConfigError(f"config {path}: unknown setting '{key}'")
@@ -340,6 +354,28 @@ def _check_cell_options(s: RunSettings, source: str) -> None:
         )
 
 
+#: dask-jobqueue's cluster class for each ``--cluster`` name (molopt.cluster)
+JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster", "sge": "SGECluster"}
+
+
+def parse_cluster(text: str) -> tuple[str, int]:
+    """("local", N) for ``local:N``; (kind, 0) for a scheduler kind; ValueError otherwise."""
+    text = str(text).strip().lower()
+    if text.startswith("local"):
+        _, _, n = text.partition(":")
+        try:
+            workers = int(n) if n else os.cpu_count() or 1
+        except ValueError:
+            raise ValueError(f"local:N needs a number of workers (got {text!r})") from None
+        if workers < 1:
+            raise ValueError(f"local:N needs at least one worker (got {text!r})")
+        return "local", workers
+    if text in JOBQUEUE:
+        return text, 0
+    kinds = ", ".join(["local:N", *JOBQUEUE])
+    raise ValueError(f"must be one of {kinds} (got {text!r})")
+
+
 _MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -391,6 +427,17 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
     if s.pressure and not s.relax_cell:
         raise ConfigError(f"{source}: pressure applies only with relax_cell")
     _check_cell_options(s, source)
+    if s.cluster is not None:
+        try:
+            parse_cluster(s.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: cluster {exc}") from None
+    if s.cluster and s.scheduler:
+        raise ConfigError(f"{source}: give cluster or scheduler, not both")
+    if s.cluster_options and not s.cluster:
+        raise ConfigError(f"{source}: a [cluster] table needs cluster = slurm|pbs|lsf|sge")
+    if not s.cluster_timeout > 0:
+        raise ConfigError(f"{source}: cluster_timeout must be positive")
     if s.max_memory is not None:
         try:
             parse_memory(s.max_memory)

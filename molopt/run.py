@@ -231,10 +231,21 @@ def relax_files(
     on_record: Callable[[dict], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    members: list | None = None,
 ) -> Summary:
     """Relax every structure in ``inputs``. Raises ConfigError before any work for usage
-    problems (missing paths, duplicate output names, conflicting earlier results)."""
-    return _Run(settings, on_record, on_note, progress).run(inputs)
+    problems (missing paths, duplicate output names, conflicting earlier results).
+    ``members``: instead of ``inputs``, exactly these frames, (path, index, stem) each (a
+    Dask task: :mod:`molopt.cluster`)."""
+    return _Run(settings, on_record, on_note, progress, members).run(inputs)
+
+
+def relax_members(members: list, settings: RunSettings) -> list[dict]:
+    """A Dask task, on a worker: relax the frames ``members`` ((path, index, stem) each) as
+    one process would; their records."""
+    records: list[dict] = []
+    relax_files([], settings, on_record=records.append, members=members)
+    return records
 
 
 class _Run:
@@ -242,8 +253,9 @@ class _Run:
     then relax the structures this process can claim, one engine per potential, then wait for
     those other processes hold and relax what they left unfinished."""
 
-    def __init__(self, settings, on_record, on_note, progress):
+    def __init__(self, settings, on_record, on_note, progress, members=None):
         self.settings = settings
+        self.members = members
         self.summary = Summary()
         self.on_record = on_record
         self.note = on_note or (lambda text: None)
@@ -304,6 +316,9 @@ class _Run:
     # -- planning ----------------------------------------------------------------------------
     def read(self, inputs):
         settings = self.settings
+        if self.members is not None:
+            self.read_members()
+            return
         paths = _select_shard(reader.discover_with_places(inputs, settings.recursive), settings)
         for path, place in paths:
             interrupt.check()
@@ -333,6 +348,18 @@ class _Run:
                         f"the output {target} would overwrite the input {f.path}; "
                         "choose another --out-dir"
                     )
+
+    def read_members(self) -> None:
+        """The frames named by ``members`` (path, index, stem), with those stems."""
+        wanted: dict = {}
+        for path, index, stem in self.members:
+            wanted.setdefault(path, {})[index] = stem
+        for path, stems in wanted.items():
+            interrupt.check()
+            for f in reader.read_frames(Path(path), self.settings.index):
+                if f.index in stems:
+                    f = dataclasses.replace(_prepared(f, self.settings), stem=stems[f.index])
+                    self.frames.append(f)
 
     def multi_frame(self) -> dict:
         """Input path -> keys of its frames, for the files read as several frames."""
@@ -498,12 +525,15 @@ class _Run:
             enable_compilation_cache()
             self.claims = Claims(self.out_dir)
             try:
-                self.relax_all(keys)
+                if self.settings.cluster or self.settings.scheduler:
+                    self.relax_on_cluster(keys)
+                else:
+                    self.relax_all(keys)
             finally:
                 self.claims.release_all()
             for directory in directories:  # of a process that died while this one ran
                 atomic.remove_dead_leftovers(directory)
-        if not self.stopped:
+        if not self.stopped and self.members is None:  # (a Dask task: its client does it)
             self.write_combined()
         if self.stopped:
             for key in keys:
@@ -538,6 +568,30 @@ class _Run:
                 if held:  # its owner ended without finishing it
                     again.append(key)
             held_elsewhere = self.relax_claimed(again) if again else []
+
+    def relax_on_cluster(self, keys: list) -> None:
+        """Relax ``keys`` as Dask tasks (:mod:`molopt.cluster`); each record arrives as its
+        task finishes. A structure a lost worker had finished comes back as already done: it
+        is reported as the relaxation it was."""
+        from molopt.cluster import run_tasks
+
+        key_of = {(str(self.frames[k].path), self.frames[k].index): k for k in keys}
+        members = [
+            (str(self.frames[k].path), self.frames[k].index, self.frames[k].stem) for k in keys
+        ]
+
+        def deliver(member, rec):
+            key = key_of[(member[0], member[1])]
+            if rec["status"] == "skipped" and rec.get("previous_status"):
+                rec = dict(rec, status=rec["previous_status"], resumed=True)
+                rec.pop("previous_status")
+            self.emit(key, rec)
+
+        def fail(member, reason):
+            self.fail(key_of[(member[0], member[1])], reason)
+
+        sizes = [self.frames[k].structure.n_atoms for k in keys]
+        run_tasks(relax_members, members, sizes, self.settings, deliver, fail, self.note)
 
     def _claim(self, key) -> bool:
         """The engine's claim hook: take ``key`` unless another process holds it or finished

@@ -191,6 +191,28 @@ def relax(
             "the GPU's]",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Relax on a Dask cluster: local:N (N worker processes here), or slurm, pbs, "
+            "lsf, sge (jobs from the config file's [cluster] table, via dask-jobqueue). "
+            "Needs pip install 'molopt[dask]'. [default: this process]",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Relax on the workers of a running Dask scheduler, e.g. tcp://host:8786. "
+            "[default: none]",
+        ),
+    ] = None,
+    cluster_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds to wait for the scheduler and a first worker before giving up "
+            "(exit 2). [default: 60]",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
     """Relax structures to a local energy minimum; write <stem>.h5md and <stem>.extxyz."""

@@ -1,0 +1,215 @@
+"""``molopt relax`` on a Dask cluster: a ``LocalCluster`` of worker processes, a running
+scheduler, or Slurm/PBS/LSF/SGE jobs through dask-jobqueue (``pip install 'molopt[dask]'``).
+
+The client plans as a single process does (reads the inputs, chooses potentials, compares
+with earlier outputs) and records what needs no relaxing; the rest goes out as tasks, groups
+of structures sized like a batch (by atoms), each relaxed on a worker by the same
+:func:`molopt.run.relax_files` a single process runs, restricted to its members. A worker keeps
+its compiled programs across tasks (one process, JAX's caches) and shares the persistent
+compilation cache (``MOLOPT_CACHE_DIR`` on a shared path).
+
+What makes a lost worker cost only its unfinished structures is what makes several processes
+on one directory safe: outputs are renamed into place whole, a structure is claimed (a lock
+that dies with its process) before it is relaxed, and a structure whose outputs are complete
+is not relaxed again. Dask runs a lost worker's task again elsewhere; what that worker had
+finished comes back as already done and is reported as it was. A task that keeps killing its
+workers is split into one task per structure, and a structure that still does is recorded as
+``failed`` instead of being retried forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from molopt.config import JOBQUEUE, parse_cluster
+from molopt.errors import ConfigError
+
+#: keys of the ``[cluster]`` table that are molopt's own (the rest go to dask-jobqueue)
+OWN_KEYS = ("jobs", "minimum_jobs", "maximum_jobs")
+#: new tasks a structure gets after Dask gave up on one (each of which Dask itself retries
+#: ``distributed.scheduler.allowed-failures`` times) before it is recorded as failed
+RESUBMIT = 2
+
+
+def worker_environment() -> dict:
+    """What each worker process needs in its environment: no preallocation of a GPU's whole
+    memory (several workers, or a worker and the host, share one)."""
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def open_client(settings):
+    """(client, cluster or None) for the settings' ``scheduler`` or ``cluster``; a clear
+    :class:`ConfigError` when Dask is missing, the scheduler cannot be reached or no worker
+    joins within ``cluster_timeout`` seconds."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError(
+            "--cluster and --scheduler need Dask: pip install 'molopt[dask]'"
+        ) from None
+    timeout = settings.cluster_timeout
+    os.environ.update(worker_environment())  # local workers inherit it
+    cluster = None
+    if settings.scheduler:
+        try:
+            client = Client(settings.scheduler, timeout=f"{timeout}s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {settings.scheduler} within "
+                f"{timeout:g} s ({exc.__class__.__name__}: {exc})"
+            ) from None
+    else:
+        kind, n = parse_cluster(settings.cluster)
+        options = dict(settings.cluster_options)
+        if kind == "local":
+            from distributed import LocalCluster
+
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=options.pop("memory", None) or 0,
+            )
+        else:
+            cluster, own = jobqueue_cluster(kind, options)
+            if "minimum_jobs" in own or "maximum_jobs" in own:
+                cluster.adapt(
+                    minimum_jobs=own.get("minimum_jobs", 0),
+                    maximum_jobs=own.get("maximum_jobs", own.get("minimum_jobs", 1)),
+                )
+            else:
+                cluster.scale(jobs=own.get("jobs", 1))
+        client = Client(cluster)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        close(client, cluster)
+        raise ConfigError(
+            f"no Dask worker joined within {timeout:g} s (the jobs may be queued: raise "
+            "cluster_timeout, or check the queue)"
+        ) from None
+    return client, cluster
+
+
+def jobqueue_cluster(kind: str, options: dict):
+    """(dask-jobqueue cluster of ``kind``, molopt's own keys) from a ``[cluster]`` table; no
+    job is submitted yet. Each job's script exports :func:`worker_environment` first."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        msg = f"--cluster {kind} needs dask-jobqueue: pip install 'molopt[dask]'"
+        raise ConfigError(msg) from None
+    options = dict(options)
+    own = {k: options.pop(k) for k in OWN_KEYS if k in options}
+    prologue = [f"export {k}={v}" for k, v in worker_environment().items()]
+    options["job_script_prologue"] = prologue + list(options.get("job_script_prologue", []))
+    try:
+        return getattr(dask_jobqueue, JOBQUEUE[kind])(**options), own
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[cluster] table for {kind}: {exc}") from None
+
+
+def close(client, cluster) -> None:
+    for thing in (client, cluster):
+        if thing is not None:
+            try:
+                thing.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+
+
+def groups_of(members: list, sizes: list[int], max_atoms: int, max_structures: int) -> list:
+    """Members in tasks of at most ``max_structures`` structures and (unless one alone is
+    bigger) ``max_atoms`` atoms, in order."""
+    groups, current, atoms = [], [], 0
+    for member, n in zip(members, sizes, strict=True):
+        if current and (atoms + n > max_atoms or len(current) >= max_structures):
+            groups.append(current)
+            current, atoms = [], 0
+        current.append(member)
+        atoms += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_tasks(
+    task: Callable,
+    members: list,
+    sizes: list[int],
+    settings,
+    deliver: Callable[[tuple, dict], None],
+    fail: Callable[[tuple, str], None],
+    note: Callable[[str], None],
+) -> None:
+    """Relax ``members`` (path, index, stem) on the cluster of ``settings``: each task calls
+    ``task(group, settings)`` on a worker (:func:`molopt.run.relax_members`); ``deliver``
+    gets each member's record, ``fail`` each member lost for good with the reason."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    worker_settings = dataclasses.replace(
+        settings, cluster=None, scheduler=None, cluster_options={}, json=False
+    )
+    client, cluster = open_client(settings)
+    futures = {}
+    tries: dict = {}
+    try:
+        workers = len(client.scheduler_info().get("workers", {}))
+        note(f"Dask: {workers} worker(s) at {client.scheduler.address}")
+        # tasks sized like a batch, but at least four per worker so that all are busy
+        per_task = max(1, -(-sum(sizes) // (4 * max(workers, 1))))
+        max_atoms = min(settings.max_batch_atoms, per_task)
+        groups = groups_of(members, sizes, max_atoms, settings.batch_size)
+
+        def submit(group):
+            future = client.submit(task, group, worker_settings, pure=False)
+            futures[future] = group
+            return future
+
+        pending = as_completed([submit(g) for g in groups])
+        seen_workers = workers
+        for future in pending:
+            group = futures.pop(future)
+            try:
+                records = future.result()
+            except KilledWorker as exc:
+                if len(group) > 1:  # which structure kills it? one task each
+                    note(
+                        f"a task of {len(group)} structures killed its workers; "
+                        "retrying them one by one"
+                    )
+                    for member in group:
+                        pending.add(submit([member]))
+                else:
+                    # a task queued on a worker that another task killed is suspected too:
+                    # a structure gets RESUBMIT fresh tasks before it is judged
+                    member = group[0]
+                    tries[member] = tries.get(member, 0) + 1
+                    if tries[member] <= RESUBMIT:
+                        pending.add(submit(group))
+                    else:
+                        fail(member, f"killed the Dask worker relaxing it repeatedly ({exc})")
+                continue
+            except Exception as exc:  # an error of the task itself
+                for member in group:
+                    fail(member, f"the Dask task failed: {exc.__class__.__name__}: {exc}")
+                continue
+            by_frame = {(r["input"], r["index"]): r for r in records}
+            for member in group:
+                rec = by_frame.get((member[0], member[1]))
+                if rec is None:
+                    fail(member, "its Dask task returned no record for it")
+                else:
+                    deliver(member, rec)
+            alive = len(client.scheduler_info().get("workers", {}))
+            if alive != seen_workers:
+                note(f"Dask: {alive} worker(s) alive")
+                seen_workers = alive
+    finally:
+        if futures:
+            client.cancel(list(futures))
+        close(client, cluster)

@@ -1,0 +1,182 @@
+"""molopt relax on Dask (LocalCluster with 2 worker processes on CI's 2 cores): the same
+records as one process; a worker killed mid-run, a client killed mid-run, a structure that
+keeps killing its worker, a scheduler that cannot be reached; Slurm job scripts."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from test_faults import assert_whole, command, make_inputs, records_of
+
+distributed = pytest.importorskip("distributed")
+
+from molopt import config  # noqa: E402
+from molopt.run import relax_files  # noqa: E402
+
+
+def settings_for(out_dir, **more):
+    return config.build(None, potential="argon", fmax=1e-3, out_dir=str(out_dir), **more)
+
+
+def by_input(records):
+    return {(r["input"], r["index"]): r for r in records}
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+def test_cluster_records_equal_a_single_process(tmp_path, local_cluster):
+    make_inputs(tmp_path / "in", 12)
+    alone = relax_files([str(tmp_path / "in")], settings_for(tmp_path / "one"))
+    notes = []
+    spread = relax_files(
+        [str(tmp_path / "in")],
+        settings_for(tmp_path / "many", scheduler=local_cluster.scheduler_address),
+        on_note=notes.append,
+    )
+    assert any("2 worker(s)" in n for n in notes)
+    a, b = by_input(alone.records), by_input(spread.records)
+    assert a.keys() == b.keys() and len(b) == 12
+    for k in a:
+        assert b[k]["status"] == a[k]["status"] == "converged"
+        assert b[k]["steps"] == a[k]["steps"]
+        assert b[k]["energy"] == pytest.approx(a[k]["energy"], abs=1e-12)
+    assert_whole(tmp_path / "many", [f"s{k:02d}" for k in range(12)])
+    again = relax_files(  # resume: everything is done
+        [str(tmp_path / "in")],
+        settings_for(tmp_path / "many", scheduler=local_cluster.scheduler_address),
+    )
+    assert [r["status"] for r in again.records] == ["skipped"] * 12
+
+
+def test_a_worker_killed_mid_run(tmp_path, local_cluster):
+    n = 16
+    make_inputs(tmp_path / "in", n, size=30)
+    out_dir = tmp_path / "out"
+    client = distributed.Client(local_cluster)
+    pids = list(client.run(os.getpid).values())
+    client.close()
+
+    def kill_one_when_work_is_done():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out_dir.glob("*.h5md")):
+            time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_when_work_is_done)
+    killer.start()
+    summary = relax_files(
+        [str(tmp_path / "in")],
+        settings_for(out_dir, scheduler=local_cluster.scheduler_address, batch_size=2),
+    )
+    killer.join()
+    records = summary.records
+    assert len(records) == n and len(by_input(records)) == n  # each exactly once
+    assert all(r["status"] == "converged" for r in records)
+    assert_whole(out_dir, [f"s{k:02d}" for k in range(n)])
+    single = by_input(relax_files([str(tmp_path / "in")], settings_for(tmp_path / "one")).records)
+    for k, r in by_input(records).items():
+        assert r["steps"] == single[k]["steps"]
+        assert r["energy"] == pytest.approx(single[k]["energy"], abs=1e-12)
+
+
+def test_resume_after_the_client_is_killed(tmp_path):
+    n = 16
+    make_inputs(tmp_path / "in", n, size=30)
+    out_dir = tmp_path / "out"
+    args = command(tmp_path / "in", out_dir, "--cluster", "local:2", "--batch-size", "2")
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out_dir.glob("*.h5md"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and its local workers
+    proc.wait()
+    assert len(list(out_dir.glob("*.h5md"))) < n, "the kill came too late"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    records = records_of(rerun.stdout)
+    assert len(records) == n and len(by_input(records)) == n
+    assert_whole(out_dir, [f"s{k:02d}" for k in range(n)])
+
+
+class Poison(distributed.diagnostics.plugin.WorkerPlugin):
+    """On every worker (restarted ones too): a task holding ``s03`` kills its process."""
+
+    def setup(self, worker):
+        import molopt.run as run
+
+        real = run.relax_members
+
+        def relax_members(members, settings):
+            if any(stem == "s03" for _, _, stem in members):
+                os._exit(1)
+            return real(members, settings)
+
+        run.relax_members = relax_members
+
+
+def test_a_structure_that_keeps_killing_its_worker_fails_alone(tmp_path):
+    import dask
+
+    make_inputs(tmp_path / "in", 6)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            with distributed.Client(cluster) as client:
+                client.register_plugin(Poison())  # kept by the scheduler for new workers
+            notes = []
+            summary = relax_files(
+                [str(tmp_path / "in")],
+                settings_for(tmp_path / "out", scheduler=cluster.scheduler_address),
+                on_note=notes.append,
+            )
+    status = {r["input"].rsplit("/", 1)[1]: r for r in summary.records}
+    assert status["s03.xyz"]["status"] == "failed"
+    assert "killed the Dask worker" in status["s03.xyz"]["error"]
+    others = {status[f"s{k:02d}.xyz"]["status"]: status[f"s{k:02d}.xyz"] for k in (0, 1, 2, 4, 5)}
+    assert list(others) == ["converged"], others
+    assert len(summary.records) == 6
+
+
+def test_an_unreachable_scheduler_is_a_usage_error(tmp_path):
+    make_inputs(tmp_path / "in", 1)
+    args = command(tmp_path / "in", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:9")
+    result = subprocess.run(
+        args + ["--cluster-timeout", "3"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_slurm_jobs_from_the_cluster_table(tmp_path):
+    from molopt.cluster import jobqueue_cluster
+
+    toml = tmp_path / "slurm.toml"
+    toml.write_text(
+        '[cluster]\nkind = "slurm"\nqueue = "gpu"\naccount = "chem42"\ncores = 16\n'
+        'memory = "64GB"\nwalltime = "02:00:00"\njob_extra_directives = ["--gres=gpu:1"]\n'
+        "maximum_jobs = 8\n"
+    )
+    settings = config.build(str(toml))
+    assert settings.cluster == "slurm" and settings.cluster_options["maximum_jobs"] == 8
+    cluster, own = jobqueue_cluster("slurm", settings.cluster_options)
+    script = cluster.job_script()
+    cluster.close()
+    assert own == {"maximum_jobs": 8}
+    for line in ("#SBATCH -p gpu", "#SBATCH -A chem42", "#SBATCH -t 02:00:00", "--gres=gpu:1"):
+        assert line in script
+    assert "export XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
+    with pytest.raises(Exception, match="cluster"):
+        config.build(None, cluster="kubernetes")
