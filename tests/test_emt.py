@@ -374,19 +374,13 @@ def test_ase_optimizer_benchmark_fast_rows():
     assert "| fire | C/Cu(100) | 9 (4) | 31 | 31 |" in bench.markdown(table, bench.FMAX)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a batch repacked while its state is pending (the loop stopped for a "
-    "stale neighbour list after a move, before evaluating it) carries x after the move but "
-    "forces from before it, and the new batch's 'pending' (batch-wide) is False: the carried "
-    "systems move twice on old forces and count one step (molopt/engine/scheduler.py _launch "
-    "with transplant.restore)",
-)
 def test_ase_optimizer_benchmark_in_one_batch():
     """Four of the benchmark's systems relaxed together take the steps each takes alone
-    (ASE's). Shaken bulk Cu takes 39 instead of 40: C/Cu(100) converges at step 31 (the
-    pentane waiting refills its place at the next stop), the CO/Au list goes stale at 38, the
-    batch is repacked with the stale move pending."""
+    (ASE's). It failed (shaken bulk Cu took 39 instead of 40) while a batch could be repacked
+    with a move pending: C/Cu(100) converges at step 31 (the pentane waiting refills its
+    place at the next stop), the CO/Au list goes stale at 38, and the repacked batch carried
+    positions after the move with forces from before it. The engine now evaluates a pending
+    move as soon as the lists are rebuilt."""
     bench = _benchmark_module()
     names = ["Shaken bulk copper", "CO on Au(111) surface", "Pentane molecule", "C/Cu(100)"]
     ase_steps = {"Shaken bulk copper": 40, "CO on Au(111) surface": 52, "C/Cu(100)": 31}

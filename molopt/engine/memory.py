@@ -41,7 +41,9 @@ def neighbours_per_atom(structure, reach: float) -> float:
     if structure.pbc.all() and structure.volume > 0:
         return n / structure.volume * sphere
     positions = np.asarray(structure.positions)
-    sides = np.maximum(np.ptp(positions, axis=0) if n else np.zeros(3), 1.0)
+    with np.errstate(invalid="ignore"):
+        sides = np.ptp(positions, axis=0) if n else np.zeros(3)
+    sides = np.where(np.isfinite(sides), np.maximum(sides, 1.0), 1.0)  # NaN input: fails later
     if structure.pbc.any():  # periodic directions: the cell's extent
         lengths = np.linalg.norm(structure.cell, axis=1)
         sides = np.where(structure.pbc, np.maximum(lengths, 1.0), sides)

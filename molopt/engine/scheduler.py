@@ -428,8 +428,11 @@ class Engine:
                     self._fail(live.items[k], reason, results)
                 return [], {}
 
-    def _advance(self, live: LiveBatch) -> None:
-        """One compiled chunk of steps; its frames reported, stale neighbour lists rebuilt."""
+    def _advance(self, live: LiveBatch, limit: int | None = None) -> None:
+        """One compiled chunk of steps (``limit`` 0: only evaluate a pending move); its frames
+        reported. When a move made neighbour lists stale, they are rebuilt and the move is
+        evaluated at once, so that between calls every system's forces belong to its
+        positions (a batch repacked now carries consistent states)."""
         dispatched = self.clock()
         state, frames, n_frames, stale = advance(
             live.state,
@@ -439,7 +442,7 @@ class Engine:
             live.reference,
             self.targets,
             live.program,
-            np.int32(live.program.chunk),  # (one type for every limit: no retrace)
+            np.int32(live.program.chunk if limit is None else limit),  # (one type: no retrace)
         )
         if not live.advanced:  # its first regular call (``_launch`` traced the program)
             live.advanced = True
@@ -461,6 +464,7 @@ class Engine:
             )
         stale = np.asarray(stale)
         if stale.any():
+            self._advance(live, limit=0)
             self._rebuild(live, np.nonzero(stale)[0])
 
     def _rebuild(self, live: LiveBatch, systems: np.ndarray):
