@@ -271,7 +271,6 @@ class Engine:
         total = len(queue) + len(results)
         carry: dict = {}
         keep: list = []
-        s = self.settings
         while queue or keep:
             interrupt.check()
             chosen = policy.admit(
@@ -309,6 +308,7 @@ class Engine:
             if self.progress:
                 self.progress(len(results), total)
         return results
+
     # -- memory ------------------------------------------------------------------------------
     def _bytes(self, items: list) -> int:
         """Estimated bytes of a batch of ``items`` (:mod:`molopt.engine.memory`)."""
@@ -349,7 +349,6 @@ class Engine:
         self.memory_limit = max(1, self._bytes(chosen) // 2)
         queue.extendleft(reversed(chosen))  # running ones keep their state in the carry
         return []
-
 
     def _claimed(self, chosen: list, carry: dict) -> list:
         """``chosen`` without the new structures :attr:`claim` refuses."""
@@ -464,8 +463,8 @@ class Engine:
             )
         stale = np.asarray(stale)
         if stale.any():
-            self._advance(live, limit=0)
             self._rebuild(live, np.nonzero(stale)[0])
+            self._advance(live, limit=0)
 
     def _rebuild(self, live: LiveBatch, systems: np.ndarray):
         positions = np.asarray(live.state.positions, np.float64)
