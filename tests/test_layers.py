@@ -29,6 +29,8 @@ ABOVE_CORE = {
     "molopt.io",
     "molopt.hessian_report",
     "molopt.testing",
+    "molopt.cluster",
+    "molopt.mdanalysis",
 }
 
 

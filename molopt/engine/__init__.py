@@ -4,6 +4,7 @@
     kernel.py        the one jit boundary: initial_state, advance, evaluate_once
     settings.py      EngineSettings (how to relax), chunk_for
     policy.py        batching decisions as pure functions: admission, refill, compaction
+    memory.py        memory estimates of structures and batches (before anything is built)
     transplant.py    moving running systems between batches, driven by the declared scopes
     reporting.py     frames and results to a sink; RelaxResult, Sink
     scheduler.py     the host loop (Engine) and its hook after a system converges
