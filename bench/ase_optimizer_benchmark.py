@@ -72,7 +72,7 @@ def ase_relax(atoms, name: str, fmax: float, steps: int) -> dict:
 def molopt_relax(named_atoms, name: str, fmax: float, steps: int, together: bool) -> list[dict]:
     """molopt's optimizer ``name`` with molopt's emt on each system: one relaxation per
     system (as ASE's benchmark runs them), or all in one batch with ``together``."""
-    from molopt.engine import EngineSettings, relax
+    from molopt.engine import EngineSettings, relax_structures
     from molopt.io.read import from_atoms
     from molopt.potentials.registry import load
 
@@ -83,7 +83,7 @@ def molopt_relax(named_atoms, name: str, fmax: float, steps: int, together: bool
     found = {}
     for group in groups:
         start = time.perf_counter()
-        for result in relax(group, potential, settings):
+        for result in relax_structures(group, potential, settings):
             found[result.key] = (result, time.perf_counter() - start)
     return [
         dict(

@@ -48,7 +48,7 @@ def relax_once(items, potential, settings) -> dict:
     from molopt import engine
 
     t = time.perf_counter()
-    results = engine.relax(items, potential, settings)
+    results = engine.run(items, potential, settings)
     jax.effects_barrier()
     wall = time.perf_counter() - t
     return {

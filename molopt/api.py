@@ -51,7 +51,7 @@ def relax(
     :class:`~molopt.errors.ConfigError` for invalid settings (checked as ``molopt relax``
     checks them) and :class:`~molopt.errors.InputError` for an invalid structure."""
     from molopt import config
-    from molopt.engine import relax as engine_relax
+    from molopt.engine import relax_structures
     from molopt.io.read import from_atoms
     from molopt.run import engine_settings
 
@@ -80,7 +80,7 @@ def relax(
         if not pot.covers(s.numbers):
             raise InputError(f"<atoms {k}>", "elements not covered by the potential")
     items = list(enumerate(structures))
-    results = {r.key: r for r in engine_relax(items, pot, engine_settings(settings))}
+    results = {r.key: r for r in relax_structures(items, pot, engine_settings(settings))}
     out = [_result_atoms(images[k], results[k]) for k in range(len(images))]
     return out[0] if single else out
 

@@ -25,14 +25,14 @@ class MoloptCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        from molopt.engine import evaluate
+        from molopt.engine import evaluate_structures
         from molopt.io.read import from_atoms
 
         a = self.atoms.copy()
         a.set_constraint()  # constraints are ASE's business, not the potential's
         structure = from_atoms(a, "<ase calculator>")
         want_stress = "stress" in properties and a.pbc.all()
-        ((energy, forces, stress),) = evaluate(
+        ((energy, forces, stress),) = evaluate_structures(
             [structure], self.potential, stress=want_stress, precision=self.precision
         )
         self.results = {"energy": energy, "free_energy": energy, "forces": np.array(forces)}

@@ -652,7 +652,7 @@ class _Run:
             )
             items = [(key, self.frames[key].structure) for key in group]
             try:
-                engine.relax(items)
+                engine.run(items)
                 sink.flush()
                 interrupt.check()  # interrupted during the last writes: still an interruption
             except OutputsUnwritable as exc:

@@ -12,9 +12,9 @@ from molopt.structure import Structure
 
 
 def _evaluate(structures, potential, stress=True):
-    from molopt.engine import evaluate
+    from molopt.engine import evaluate_structures
 
-    return evaluate(structures, potential, stress=stress)
+    return evaluate_structures(structures, potential, stress=stress)
 
 
 def energy(structure: Structure, potential) -> float:

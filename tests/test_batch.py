@@ -9,7 +9,7 @@ from ase.build import bulk
 from conftest import rattled_cluster, structure_from_atoms
 
 from molopt import engine as E
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.potentials.base import Potential
 from molopt.potentials.lennard_jones import LennardJones
 from molopt.structure import Structure
@@ -50,10 +50,10 @@ def test_refilled_batches_equal_relaxing_alone(argon, optimizer, relax_cell):
     settings = EngineSettings(
         optimizer=optimizer, fmax=1e-3, relax_cell=relax_cell, batch_size=3
     )  # systems leave and new ones take their places
-    batched = {r.key: r for r in relax(items, argon, settings)}
+    batched = {r.key: r for r in relax_structures(items, argon, settings)}
     alone_settings = dataclasses.replace(settings, batch_size=1)
     for key, s in items:
-        (alone,) = relax([(key, s)], argon, alone_settings)
+        (alone,) = relax_structures([(key, s)], argon, alone_settings)
         got = batched[key]
         assert got.status == alone.status == "converged"
         assert got.steps == alone.steps
@@ -71,10 +71,10 @@ def test_tail_compaction_keeps_results_exact(argon, cost):
     settings = EngineSettings(fmax=1e-3, chunk=8)
     engine = E.Engine(argon, settings)
     engine.compaction_cost = cost
-    results = {r.key: r for r in engine.relax(items)}
+    results = {r.key: r for r in engine.run(items)}
     assert (len(engine.shapes_seen) > 1) == (cost == 0.0)
     for key, s in items:
-        (alone,) = relax([(key, s)], argon, settings)
+        (alone,) = relax_structures([(key, s)], argon, settings)
         assert results[key].status == alone.status == "converged"
         assert results[key].steps == alone.steps
         np.testing.assert_allclose(
@@ -94,9 +94,9 @@ def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
     engine.compaction_cost = cost
     ticks = iter(range(10**6))
     engine.clock = lambda: float(next(ticks))
-    results = {r.key: r for r in engine.relax(items)}
+    results = {r.key: r for r in engine.run(items)}
     assert (len(engine.shapes_seen) > 1) == compacts
-    (alone,) = relax([(7, structures[7])], argon, settings)
+    (alone,) = relax_structures([(7, structures[7])], argon, settings)
     assert results[7].steps == alone.steps
     np.testing.assert_allclose(
         results[7].structure.positions, alone.structure.positions, atol=1e-10
@@ -148,10 +148,10 @@ def test_new_mix_in_same_bucket_does_not_recompile(argon, monkeypatch):
     first = [(k, rattled_cluster(n, seed=k)) for k, n in enumerate((10, 12, 9))]
     second = [(k, rattled_cluster(n, seed=10 + k)) for k, n in enumerate((11, 8, 13))]
     jax.clear_caches()
-    relax(first, argon, settings)
+    relax_structures(first, argon, settings)
     assert traced  # (the counter sees traces)
     traced.clear()
-    relax(second, argon, settings)
+    relax_structures(second, argon, settings)
     assert not traced
 
 
@@ -164,10 +164,16 @@ def test_nan_in_one_system_leaves_others_bit_identical(argon):
     settings = EngineSettings(fmax=1e-3)
     # same batch layout and schedule: the third structure leaves the batch at step 0 either
     # way (already relaxed, or NaN), so the others see identical batches
-    (healthy,) = relax([(0, rattled_cluster(13, seed=3))], argon, settings)
+    (healthy,) = relax_structures([(0, rattled_cluster(13, seed=3))], argon, settings)
     healthy = healthy.structure
-    clean = {r.key: r for r in relax([(0, good[0]), (2, healthy), (1, good[1])], argon, settings)}
-    mixed = {r.key: r for r in relax([(0, good[0]), (2, broken), (1, good[1])], argon, settings)}
+    clean = {
+        r.key: r
+        for r in relax_structures([(0, good[0]), (2, healthy), (1, good[1])], argon, settings)
+    }
+    mixed = {
+        r.key: r
+        for r in relax_structures([(0, good[0]), (2, broken), (1, good[1])], argon, settings)
+    }
     assert mixed[2].status == "failed"
     for key in (0, 1):
         assert mixed[key].steps == clean[key].steps
@@ -210,9 +216,10 @@ def test_explosion_mid_run_fails_alone(argon):
     cluster = compact_cluster(5.3, seed=4)
     settings = EngineSettings(fmax=1e-3, steps=5000)
     results = {
-        r.key: r for r in relax([("dimer", dimer), ("cluster", cluster)], potential, settings)
+        r.key: r
+        for r in relax_structures([("dimer", dimer), ("cluster", cluster)], potential, settings)
     }
-    (alone,) = relax([("cluster", cluster)], potential, settings)
+    (alone,) = relax_structures([("cluster", cluster)], potential, settings)
     assert results["dimer"].status == "failed" and "non-finite" in results["dimer"].error
     assert 0 < results["dimer"].steps < 100
     assert results["cluster"].status == "converged"
@@ -227,15 +234,15 @@ def test_neighbour_list_rebuilds_keep_results_exact(argon):
     crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(3)
     crystal.rattle(0.2, seed=5)
     s = structure_from_atoms(crystal)
-    (a,) = relax([(0, s)], argon, EngineSettings(fmax=1e-3, skin=0.05))
-    (b,) = relax([(0, s)], argon, EngineSettings(fmax=1e-3, skin=2.0))
+    (a,) = relax_structures([(0, s)], argon, EngineSettings(fmax=1e-3, skin=0.05))
+    (b,) = relax_structures([(0, s)], argon, EngineSettings(fmax=1e-3, skin=2.0))
     assert a.steps == b.steps
     assert a.energy == pytest.approx(b.energy, abs=1e-10)
 
 
 def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
     """XLA:CPU maps compiled code into memory; near Linux's per-process mapping cap the next
-    compilation would crash the process, so relax() drops compiled code first."""
+    compilation would crash the process, so relax_structures() drops compiled code first."""
     import molopt.startup as J
 
     if J._map_limit() is None:
@@ -246,14 +253,14 @@ def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
     traced = count_traces(monkeypatch, (kernel, "_evaluate"))
     settings = EngineSettings(fmax=1e-2)
     items = [(0, rattled_cluster(10, seed=4))]
-    (before,) = relax(items, argon, settings)
+    (before,) = relax_structures(items, argon, settings)
     assert not J.relieve_mapping_pressure()  # far below the cap: nothing dropped
     traced.clear()
-    relax(items, argon, settings)
+    relax_structures(items, argon, settings)
     assert not traced  # the compiled programs were kept
     monkeypatch.setattr(J, "_map_limit", lambda: 10)  # as if at the cap
     assert J.relieve_mapping_pressure()
-    (after,) = relax(items, argon, settings)  # compiled again, same result
+    (after,) = relax_structures(items, argon, settings)  # compiled again, same result
     assert traced
     assert after.steps == before.steps and after.energy == before.energy
 
@@ -317,10 +324,10 @@ def test_accelerator_reductions_equal_segment_reductions(argon, monkeypatch):
     settings = EngineSettings(fmax=1e-3)
     structures = mixed_structures()[:3] + mixed_structures()[5:7]
     jax.clear_caches()  # traces made with the other reductions must not be reused
-    forced = {r.key: r for r in relax(list(enumerate(structures)), argon, settings)}
+    forced = {r.key: r for r in relax_structures(list(enumerate(structures)), argon, settings)}
     monkeypatch.undo()
     jax.clear_caches()
-    plain = {r.key: r for r in relax(list(enumerate(structures)), argon, settings)}
+    plain = {r.key: r for r in relax_structures(list(enumerate(structures)), argon, settings)}
     for key, result in plain.items():
         assert forced[key].status == result.status == "converged"
         assert forced[key].steps == result.steps

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from molopt import engine as E
 from molopt.cli import app
 from molopt.config import GPA
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.optimizers import option_names
 from molopt.optimizers.bfgs import BFGS, LARGE_SYSTEM_ATOMS, block_rows
 from molopt.optimizers.rows import Rows
@@ -203,7 +203,7 @@ def assert_as_alone(results, items, settings, argon):
     differently, and hundreds of steps carry that along)."""
     alone_settings = dataclasses.replace(settings, batch_size=1)
     for key, s in items:
-        (alone,) = relax([(key, s)], argon, alone_settings)
+        (alone,) = relax_structures([(key, s)], argon, alone_settings)
         got = results[key]
         assert got.status == alone.status == "converged"
         assert got.steps == alone.steps
@@ -224,7 +224,7 @@ def test_batch_of_mixed_sizes_equals_each_alone(argon, monkeypatch):
     monkeypatch.setattr(BFGS, "init", recording_init)
     items = list(enumerate([rattled_cluster(n, seed=n) for n in (5, 22, 13)]))
     settings = EngineSettings(optimizer="bfgs", fmax=1e-3)
-    results = {r.key: r for r in relax(items, argon, settings)}
+    results = {r.key: r for r in relax_structures(items, argon, settings)}
     assert set(sizes) == {22}
     assert_as_alone(results, items, settings, argon)
 
@@ -240,7 +240,7 @@ def test_refilled_batches_equal_relaxing_alone(argon, relax_cell):
     settings = EngineSettings(
         optimizer="bfgs", fmax=1e-3, relax_cell=relax_cell, batch_size=3, chunk=8
     )
-    results = {r.key: r for r in relax(items, argon, settings)}
+    results = {r.key: r for r in relax_structures(items, argon, settings)}
     assert_as_alone(results, items, settings, argon)
 
 
@@ -252,7 +252,7 @@ def test_tail_compaction_moves_hessians_into_smaller_blocks(argon):
     settings = EngineSettings(optimizer="bfgs", fmax=1e-3, chunk=8)
     engine = E.Engine(argon, settings)
     engine.compaction_cost = 0.0
-    results = {r.key: r for r in engine.relax(items)}
+    results = {r.key: r for r in engine.run(items)}
     assert {shape[0] for shape in engine.shapes_seen} == {96, 12}  # padded atoms: compacted
     assert results[0].steps < min(results[1].steps, results[2].steps)
     assert_as_alone(results, items, settings, argon)

@@ -18,7 +18,7 @@ from conftest import structure_from_atoms
 from test_optimizers import crystal  # the sheared, rattled fcc argon of the cell tests
 
 from molopt.config import GPA
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.io.h5md import read_parameters
 from molopt.optimizers.cell_options import free_components, parse_mask, parse_stress
 
@@ -40,7 +40,7 @@ def settings(name, fmax, steps=3000, **options):
 
 def molopt_relax(structures, potential, name, fmax, **options):
     items = [(k, structure_from_atoms(a)) for k, a in enumerate(structures)]
-    results = relax(items, potential, settings(name, fmax, **options))
+    results = relax_structures(items, potential, settings(name, fmax, **options))
     return {r.key: r for r in results}
 
 

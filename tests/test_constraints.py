@@ -35,7 +35,7 @@ from molopt import symmetry
 from molopt.batch import plan_layout
 from molopt.cli import app
 from molopt.constraints import parse_fix, selected_by_fix
-from molopt.engine import EngineSettings, kernel, relax
+from molopt.engine import EngineSettings, kernel, relax_structures
 from molopt.engine.packing import pack_structures
 from molopt.errors import InputError
 from molopt.io import h5md
@@ -80,7 +80,7 @@ def constrained(name):
 
 def molopt_relax(items, potential, optimizer, fmax, steps=2000, **kw):
     settings = EngineSettings(optimizer=optimizer, fmax=fmax, steps=steps, **kw)
-    return {r.key: r for r in relax(items, potential, settings)}
+    return {r.key: r for r in relax_structures(items, potential, settings)}
 
 
 @pytest.mark.parametrize("optimizer", ["fire", "lbfgs"])

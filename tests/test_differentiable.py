@@ -446,7 +446,7 @@ def test_hessian_compiled_once_per_bucket_not_per_structure(exact_max_atoms, mon
     compiled once for all three; the Hessian still equals central differences of the forces
     and each structure's lowest modes are its own (padding excluded)."""
     from molopt.analysis import hessian as differentiable
-    from molopt.engine import evaluate
+    from molopt.engine import evaluate_structures
     from molopt.potentials.registry import load
 
     lj = load("argon").potential
@@ -481,7 +481,9 @@ def test_hessian_compiled_once_per_bucket_not_per_structure(exact_max_atoms, mon
                     x = s.positions.copy().ravel()
                     x[k] += sign * step
                     displaced.append(s.with_positions(x.reshape(n, 3)))
-            forces = np.array([f.ravel() for _, f, _ in evaluate(displaced, lj, stress=False)])
+            forces = np.array(
+                [f.ravel() for _, f, _ in evaluate_structures(displaced, lj, stress=False)]
+            )
             fd = -(forces[0::2] - forces[1::2]) / (2 * step)
             np.testing.assert_allclose(h, fd, atol=1e-7 + 1e-6 * np.abs(h).max())
         exact = _projected_spectrum(h, s.positions)

@@ -14,7 +14,7 @@ from ase.optimize import FIRE, LBFGS
 from conftest import structure_from_atoms
 
 from molopt._jax import jax
-from molopt.engine import EngineSettings, evaluate_once, relax
+from molopt.engine import EngineSettings, evaluate_once, relax_structures
 from molopt.engine.kernel import cast_potential
 from molopt.engine.packing import neighbor_lists, pack_structures
 from molopt.errors import PotentialError
@@ -322,7 +322,7 @@ def _relax_both(atoms, name, potential, fmax=0.01):
     opt = ASE_OPTIMIZERS[name](ref, logfile=None)
     opt.run(fmax=fmax, steps=1000)
     settings = EngineSettings(optimizer=name, fmax=fmax, steps=1000)
-    (result,) = relax([("x", structure_from_atoms(atoms))], potential, settings)
+    (result,) = relax_structures([("x", structure_from_atoms(atoms))], potential, settings)
     return ref, opt.nsteps, result
 
 
@@ -437,7 +437,7 @@ def test_variable_cell_relaxation_equals_ase(emt):
     optimizer = LBFGS(FrechetCellFilter(ref), logfile=None)
     optimizer.run(fmax=0.01, steps=1000)
     settings = EngineSettings(optimizer="lbfgs", fmax=0.01, steps=1000, relax_cell=True)
-    (result,) = relax([("x", structure_from_atoms(atoms))], emt, settings)
+    (result,) = relax_structures([("x", structure_from_atoms(atoms))], emt, settings)
     assert result.status == "converged" and result.steps == optimizer.nsteps
     assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=1e-8)

@@ -9,7 +9,7 @@ import pytest
 from ase.build import bulk
 from conftest import rattled_cluster, structure_from_atoms
 
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.io import h5md
 
 
@@ -39,14 +39,14 @@ def trajectories(tmp_path_factory, argon):
     crystal = bulk("Ar", "fcc", a=5.1, cubic=True).repeat(2)
     crystal.rattle(0.1, seed=1)
     fixed = Collect(directory)
-    relax(
+    relax_structures(
         [("cluster", rattled_cluster(13)), ("crystal", structure_from_atoms(crystal))],
         argon,
         EngineSettings(fmax=1e-3),
         fixed,
     )
     cell = Collect(directory, variable_cell=True)
-    relax(
+    relax_structures(
         [("cellrelax", structure_from_atoms(crystal))],
         argon,
         EngineSettings(fmax=1e-3, relax_cell=True),

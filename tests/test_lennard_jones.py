@@ -7,7 +7,7 @@ from ase.calculators.lj import LennardJones as AseLJ
 from conftest import rattled_cluster, structure_from_atoms
 
 from molopt import testing
-from molopt.engine import evaluate
+from molopt.engine import evaluate_structures
 from molopt.potentials.lennard_jones import LennardJones
 from molopt.structure import make_structure
 
@@ -43,7 +43,7 @@ def cluster_atoms():
 def test_matches_ase_calculator(argon, make):
     atoms = make()
     e_ref, f_ref, s_ref = ase_reference(atoms)
-    ((energy, forces, stress),) = evaluate([structure_from_atoms(atoms)], argon)
+    ((energy, forces, stress),) = evaluate_structures([structure_from_atoms(atoms)], argon)
     assert energy == pytest.approx(e_ref, abs=1e-12)
     np.testing.assert_allclose(forces, f_ref, atol=1e-12)
     if s_ref is not None:
@@ -122,26 +122,32 @@ def test_invariances(argon, make):
 
 
 def test_forces_sum_to_zero(argon):
-    ((_, forces, _),) = evaluate([structure_from_atoms(triclinic_small_cell())], argon)
+    ((_, forces, _),) = evaluate_structures([structure_from_atoms(triclinic_small_cell())], argon)
     assert np.abs(forces.sum(axis=0)).max() < 1e-12
 
 
 def test_dimer_minimum_at_two_to_one_sixth_sigma():
     lj = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=5.0, shift=False)
     r_min = 2 ** (1 / 6)
-    ((e, f, _),) = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], lj)
+    ((e, f, _),) = evaluate_structures([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], lj)
     assert e == pytest.approx(-1.0, abs=1e-14)
     assert np.abs(f).max() < 1e-12
     # shifted: same minimum position, energy raised by -E(rc)
     shifted = LennardJones.single(epsilon=1.0, sigma=1.0, cutoff=2.5, shift=True)
-    ((e2, f2, _),) = evaluate([make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], shifted)
+    ((e2, f2, _),) = evaluate_structures(
+        [make_structure([1, 1], [[0, 0, 0], [r_min, 0, 0]])], shifted
+    )
     assert e2 == pytest.approx(-1.0 - 4 * (2.5**-12 - 2.5**-6), abs=1e-14)
     assert np.abs(f2).max() < 1e-12
 
 
 def test_beyond_cutoff_is_zero_and_shift_continuous(argon):
-    ((e_out, f_out, _),) = evaluate([make_structure([18, 18], [[0, 0, 0], [8.51, 0, 0]])], argon)
-    ((e_in, _, _),) = evaluate([make_structure([18, 18], [[0, 0, 0], [8.4999999, 0, 0]])], argon)
+    ((e_out, f_out, _),) = evaluate_structures(
+        [make_structure([18, 18], [[0, 0, 0], [8.51, 0, 0]])], argon
+    )
+    ((e_in, _, _),) = evaluate_structures(
+        [make_structure([18, 18], [[0, 0, 0], [8.4999999, 0, 0]])], argon
+    )
     assert e_out == 0.0 and np.abs(f_out).max() == 0.0
     assert abs(e_in) < 1e-9
 
@@ -170,7 +176,9 @@ def test_lorentz_berthelot_mixing_and_pair_override(tmp_path):
         (54, 54): pair(0.0190, 4.10),
     }
     structures = [make_structure(list(zs), [[0, 0, 0], [r, 0, 0]]) for zs in cases]
-    for (e, _, _), expected in zip(evaluate(structures, lj), cases.values(), strict=True):
+    for (e, _, _), expected in zip(
+        evaluate_structures(structures, lj), cases.values(), strict=True
+    ):
         assert e == pytest.approx(expected, abs=1e-14)
 
 
@@ -200,8 +208,8 @@ def test_batch_equals_single(argon):
 
 def test_float32_close_to_float64(argon):
     s = structure_from_atoms(triclinic_small_cell())
-    ((e64, f64, _),) = evaluate([s], argon, precision="float64")
-    ((e32, f32, _),) = evaluate([s], argon, precision="float32")
+    ((e64, f64, _),) = evaluate_structures([s], argon, precision="float64")
+    ((e32, f32, _),) = evaluate_structures([s], argon, precision="float32")
     assert e32 == pytest.approx(e64, rel=1e-5)
     assert np.abs(f32 - f64).max() < 1e-5
 

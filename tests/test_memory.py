@@ -11,7 +11,7 @@ from conftest import rattled_cluster
 
 from molopt import config
 from molopt._jax import jax
-from molopt.engine import EngineSettings, memory, policy, relax
+from molopt.engine import EngineSettings, memory, policy, relax_structures
 from molopt.engine import scheduler as sched
 from molopt.engine.kernel import evaluate_once
 from molopt.engine.packing import neighbor_lists, pack_structures
@@ -111,8 +111,11 @@ def test_batches_stay_under_the_limit_and_give_the_same_results():
         assert len(chosen) == 1 or fits(chosen)
         assert len(chosen) < 12
     pairs = list(enumerate(structures))
-    free = {r.key: r for r in relax(pairs, argon, EngineSettings(fmax=1e-3))}
-    bounded = {r.key: r for r in relax(pairs, argon, EngineSettings(fmax=1e-3, max_memory=limit))}
+    free = {r.key: r for r in relax_structures(pairs, argon, EngineSettings(fmax=1e-3))}
+    bounded = {
+        r.key: r
+        for r in relax_structures(pairs, argon, EngineSettings(fmax=1e-3, max_memory=limit))
+    }
     for k in free:
         assert bounded[k].steps == free[k].steps
         assert bounded[k].energy == pytest.approx(free[k].energy, abs=1e-12)
@@ -121,7 +124,7 @@ def test_batches_stay_under_the_limit_and_give_the_same_results():
 def test_device_out_of_memory_splits_the_batch(monkeypatch):
     argon = load("argon").potential
     pairs = [(k, rattled_cluster(10 + k % 5, seed=k)) for k in range(8)]
-    expected = {r.key: r for r in relax(pairs, argon, EngineSettings(fmax=1e-3))}
+    expected = {r.key: r for r in relax_structures(pairs, argon, EngineSettings(fmax=1e-3))}
     launch = sched.Engine._launch
     sizes = []
 
@@ -132,7 +135,7 @@ def test_device_out_of_memory_splits_the_batch(monkeypatch):
         return launch(self, items, carry)
 
     monkeypatch.setattr(sched.Engine, "_launch", tight_device)
-    results = {r.key: r for r in relax(pairs, argon, EngineSettings(fmax=1e-3))}
+    results = {r.key: r for r in relax_structures(pairs, argon, EngineSettings(fmax=1e-3))}
     assert sizes[0] == 8 and max(sizes[1:]) < 8  # split, not ended
     assert results[7].status == "failed" and "ran out of memory" in results[7].error
     for k in range(7):  # the others relax as they would have

@@ -8,7 +8,7 @@ from conftest import structure_from_atoms
 
 from molopt import batch as B
 from molopt import neighbors as N
-from molopt.engine import evaluate
+from molopt.engine import evaluate_structures
 from molopt.structure import make_structure
 
 
@@ -92,7 +92,7 @@ def test_stale_bound_triggers_only_past_half_skin():
 
 def energy_per_atom(repeats):
     atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(repeats)
-    ((energy, forces, _),) = evaluate([structure_from_atoms(atoms)], _argon())
+    ((energy, forces, _),) = evaluate_structures([structure_from_atoms(atoms)], _argon())
     return energy / len(atoms), np.abs(forces).max()
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from molopt import testing
 from molopt.cli import app
-from molopt.engine import evaluate
+from molopt.engine import evaluate_structures
 from molopt.errors import PotentialError
 from molopt.potentials.neural.io import save_neural
 from molopt.potentials.neural.painn import PaiNN
@@ -110,13 +110,13 @@ def test_message_slot_groups_equal_all_at_once(small_model, rows_per_group, monk
     target = jnp.asarray(np.random.default_rng(0).normal(size=pos.shape))
 
     def run():
-        evaluate = eqx.filter_jit(lambda m, p, c: m.evaluate(p, c, batch, nbrs, True))
+        evaluate_fn = eqx.filter_jit(lambda m, p, c: m.evaluate(p, c, batch, nbrs, True))
 
         def loss(m):
             return jnp.sum((m.evaluate(p, c, batch, nbrs, False).forces - target) ** 2)
 
         grads = eqx.filter_jit(eqx.filter_grad(loss))(small_model)
-        return evaluate(small_model, p, c), jax.tree.leaves(eqx.filter(grads, eqx.is_array))
+        return evaluate_fn(small_model, p, c), jax.tree.leaves(eqx.filter(grads, eqx.is_array))
 
     at_once, grads_at_once = run()
     monkeypatch.setattr(N.jax, "default_backend", lambda: "cpu")  # groups are a CPU layout
@@ -140,8 +140,8 @@ def test_save_load_round_trip_and_tampering(small_model, tmp_path):
     path = save_neural(small_model, tmp_path, "tiny", {"description": "test"})
     loaded = load(path).potential
     s = alloy_cell()
-    ((e1, f1, _),) = evaluate([s], small_model)
-    ((e2, f2, _),) = evaluate([s], loaded)
+    ((e1, f1, _),) = evaluate_structures([s], small_model)
+    ((e2, f2, _),) = evaluate_structures([s], loaded)
     assert e2 == pytest.approx(e1, abs=1e-5)  # weights are stored in float32
     np.testing.assert_allclose(f2, f1, atol=1e-5)
     # a card whose architecture does not fit its (intact) weights
@@ -170,7 +170,7 @@ def test_shipped_emt_potential_matches_emt_and_refuses_argon(tmp_path):
     slab = fcc111("Cu", size=(2, 2, 3), a=3.61, vacuum=6.0)
     slab.numbers[-1] = 79
     slab.rattle(0.05, seed=3)
-    ((energy, forces, _),) = evaluate([structure_from_atoms(slab)], spec.potential)
+    ((energy, forces, _),) = evaluate_structures([structure_from_atoms(slab)], spec.potential)
     slab.calc = EMT()
     assert np.abs(forces - slab.get_forces()).mean() < 0.03
     assert (

@@ -11,7 +11,7 @@ from ase.optimize import FIRE, FIRE2, LBFGS
 from conftest import rattled_cluster, structure_from_atoms
 
 from molopt.config import GPA
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.potentials.lennard_jones import LennardJones
 
 ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "fire2": FIRE2}
@@ -30,7 +30,7 @@ def molopt_relax(atoms, potential, name, fmax, cell=False, pressure=0.0, steps=5
     settings = EngineSettings(
         optimizer=name, fmax=fmax, steps=steps, relax_cell=cell, pressure=pressure, **kw
     )
-    (result,) = relax([("x", structure_from_atoms(atoms))], potential, settings)
+    (result,) = relax_structures([("x", structure_from_atoms(atoms))], potential, settings)
     return result
 
 
@@ -176,9 +176,9 @@ def test_batch_relaxes_each_system_as_if_alone(argon):
     c.rattle(0.05, seed=9)
     settings = EngineSettings(optimizer="fire", fmax=1e-3)
     items = [(k, structure_from_atoms(x)) for k, x in enumerate((a, b, c))]
-    together = {r.key: r for r in relax(items, argon, settings)}
+    together = {r.key: r for r in relax_structures(items, argon, settings)}
     for key, s in items:
-        (alone,) = relax([(key, s)], argon, settings)
+        (alone,) = relax_structures([(key, s)], argon, settings)
         assert together[key].steps == alone.steps
         assert together[key].energy == pytest.approx(alone.energy, abs=1e-10)
         np.testing.assert_allclose(

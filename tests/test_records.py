@@ -12,7 +12,7 @@ from conftest import rattled_cluster
 from typer.testing import CliRunner
 
 from molopt.cli import app
-from molopt.engine import EngineSettings, relax
+from molopt.engine import EngineSettings, relax_structures
 from molopt.engine.state import Status
 from molopt.io import h5md
 from molopt.potentials.base import Potential
@@ -36,12 +36,13 @@ def test_stop_reasons():
     argon = load("argon").potential
     cluster = rattled_cluster(13, seed=1)
     converged, limited = (
-        relax([(0, cluster)], argon, EngineSettings(fmax=1e-3, steps=s))[0] for s in (10_000, 3)
+        relax_structures([(0, cluster)], argon, EngineSettings(fmax=1e-3, steps=s))[0]
+        for s in (10_000, 3)
     )
     assert (converged.status, converged.stop_reason) == ("converged", "converged")
     assert (limited.status, limited.stop_reason) == ("not_converged", "step_limit")
     settings = EngineSettings(fmax=1e-3, steps=100_000, explode_energy=50.0)
-    (exploded,) = relax([(0, cluster)], Hole(elements=(), cutoff=3.0), settings)
+    (exploded,) = relax_structures([(0, cluster)], Hole(elements=(), cutoff=3.0), settings)
     assert (exploded.status, exploded.stop_reason) == ("failed", "exploded")
     assert exploded.energy < -50.0 * 13 and exploded.steps < 1000  # stopped early
     assert "exploded" in exploded.error and "eV/atom" in exploded.error

@@ -23,7 +23,7 @@ from ase import Atoms
 from ase.build import bulk
 from conftest import structure_from_atoms
 
-from molopt.engine.single_point import evaluate
+from molopt.engine.single_point import evaluate_structures
 from molopt.errors import PotentialError
 from molopt.potentials import registry
 
@@ -81,7 +81,7 @@ def test_reference_spans_the_periodic_table(reference):
 @pytest.fixture(scope="module")
 def float64_results(sevennet, reference):
     structures = [structure_from_atoms(a) for a in reference]
-    return evaluate(structures, sevennet, stress=True, precision="float64")
+    return evaluate_structures(structures, sevennet, stress=True, precision="float64")
 
 
 def test_float64_equals_sevenn_float64(reference, float64_results):
@@ -101,7 +101,7 @@ def test_float64_within_targets_of_sevenn_as_users_run_it(reference, float64_res
 
 def test_float32_within_targets(sevennet, reference):
     structures = [structure_from_atoms(a) for a in reference]
-    results = evaluate(structures, sevennet, stress=True, precision="float32")
+    results = evaluate_structures(structures, sevennet, stress=True, precision="float32")
     de, df, ds = _errors(reference, results, "f32")
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
@@ -113,7 +113,9 @@ def test_sevennet_l3i5_within_targets(precision):
     measured in float64: 1.1e-6 eV/atom, 1.1e-5 eV/A, 2.7e-7 eV/A^3)."""
     frames = ase.io.read(ROOT / "data" / "sevennet" / "reference-l3i5.extxyz", ":")
     potential = registry.load("sevennet-l3i5").potential
-    results = evaluate([structure_from_atoms(a) for a in frames], potential, precision=precision)
+    results = evaluate_structures(
+        [structure_from_atoms(a) for a in frames], potential, precision=precision
+    )
     de, df, ds = _errors(frames, results, "f32")
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
@@ -151,7 +153,7 @@ def test_rotation_and_translation_invariance(sevennet):
     turned = atoms.copy()
     turned.set_cell(atoms.cell[:] @ rot.T, scale_atoms=False)
     turned.positions = atoms.positions @ rot.T + np.array([0.3, -1.1, 2.0])
-    (e0, f0, s0), (e1, f1, s1) = evaluate(
+    (e0, f0, s0), (e1, f1, s1) = evaluate_structures(
         [structure_from_atoms(atoms), structure_from_atoms(turned)], sevennet
     )
     assert abs(e1 - e0) < 1e-10
@@ -237,7 +239,7 @@ def test_live_against_sevenn_calculator(sevennet):
     frames = [bulk("MgO", "rocksalt", a=4.2).repeat(2), bulk("Si", "diamond", a=5.43)]
     for k, atoms in enumerate(frames):
         atoms.rattle(0.05, seed=k)
-    mine = evaluate([structure_from_atoms(a) for a in frames], sevennet)
+    mine = evaluate_structures([structure_from_atoms(a) for a in frames], sevennet)
     for atoms, (energy, forces, stress) in zip(frames, mine, strict=True):
         atoms.calc = calc
         assert abs(energy - atoms.get_potential_energy()) / len(atoms) < F32_ENERGY_PER_ATOM

@@ -103,7 +103,7 @@ def main(name: str, limit: int | None = None, write: bool = True) -> dict:
     import ase.io
     from ase.optimize import BFGS
 
-    from molopt.engine import EngineSettings, relax
+    from molopt.engine import EngineSettings, relax_structures
     from molopt.io.read import from_atoms
     from molopt.potentials.registry import load
 
@@ -119,7 +119,7 @@ def main(name: str, limit: int | None = None, write: bool = True) -> dict:
     t = time.perf_counter()
     results = {
         r.key: r
-        for r in relax(
+        for r in relax_structures(
             items, spec.potential, EngineSettings(optimizer="lbfgs", fmax=FMAX, steps=3000)
         )
     }

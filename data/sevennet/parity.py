@@ -15,7 +15,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-from molopt.engine.single_point import evaluate
+from molopt.engine.single_point import evaluate_structures
 from molopt.io.read import from_atoms
 from molopt.potentials import registry
 
@@ -43,7 +43,7 @@ def main():
     )
     print("|---|---|---|---|---|")
     for precision, tags in (("float64", ("f64", "f32")), ("float32", ("f32",))):
-        results = evaluate(structures, potential, stress=True, precision=precision)
+        results = evaluate_structures(structures, potential, stress=True, precision=precision)
         for tag in tags:
             cells = [f"{max(v):.1e} ({np.median(v):.1e})" for v in deviations(frames, results, tag)]
             reference = {"f64": "float64", "f32": "float32"}[tag]

@@ -204,8 +204,7 @@ class Problem:
 def _relax_on_host(problems, optimizer, fmax, steps, potential_leaves, treedef):
     """Forward pass: relax every structure with the engine; returns each dof at the minimum
     and sets each problem's base state."""
-    from molopt.engine import EngineSettings
-    from molopt.engine import relax as engine_relax
+    from molopt.engine import EngineSettings, relax_structures
 
     potential = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in potential_leaves])
     relax_cell = problems[0].relax_cell
@@ -219,7 +218,7 @@ def _relax_on_host(problems, optimizer, fmax, steps, potential_leaves, treedef):
         final_stress=False,
     )
     items = [(k, p.structure) for k, p in enumerate(problems)]
-    results = {r.key: r for r in engine_relax(items, potential, settings)}
+    results = {r.key: r for r in relax_structures(items, potential, settings)}
     out = []
     for k, p in enumerate(problems):
         r = results[k]

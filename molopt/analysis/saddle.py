@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from molopt.engine import RelaxResult, evaluate
+from molopt.engine import RelaxResult, evaluate_structures
 from molopt.structure import Structure
 
 
@@ -41,5 +41,5 @@ class SaddleEscape:
             for d in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
             for sign in (1.0, -1.0)
         ]
-        energies = [e for e, _, _ in evaluate(trials, potential, stress=False)]
+        energies = [e for e, _, _ in evaluate_structures(trials, potential, stress=False)]
         return trials[int(np.argmin(energies))]

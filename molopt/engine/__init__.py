@@ -16,9 +16,9 @@ fitting), the IO at the edges (ASE, h5py) or the command line.
 
 from molopt.engine.kernel import advance, evaluate_once, initial_state
 from molopt.engine.reporting import NullSink, RelaxResult, Sink
-from molopt.engine.scheduler import AfterConverged, Engine, relax
+from molopt.engine.scheduler import AfterConverged, Engine, relax_structures
 from molopt.engine.settings import EngineSettings, chunk_for
-from molopt.engine.single_point import evaluate
+from molopt.engine.single_point import evaluate_structures
 from molopt.engine.state import Status
 
 __all__ = [
@@ -31,8 +31,8 @@ __all__ = [
     "Status",
     "advance",
     "chunk_for",
-    "evaluate",
+    "evaluate_structures",
     "evaluate_once",
     "initial_state",
-    "relax",
+    "relax_structures",
 ]

@@ -60,7 +60,7 @@ class LiveBatch:
 
 
 class Engine:
-    """Host loop. ``relax(items)`` with ``items`` a sequence of (key, Structure)."""
+    """Host loop. ``run(items)`` with ``items`` a sequence of (key, Structure)."""
 
     def __init__(
         self,
@@ -243,7 +243,7 @@ class Engine:
         return snap
 
     # -- the loop ----------------------------------------------------------------------------
-    def relax(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
+    def run(self, items: Sequence[tuple[Any, Structure]]) -> list[RelaxResult]:
         relieve_mapping_pressure()
         s = self.settings
         if self.memory_limit is None:
@@ -477,7 +477,7 @@ class Engine:
             self._note_shape(live)
 
 
-def relax(
+def relax_structures(
     items,
     potential: Potential,
     settings: EngineSettings,
@@ -486,4 +486,4 @@ def relax(
     after_converged: AfterConverged | None = None,
 ) -> list[RelaxResult]:
     """Relax (key, Structure) pairs; results in completion order."""
-    return Engine(potential, settings, sink, progress, after_converged).relax(items)
+    return Engine(potential, settings, sink, progress, after_converged).run(items)

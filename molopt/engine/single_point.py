@@ -14,7 +14,7 @@ from molopt.potentials.base import PotentialMethods as Potential
 from molopt.structure import Structure
 
 
-def evaluate(
+def evaluate_structures(
     structures: Sequence[Structure],
     potential: Potential,
     stress: bool = True,

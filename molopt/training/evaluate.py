@@ -10,13 +10,15 @@ from molopt.training.data import Labelled
 
 def predict(potential, data: list[Labelled], precision: str = "float64", chunk: int = 64):
     """[(energy, forces, stress)] for each configuration, evaluated in padded batches."""
-    from molopt.engine import evaluate
+    from molopt.engine import evaluate_structures
 
     out = []
     for start in range(0, len(data), chunk):
         part = data[start : start + chunk]
         out.extend(
-            evaluate([d.structure for d in part], potential, stress=True, precision=precision)
+            evaluate_structures(
+                [d.structure for d in part], potential, stress=True, precision=precision
+            )
         )
     return out
 
