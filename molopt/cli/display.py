@@ -119,7 +119,8 @@ class RelaxReporter:
         if relaxed:
             steps = sum(r["steps"] or 0 for r in relaxed)
             self.console.print(
-                f"relaxed {len(relaxed)} structures, {steps} steps in all, "
+                f"relaxed {len(relaxed)} structure{'s' if len(relaxed) != 1 else ''}, "
+                f"{steps} steps in all, "
                 f"{len(relaxed) / max(summary.wall_time, 1e-9):.3g} structures/s",
                 markup=False,
                 highlight=False,
