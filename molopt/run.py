@@ -279,17 +279,7 @@ class _Run:
             self.progress(len(self.summary.records), len(self.frames))
 
     def fail(self, key, reason: str):
-        f = self.frames[key]
-        self.emit(
-            key,
-            out.record(
-                input=f.path,
-                index=f.index,
-                output=None,
-                status="failed",
-                error=f"{f.where}: {reason}",
-            ),
-        )
+        self.emit(key, out.failed_record(self.frames[key], reason))
 
     def skipped(self, key, previous: dict, **extra):
         f = self.frames[key]

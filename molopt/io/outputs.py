@@ -216,20 +216,16 @@ class OutputSink:
         self.on_record(key, record)
 
     def _failed(self, key, result, reason: str) -> None:
-        frame = self.frame_of[key]
         self._emit(
             key,
-            out.record(
-                input=frame.path,
-                index=frame.index,
-                output=None,
-                status="failed",
-                energy=result.energy if result is not None else None,
-                fmax=result.fmax if result is not None else None,
-                steps=result.steps if result is not None else None,
-                error=f"{frame.where}: {reason}",
+            out.failed_record(
+                self.frame_of[key],
+                reason,
+                energy=result.energy,
+                fmax=result.fmax,
+                steps=result.steps,
                 potential=self.potential_name,
-                stop_reason=getattr(result, "stop_reason", None) or None,
+                stop_reason=result.stop_reason or None,
             ),
         )
 

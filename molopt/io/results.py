@@ -134,6 +134,19 @@ def previous_run(out_dir: Path, stem: str) -> tuple[str, dict | None]:
     return "absent", None
 
 
+def failed_record(frame, reason: str, **extra) -> dict:
+    """The record of input ``frame`` (a :class:`~molopt.io.read.Frame`) that failed for
+    ``reason``; the message names the file and the frame."""
+    return record(
+        input=frame.path,
+        index=frame.index,
+        output=None,
+        status="failed",
+        error=f"{frame.where}: {reason}",
+        **extra,
+    )
+
+
 def record(
     *, input, index, output, status, energy=None, fmax=None, steps=None, error=None, **extra
 ) -> dict:
