@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json as jsonlib
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -98,7 +97,7 @@ def convert(
         fail(f"{output}: is the trajectory being converted")
     from molopt.api import read_trajectory
     from molopt.io.ase_import import ase_io
-    from molopt.io.atomic import temporary_path
+    from molopt.io.atomic import write_atomically
 
     try:
         images = read_trajectory(Path(trajectory), frames)
@@ -112,12 +111,12 @@ def convert(
             f"{len(images)}; select one (e.g. --frames -1) or choose a multi-frame format"
         )
     # written aside and renamed into place: a writer that fails half-way leaves no file
-    temporary = temporary_path(Path(output))
+    frames_out = images if len(images) > 1 else images[0]
     try:
-        ase_io().write(str(temporary), images if len(images) > 1 else images[0], format=fmt.name)
-        os.replace(temporary, output)
+        write_atomically(
+            Path(output), lambda tmp: ase_io().write(str(tmp), frames_out, format=fmt.name)
+        )
     except Exception as exc:  # ASE raises many kinds for formats it cannot write
-        temporary.unlink(missing_ok=True)
         fail(f"cannot write {output}: {exc}")
     err.print(f"wrote {len(images)} frame(s) to {output}")
 

@@ -27,6 +27,20 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{owner_tag()}.tmp")
 
 
+def write_atomically(final: Path, write) -> Path:
+    """``write(tmp)`` writes the file under its temporary name, then it is renamed to
+    ``final``; on any error the temporary file is removed and the error raised."""
+    final = Path(final)
+    tmp = temporary_path(final)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

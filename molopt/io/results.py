@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from molopt.io.atomic import temporary_path
+from molopt.io.atomic import write_atomically
 from molopt.io.read import CONSTRAINTS_KEY, OUTPUT_MARKER, to_atoms
 
 
@@ -58,15 +57,8 @@ def write_extxyz(path: Path, result, info: dict) -> Path:
     atoms.info.update(info)
     if result.structure.constraints:  # extxyz's move_mask holds FixAtoms/FixCartesian only
         atoms.info[CONSTRAINTS_KEY] = json.dumps(list(result.structure.constraints))
-    tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        aseio.write(str(tmp), atoms, format="extxyz")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: aseio.write(str(tmp), atoms, format="extxyz"))
 
 
 def combine_extxyz(target: Path, sources: list, indices: list) -> Path:
@@ -80,14 +72,7 @@ def combine_extxyz(target: Path, sources: list, indices: list) -> Path:
         atoms = aseio.read(str(source), format="extxyz")
         atoms.info["molopt_index"] = index
         images.append(atoms)
-    tmp = temporary_path(target)
-    try:
-        aseio.write(str(tmp), images, format="extxyz")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomically(target, lambda tmp: aseio.write(str(tmp), images, format="extxyz"))
 
 
 def read_marker(path: Path) -> str | None:
