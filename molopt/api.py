@@ -40,47 +40,89 @@ def relax(
     hydrostatic: bool = False,
     constant_volume: bool = False,
     stress: str | None = None,
+    fix_symmetry: bool = False,
+    symprec: float | None = None,
     **optimizer_options,
 ):
     """Relax one ASE ``Atoms`` (returns ``Atoms``) or a list (returns a list, same order), all
     in one batch. ``pressure`` in GPa (with ``relax_cell``), and the cell options of
     ``molopt relax`` (``cell_mask="xx,yy,xy"``, ``stress="sxx,syy,szz,syz,sxz,sxy"`` in GPa,
-    positive = tensile, ``hydrostatic``, ``constant_volume``). The inputs are not modified;
+    positive = tensile, ``hydrostatic``, ``constant_volume``); ``fix_symmetry`` keeps each
+    structure's space group (ASE's ``FixSymmetry``, ``symprec`` A). With a list of
+    structures, each of ``pressure``, ``cell_mask``, ``hydrostatic``, ``constant_volume``,
+    ``stress`` and ``fix_symmetry`` may be a list with one value per structure (each
+    structure then relaxes with its own, in the same batch). The inputs are not modified;
     the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
     ``info['molopt_status']``, ``info['molopt_steps']``, ``info['molopt_fmax']``. Raises
     :class:`~molopt.errors.ConfigError` for invalid settings (checked as ``molopt relax``
     checks them) and :class:`~molopt.errors.InputError` for an invalid structure."""
-    from molopt import config
+    import dataclasses
+
+    from molopt import config, symmetry
     from molopt.engine import relax_structures
+    from molopt.errors import ConfigError
     from molopt.io.read import from_atoms
+    from molopt.optimizers.cell_options import CellOptions
     from molopt.run import engine_settings
 
     single = not isinstance(atoms_or_list, Sequence)
     images = [atoms_or_list] if single else list(atoms_or_list)
-    settings = config.validate(
-        {
+    given = dict(
+        pressure=pressure,
+        cell_mask=cell_mask,
+        hydrostatic=hydrostatic,
+        constant_volume=constant_volume,
+        stress=stress,
+        fix_symmetry=fix_symmetry,
+    )
+    varying = {k for k, v in given.items() if isinstance(v, list | tuple)}
+    for name in varying:
+        if len(given[name]) != len(images):
+            raise ConfigError(
+                f"molopt.relax: {name} has {len(given[name])} values for {len(images)} structures"
+            )
+
+    def validated(k):
+        values = {n: (v[k] if n in varying else v) for n, v in given.items()}
+        values.pop("fix_symmetry")
+        run = {
             "optimizer": optimizer,
             "optimizer_options": dict(optimizer_options),
             "fmax": fmax,
             "steps": steps,
             "relax_cell": relax_cell,
-            "pressure": pressure,
-            "cell_mask": cell_mask,
-            "hydrostatic": hydrostatic,
-            "constant_volume": constant_volume,
-            "stress": stress,
             "precision": precision,
             "trajectory_interval": 0,
-        },
-        "molopt.relax",
-    )
+            **values,
+        }
+        if symprec is not None:
+            run["symprec"] = symprec
+        return engine_settings(config.validate(run, "molopt.relax"))
+
+    settings = validated(0)
     pot = load_potential(potential)
     structures = [from_atoms(a, f"<atoms {k}>") for k, a in enumerate(images)]
     for k, s in enumerate(structures):
         if not pot.covers(s.numbers):
             raise InputError(f"<atoms {k}>", "elements not covered by the potential")
+        keep = fix_symmetry[k] if "fix_symmetry" in varying else fix_symmetry
+        if keep:
+            s = symmetry.prepare(s, symmetry.DEFAULT_SYMPREC if symprec is None else symprec)
+        if varying - {"fix_symmetry"}:
+            own = validated(k)
+            s = dataclasses.replace(
+                s,
+                cell_options=CellOptions(
+                    mask=own.cell_mask,
+                    pressure=own.pressure,
+                    stress=own.stress,
+                    hydrostatic=own.hydrostatic,
+                    constant_volume=own.constant_volume,
+                ),
+            )
+        structures[k] = s
     items = list(enumerate(structures))
-    results = {r.key: r for r in relax_structures(items, pot, engine_settings(settings))}
+    results = {r.key: r for r in relax_structures(items, pot, settings)}
     out = [_result_atoms(images[k], results[k]) for k in range(len(images))]
     return out[0] if single else out
 

@@ -241,7 +241,10 @@ def _spring_atoms(kwargs: dict, n_atoms: int) -> tuple[int, list[int]]:
 class HostArrays:
     """One structure's constraint arrays (n atoms): maps (n, 3, 3), FixCom masses (n,) and
     whether the whole structure shifts with its centre of mass; springs as a list of
-    (kind, atom1, atom2, k eV/A^2, rt A, target (4,))."""
+    (kind, atom1, atom2, k eV/A^2, rt A, target (4,)); ``scaled_free`` (n, 3) the free
+    fractional components of atoms held by FixScaled alone (NaN elsewhere), whose force map
+    follows the current cell; ``scaled_mixed``: an atom has FixScaled and another linear
+    constraint or a spring (its maps are fixed to the starting cell)."""
 
     force_before: np.ndarray
     force_after: np.ndarray
@@ -249,6 +252,8 @@ class HostArrays:
     com_mass: np.ndarray
     com: bool
     springs: list
+    scaled_free: np.ndarray
+    scaled_mixed: bool
 
 
 def _linear_maps(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) -> HostArrays:
@@ -260,6 +265,9 @@ def _linear_maps(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) ->
     com_mass = np.zeros(n_atoms)
     com = False
     springs = []
+    scaled_free = np.ones((n_atoms, 3))
+    scaled = np.zeros(n_atoms, bool)  # held by FixScaled
+    other = np.zeros(n_atoms, bool)  # held by another linear constraint or a spring
     for position, c in enumerate(constraints):
         name, kwargs = c["name"], c.get("kwargs", {})
         if name not in SUPPORTED:
@@ -275,6 +283,11 @@ def _linear_maps(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) ->
             if name in LINEAR:
                 idx = _indices(kwargs, n_atoms, name)
                 m_force, m_step = _linear(name, kwargs, np.asarray(cell, float))
+                if name == "FixScaled":
+                    scaled[idx] = True
+                    scaled_free[idx] *= ~np.asarray(kwargs.get("mask", (True,) * 3), bool)
+                else:
+                    other[idx] = True
                 for i in idx:
                     if sprung[i]:
                         force_after[i] = force_after[i] @ m_force
@@ -291,6 +304,7 @@ def _linear_maps(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) ->
                         "keep that order"
                     )
                 sprung[atoms] = True
+                other[atoms] = True
                 k = float(kwargs["k"])
                 rt = kwargs.get("rt")
                 rt = 0.0 if rt is None else float(rt)
@@ -312,7 +326,24 @@ def _linear_maps(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) ->
             if isinstance(exc, ConstraintError):
                 raise
             raise ConstraintError(f"{name} cannot be read ({type(exc).__name__}: {exc})") from exc
-    return HostArrays(force_before, force_after, step, com_mass, com, springs)
+    alone = scaled & ~other
+    scaled_free[~alone] = np.nan
+    mixed = bool((scaled & other).any())
+    return HostArrays(force_before, force_after, step, com_mass, com, springs, scaled_free, mixed)
+
+
+def cell_refusal(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) -> str | None:
+    """Why these constraints cannot be kept while the cell relaxes, or None. Every supported
+    constraint can, but for an atom held by FixScaled and by something else: its maps would
+    have to follow the cell."""
+    if not any(c["name"] == "FixScaled" for c in constraints):
+        return None
+    if host_arrays(constraints, n_atoms, cell).scaled_mixed:
+        return (
+            "--relax-cell cannot keep FixScaled on an atom that another constraint (or a "
+            "Hookean spring) also holds"
+        )
+    return None
 
 
 def host_arrays(constraints: Sequence[dict], n_atoms: int, cell: np.ndarray) -> HostArrays:
@@ -341,7 +372,10 @@ class Constraints:
     ``com_mass`` (A,) amu (0 outside FixCom sets). Per system: ``com`` (S,) bool. Springs (K
     padded, padding has ``spring_system`` S and k 0): ``spring_atoms`` (K, 2) rows,
     ``spring_kind`` (K,), ``spring_k`` (K,) eV/A^2, ``spring_rt`` (K,) A, ``spring_target``
-    (K, 4) point (A) or plane coefficients, ``spring_system`` (K,)."""
+    (K, 4) point (A) or plane coefficients, ``spring_system`` (K,). ``scaled_free`` (A, 3):
+    for atoms held by FixScaled alone, the free fractional components (their force map
+    ``C D C^-1`` is built from the current cell C, and their step map is the same in the
+    fractional frame of any cell); NaN for every other atom."""
 
     force_before: jax.Array
     force_after: jax.Array
@@ -354,6 +388,7 @@ class Constraints:
     spring_rt: jax.Array
     spring_target: jax.Array
     spring_system: jax.Array
+    scaled_free: jax.Array
 
 
 def pack(per_structure: Sequence[HostArrays], offsets, n_padded_atoms: int, n_systems: int, dtype):
@@ -364,6 +399,7 @@ def pack(per_structure: Sequence[HostArrays], offsets, n_padded_atoms: int, n_sy
     force_before, force_after, step = eye.copy(), eye.copy(), eye.copy()
     com_mass = np.zeros(A, dtype)
     com = np.zeros(S, bool)
+    scaled_free = np.full((A, 3), np.nan, dtype)
     springs = []
     for k, h in enumerate(per_structure):
         rows = slice(int(offsets[k]), int(offsets[k + 1]))
@@ -372,6 +408,7 @@ def pack(per_structure: Sequence[HostArrays], offsets, n_padded_atoms: int, n_sy
         step[rows] = h.step
         com_mass[rows] = h.com_mass
         com[k] = h.com
+        scaled_free[rows] = h.scaled_free
         for kind, a1, a2, spring, rt, target in h.springs:
             springs.append((kind, a1 + offsets[k], a2 + offsets[k], spring, rt, target, k))
     K = 1 if len(springs) <= 1 else 2 ** int(np.ceil(np.log2(len(springs))))
@@ -397,6 +434,7 @@ def pack(per_structure: Sequence[HostArrays], offsets, n_padded_atoms: int, n_sy
         put(rt),
         put(target),
         put(system),
+        put(scaled_free),
     )
 
 
@@ -455,7 +493,15 @@ def _system_of_atoms(system_idx, n_systems: int):
 def adjust_forces(c: Constraints, forces, positions, cell, pbc, system_idx, n_systems: int):
     """Forces (A, 3) as ASE's optimizers see them (``Atoms.get_forces()``) and the springs'
     energies (S,) to add to the potential energy."""
-    f = jnp.einsum("ai,aij->aj", forces, c.force_before)
+    before = c.force_before
+    scaled = ~jnp.isnan(c.scaled_free[:, 0])
+    # FixScaled alone: C D C^-1 with the current cell C, as ASE (the cell may relax)
+    rows = cell[_system_of_atoms(system_idx, n_systems)]
+    safe = jnp.where(scaled[:, None, None], rows, jnp.eye(3, dtype=forces.dtype))
+    free = jnp.where(scaled[:, None], c.scaled_free, 1.0)
+    current = jnp.einsum("aij,aj,ajk->aik", safe, free, jnp.linalg.inv(safe))
+    before = jnp.where(scaled[:, None, None], current, before)
+    f = jnp.einsum("ai,aij->aj", forces, before)
     extra, energies = spring_forces(c, positions, cell, pbc, n_systems)
     f = jnp.einsum("ai,aij->aj", f + extra, c.force_after)
     m = c.com_mass[:, None]
@@ -466,13 +512,26 @@ def adjust_forces(c: Constraints, forces, positions, cell, pbc, system_idx, n_sy
     return f, energies
 
 
-def adjust_step(c: Constraints, step, system_idx, n_systems: int):
+def adjust_step(c: Constraints, step, system_idx, n_systems: int, deformation=None):
     """An optimizer's step (A, 3) as ``Atoms.set_positions`` applies it: each atom's map,
-    then the whole system shifted back to its centre of mass where FixCom holds it."""
-    d = jnp.einsum("ai,aij->aj", step, c.step)
+    then the whole system shifted back to its centre of mass where FixCom holds it. With a
+    variable cell the step is in the reference cell's frame (Cartesian = step @ F^T) and
+    ``deformation`` (S, 3, 3) is each system's F after the step: ASE's filter sets the new
+    cell first, so the Cartesian maps act on the Cartesian step, ``F^T M F^-T`` in this
+    frame; FixScaled's map is built in the starting (reference) cell, which is already this
+    frame's; FixCom's shift is linear, the same in either frame."""
+    atom_system = _system_of_atoms(system_idx, n_systems)
+    maps = c.step
+    if deformation is not None:
+        forward = jnp.swapaxes(deformation, 1, 2)[atom_system]  # F^T per atom
+        # FixScaled alone (and padding) need no conjugation: the starting cell's fractional
+        # map is every deformed cell's, in this frame
+        keep = ~jnp.isnan(c.scaled_free[:, 0]) | (system_idx >= n_systems)
+        forward = jnp.where(keep[:, None, None], jnp.eye(3, dtype=step.dtype), forward)
+        maps = forward @ maps @ jnp.linalg.inv(forward)
+    d = jnp.einsum("ai,aij->aj", step, maps)
     moved = system_sum(c.com_mass[:, None] * d, system_idx, n_systems)
     total = system_sum(c.com_mass, system_idx, n_systems)
     shift = -moved / jnp.where(total > 0, total, 1.0)[:, None]
-    atom_system = _system_of_atoms(system_idx, n_systems)
     on = c.com[atom_system] & (system_idx < n_systems)
     return d + jnp.where(on[:, None], shift[atom_system], 0.0)

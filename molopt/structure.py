@@ -40,6 +40,9 @@ class Structure:
     arrays: dict = field(default_factory=dict)
     constraints: tuple = ()
     symmetry: Any = None
+    #: this structure's own cell options with a variable cell
+    #: (:class:`molopt.optimizers.cell_options.CellOptions`), or None for the run's
+    cell_options: Any = None
 
     @property
     def n_atoms(self) -> int:
@@ -62,6 +65,7 @@ class Structure:
             arrays=self.arrays,
             constraints=self.constraints,
             symmetry=self.symmetry,
+            cell_options=self.cell_options,
         )
 
 

@@ -303,3 +303,28 @@ def test_api_takes_the_cell_options(argon):
     np.testing.assert_allclose(relaxed.cell.array, ref.cell.array, atol=1e-9)
     with pytest.raises(ConfigError, match="only with relax_cell"):
         molopt.relax(atoms, "argon", hydrostatic=True)
+
+
+def test_api_takes_cell_options_per_structure(argon):
+    """A list of values gives each structure its own options, in one batch, each as if it
+    were relaxed alone with them; a list of the wrong length is a ConfigError."""
+    import molopt
+    from molopt.errors import ConfigError
+
+    images = [crystal(), crystal(), crystal()]
+    options = dict(
+        cell_mask=["xx,yy,xy", None, None],
+        hydrostatic=[False, True, False],
+        pressure=[0.0, 0.2, 0.0],
+        fix_symmetry=[False, False, True],
+    )
+    together = molopt.relax(images, "argon", "lbfgs", fmax=1e-4, relax_cell=True, **options)
+    for k, atoms in enumerate(images):
+        own = {name: values[k] for name, values in options.items()}
+        alone = molopt.relax(atoms, "argon", "lbfgs", fmax=1e-4, relax_cell=True, **own)
+        assert together[k].info["molopt_steps"] == alone.info["molopt_steps"]
+        np.testing.assert_allclose(together[k].cell.array, alone.cell.array, atol=1e-10)
+    ref, _ = ase_relax(crystal(), "lbfgs", fmax=1e-4, mask=IN_PLANE)
+    np.testing.assert_allclose(together[0].cell.array, ref.cell.array, atol=1e-9)
+    with pytest.raises(ConfigError, match="2 values for 3 structures"):
+        molopt.relax(images, "argon", relax_cell=True, hydrostatic=[True, False])

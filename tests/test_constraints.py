@@ -1,5 +1,6 @@
 """ASE's constraints and FixSymmetry in molopt's batches, step for step against ASE (float64)."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
+from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import (
     FixAtoms,
@@ -24,7 +26,8 @@ from ase.constraints import (
     dict2constraint,
 )
 from ase.filters import FrechetCellFilter
-from ase.optimize import FIRE, LBFGS
+from ase.optimize import BFGS, FIRE, LBFGS
+from ase.spacegroup import crystal as spacegroup_crystal
 from ase.spacegroup.symmetrize import check_symmetry, symmetrize_rank2
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from conftest import rattled_cluster, structure_from_atoms
@@ -39,6 +42,7 @@ from molopt.engine import EngineSettings, kernel, relax_structures
 from molopt.engine.packing import pack_structures
 from molopt.errors import InputError
 from molopt.io import h5md
+from molopt.optimizers.cell_options import CellOptions
 
 
 def cluster():
@@ -83,7 +87,7 @@ def molopt_relax(items, potential, optimizer, fmax, steps=2000, **kw):
     return {r.key: r for r in relax_structures(items, potential, settings)}
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "lbfgs"])
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_constraint_parity_with_ase(argon, name, optimizer):
     atoms = constrained(name)
@@ -383,7 +387,8 @@ def test_steps_are_symmetrized_as_ase(argon, variable_cell):
     reference = SimpleNamespace(cell=cells)
     # with a variable cell the current cell has moved away from the reference
     current = cells @ (np.eye(3) + rng.normal(scale=0.02, size=(3, 3))) if variable_cell else cells
-    mine = np.asarray(kernel._constrain_step(step, current, batch, program, reference))
+    x = np.zeros_like(step)  # read only for the deformation of constraints' maps
+    mine = np.asarray(kernel._constrain_step(step, x, current, batch, program, reference))
     new = atoms.positions + step[:n]
     constraint.adjust_positions(atoms, new)
     np.testing.assert_allclose(mine[:n], new - atoms.positions, atol=1e-14)
@@ -405,3 +410,194 @@ def test_bad_fix_and_symmetry_requests(tmp_path):
     assert "periodic in all three directions" in records["a"]["error"]
     result, records = relax_cli(tmp_path, [tmp_path / "a.xyz"], "--fix", "40")
     assert records["a"]["status"] == "failed" and "atom 40 of a 13-atom" in records["a"]["error"]
+
+
+# --- with a variable cell ----------------------------------------------------------------
+
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "bfgs": BFGS}
+
+#: each constraint on the sheared, rattled 8-atom argon crystal whose cell relaxes
+CELL_CASES = {
+    "FixAtoms": lambda: [FixAtoms([0, 5])],
+    "FixCartesian": lambda: [FixCartesian([1, 4], mask=(True, False, True))],
+    "FixScaled": lambda: [FixScaled([0, 3], mask=(False, True, False))],
+    "FixedLine": lambda: [FixedLine([2, 6], direction=[1, 1, 0])],
+    "FixedPlane": lambda: [FixedPlane([3, 7], direction=[0, 0.6, 0.8])],
+    "FixCom": lambda: [FixCom()],
+    # soft, so that springs the stress does not see still let the cell settle (as in ASE)
+    "Hookean": lambda: [Hookean(0, 7, k=0.5, rt=3.4), Hookean(6, (0.0, 0.0, 1.0, -20.0), k=1.0)],
+    "mixed": lambda: [
+        FixScaled([2], mask=(True, False, False)),
+        FixedLine([4], [0, 0, 1]),
+        Hookean(0, 1, k=1.0, rt=3.5),
+        FixAtoms([5]),
+    ],
+}
+
+
+def ase_cell_relax(atoms, optimizer, fmax, calc=None, steps=3000, **options):
+    ref = atoms.copy()
+    ref.calc = calc or AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    if any(isinstance(c, FixSymmetry) for c in atoms.constraints):
+        ref.set_constraint()  # FixSymmetry refines what it is made for: no old one acting
+        ref.set_constraint(FixSymmetry(ref))
+    opt = ASE_OPTIMIZERS[optimizer](FrechetCellFilter(ref, **options), logfile=None)
+    opt.run(fmax=fmax, steps=steps)
+    return ref, opt.nsteps
+
+
+def assert_as_ase(result, ref, ref_steps, tol=1e-8):
+    assert result.status == "converged"
+    assert result.steps == ref_steps
+    assert result.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(result.structure.positions, ref.positions, atol=tol)
+    np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=tol)
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+def test_constraints_with_a_variable_cell_as_ase(argon, optimizer):
+    """Every constraint while the cell relaxes, all in one batch, each step for step as ASE's
+    FrechetCellFilter on that structure alone (ASE sets the new cell, then the constraints act
+    on the Cartesian step in it; FixScaled holds fractional coordinates of the new cell)."""
+    structures = {}
+    for name, constraints in CELL_CASES.items():
+        atoms = crystal()
+        atoms.set_constraint(constraints())
+        structures[name] = atoms
+    items = [(name, structure_from_atoms(a)) for name, a in structures.items()]
+    results = molopt_relax(items, argon, optimizer, 1e-3, steps=3000, relax_cell=True)
+    for name, atoms in structures.items():
+        ref, ref_steps = ase_cell_relax(atoms, optimizer, 1e-3)
+        assert_as_ase(results[name], ref, ref_steps)
+    moved = results["FixScaled"].structure
+    start = structures["FixScaled"]
+    fractional = np.linalg.solve(moved.cell.T, moved.positions.T).T
+    np.testing.assert_allclose(fractional[[0, 3], 1], start.get_scaled_positions()[[0, 3], 1])
+    assert not np.allclose(moved.cell, start.cell.array, atol=1e-3)  # the cell did relax
+
+
+def test_fixscaled_with_another_constraint_on_the_atom_is_refused_with_a_cell(tmp_path):
+    atoms = crystal()
+    atoms.set_constraint([FixScaled([1], mask=(True, False, False)), FixedLine([1], [0, 0, 1])])
+    ase.io.write(tmp_path / "both.traj", atoms)
+    result, records = relax_cli(tmp_path, [tmp_path / "both.traj"], "--relax-cell")
+    assert records["both"]["status"] == "failed"
+    assert "FixScaled on an atom that another constraint" in records["both"]["error"]
+    result, records = relax_cli(tmp_path, [tmp_path / "both.traj"])  # fixed cell: fine
+    assert records["both"]["status"] == "converged"
+
+
+def ase_atoms(structure):
+    return Atoms(
+        numbers=structure.numbers,
+        positions=structure.positions,
+        cell=structure.cell,
+        pbc=structure.pbc,
+    )
+
+
+def rutile():
+    """Rutile (P4_2/mnm, 6 atoms) as AgO2 (EMT has no Ti), rattled inside symprec."""
+    atoms = spacegroup_crystal(
+        ["Ag", "O"],
+        basis=[(0, 0, 0), (0.3, 0.3, 0)],
+        spacegroup=136,
+        cellpar=[5.2, 5.2, 3.38, 90, 90, 90],
+    )
+    atoms.rattle(0.0005, seed=4)
+    return atoms
+
+
+def wurtzite():
+    """Wurtzite AlN (P6_3mc), rattled inside symprec."""
+    atoms = bulk("AlN", "wurtzite", a=3.11, c=4.98)
+    atoms.rattle(0.0005, seed=5)
+    return atoms
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+def test_rattled_rutile_and_wurtzite_keep_their_space_group_as_ase(optimizer):
+    """FixSymmetry + FrechetCellFilter with EMT, molopt's EMT beside ASE's: the rattled cells
+    (P1 at 1e-5 A) are refined to their group, relax step for step as ASE's (one batch), and
+    end in that group at 1e-6 A (or a supergroup: EMT flattens AlN towards P6_3/mmc)."""
+    from molopt.potentials.registry import load
+
+    emt = load("emt").potential
+    starts = {
+        "rutile": (rutile(), "P4_2/mnm"),
+        "wurtzite": (wurtzite(), "P6_3mc"),
+    }
+    allowed = {"rutile": {136}, "wurtzite": {186, 194}}
+    items = []
+    for name, (atoms, group) in starts.items():
+        assert check_symmetry(atoms, 1e-5).international == "P1"
+        start = symmetry.prepare(structure_from_atoms(atoms))
+        assert start.symmetry.symbol == group
+        items.append((name, start))
+    results = molopt_relax(items, emt, optimizer, 1e-3, steps=2000, relax_cell=True)
+    for name, start in items:
+        atoms = starts[name][0].copy()
+        atoms.set_constraint(FixSymmetry(atoms.copy()))
+        ref, ref_steps = ase_cell_relax(atoms, optimizer, 1e-3, calc=EMT(), steps=2000)
+        assert_as_ase(results[name], ref, ref_steps, tol=1e-7)
+        for structure in (start, results[name].structure):
+            found = check_symmetry(ase_atoms(structure), 1e-6).number
+            assert found in allowed[name], (name, found)
+        assert not np.allclose(results[name].structure.cell, start.cell, atol=1e-3)
+
+
+def test_one_batch_mixing_constraints_symmetry_and_cell_options(argon):
+    """Each structure its own cell options, constraints or symmetry, in one batch, each step
+    for step as ASE on that structure alone; a target stress tensor (which ASE lacks) equal to
+    relaxing that structure alone."""
+    in_plane = (True, True, False, False, False, True)
+    cases = {
+        "in-plane+FixScaled": (
+            [FixScaled([0, 3], mask=(False, True, False))],
+            CellOptions(mask=in_plane),
+            {"mask": in_plane},
+        ),
+        "hydrostatic+Hookean": (
+            [Hookean(0, 7, k=0.5, rt=3.4)],
+            CellOptions(hydrostatic=True, pressure=0.02),
+            {"hydrostatic_strain": True, "scalar_pressure": 0.02},
+        ),
+        "constant-volume+FixCom": (
+            [FixCom()],
+            CellOptions(constant_volume=True),
+            {"constant_volume": True},
+        ),
+        "xy-shear+FixedPlane": (
+            [FixedPlane([3, 7], direction=[0, 0.6, 0.8])],
+            CellOptions(mask=(False,) * 5 + (True,)),
+            {"mask": [0, 0, 0, 0, 0, 1]},
+        ),
+        "symmetry": (None, None, {}),
+    }
+    atoms_of, items = {}, []
+    for name, (constraints, options, _) in cases.items():
+        if constraints is None:
+            atoms = symmetric_crystal()
+            structure = symmetry.prepare(structure_from_atoms(atoms))
+            atoms.set_constraint(FixSymmetry(atoms.copy()))
+        else:
+            atoms = crystal()
+            atoms.set_constraint(constraints)
+            structure = structure_from_atoms(atoms)
+        atoms_of[name] = atoms
+        items.append((name, dataclasses.replace(structure, cell_options=options)))
+    stress = (-5e-4, -3e-4, -4e-4, 0.0, 1e-4, 0.0)  # eV/A^3, compressive (argon)
+    target = structure_from_atoms(crystal())
+    items.append(("stress", dataclasses.replace(target, cell_options=CellOptions(stress=stress))))
+    results = molopt_relax(items, argon, "lbfgs", 1e-3, steps=3000, relax_cell=True)
+    for name, (_, _, ase_options) in cases.items():
+        ref, ref_steps = ase_cell_relax(atoms_of[name], "lbfgs", 1e-3, **ase_options)
+        assert_as_ase(results[name], ref, ref_steps)
+    alone = molopt_relax([items[-1]], argon, "lbfgs", 1e-3, steps=3000, relax_cell=True)
+    assert results["stress"].steps == alone["stress"].steps
+    np.testing.assert_allclose(
+        results["stress"].structure.cell, alone["stress"].structure.cell, atol=1e-10
+    )
+    reached = full_3x3_to_voigt_6_stress(results["stress"].stress)
+    # cell forces below fmax: the virial / N, so the stress within fmax N / V
+    np.testing.assert_allclose(reached, stress, atol=5e-5)

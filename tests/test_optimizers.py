@@ -7,14 +7,14 @@ from ase.build import bulk
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
-from ase.optimize import FIRE, FIRE2, LBFGS
+from ase.optimize import BFGS, FIRE, FIRE2, LBFGS
 from conftest import rattled_cluster, structure_from_atoms
 
 from molopt.config import GPA
 from molopt.engine import EngineSettings, relax_structures
 from molopt.potentials.lennard_jones import LennardJones
 
-ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "fire2": FIRE2}
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "fire2": FIRE2, "bfgs": BFGS}
 
 
 def ase_relax(atoms, name, fmax, cell=False, pressure=0.0, steps=5000):

@@ -119,25 +119,39 @@ def _constrain(forces, ev, positions, cell, batch: Batch):
     return forces, energy, dE_dstrain
 
 
-def _constrain_step(step, cell, batch: Batch, program: Program, reference):
+def _constrain_step(step, x, cell, batch: Batch, program: Program, reference):
     """An optimizer's step as ``Atoms.set_positions`` applies it under the constraints (and
-    the cell step as ``FixSymmetry.adjust_cell``): atom steps are in the optimizer's frame,
-    the reference cell's with a variable cell."""
+    the cell step as ``FixSymmetry.adjust_cell``). Atom steps are in the optimizer's frame,
+    the reference cell's with a variable cell: there ASE's filter sets the new cell first and
+    the constraints act on the Cartesian step in it, so each atom's map is conjugated by the
+    new deformation gradient (:func:`molopt.constraints.adjust_step`)."""
     if batch.constraints is None and batch.symmetry is None:
         return step
     n_atoms = batch.n_padded_atoms
     atoms = step[:n_atoms]
+    cell_step = step[n_atoms:]
+    if batch.symmetry is not None and program.variable_cell:
+        shaped = cell_step.reshape(batch.n_systems, 3, 3)
+        cell_step = sym.symmetrize_tensors(batch.symmetry, shaped, reference.cell).reshape(-1, 3)
     if batch.constraints is not None:
-        atoms = cons.adjust_step(batch.constraints, atoms, batch.system_idx, batch.n_systems)
-    if batch.symmetry is None:
-        return jnp.concatenate([atoms, step[n_atoms:]])
-    frame = reference.cell if program.variable_cell else cell
-    atoms = sym.symmetrize_vectors(batch.symmetry, atoms, frame, batch.system_idx, batch.n_systems)
-    if not program.variable_cell:
-        return atoms
-    cell_step = step[n_atoms:].reshape(batch.n_systems, 3, 3)
-    cell_step = sym.symmetrize_tensors(batch.symmetry, cell_step, reference.cell)
-    return jnp.concatenate([atoms, cell_step.reshape(-1, 3)])
+        deformation = None
+        if program.variable_cell:
+            deformation = cellfilter.deformation(x[n_atoms:] + cell_step, reference)
+            # the cell ASE sets for a mask that is not a block of axes (cellfilter.read_back)
+            eye = jnp.eye(3, dtype=x.dtype)
+            masked = eye + (deformation - eye) * jnp.swapaxes(reference.mask, 1, 2)
+            deformation = jnp.where(reference.roundtrip[:, None, None], masked, deformation)
+            real = batch.system_mask[:, None, None]
+            deformation = jnp.where(real, deformation, jnp.eye(3, dtype=x.dtype))
+        atoms = cons.adjust_step(
+            batch.constraints, atoms, batch.system_idx, batch.n_systems, deformation
+        )
+    if batch.symmetry is not None:
+        frame = reference.cell if program.variable_cell else cell
+        atoms = sym.symmetrize_vectors(
+            batch.symmetry, atoms, frame, batch.system_idx, batch.n_systems
+        )
+    return jnp.concatenate([atoms, cell_step])
 
 
 def _keep_finished(new: RelaxState, old: RelaxState, running, batch, program):
@@ -253,7 +267,8 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active, rows)
         moved = dataclasses.replace(
             s,
-            x=s.x + _constrain_step(jnp.where(movable, dx, 0.0), s.cell, batch, program, reference),
+            x=s.x
+            + _constrain_step(jnp.where(movable, dx, 0.0), s.x, s.cell, batch, program, reference),
             opt=opt,
             pending=jnp.asarray(True),
             completes=completes,

@@ -27,6 +27,7 @@ from molopt.engine.settings import EngineSettings, chunk_for
 from molopt.engine.state import Program, RelaxState, Status, Targets
 from molopt.optimizers import cell as cellfilter
 from molopt.optimizers import cell_options
+from molopt.optimizers.cell_options import CellOptions
 from molopt.potentials.base import PotentialMethods as Potential
 from molopt.structure import Structure
 
@@ -128,23 +129,21 @@ class Engine:
         )
         return host, host.to_device()
 
-    def _reference(self, cells, layout: Layout, batch: Batch):
+    def _reference(self, cells, layout: Layout, batch: Batch, items: list):
         if not self.program.variable_cell:
             return None
         factor = np.ones(layout.n_systems, self.dtype)
         factor[: layout.n_real] = np.diff(layout.offsets)
         s = self.settings
-        return cellfilter.make_reference(
-            cells,
-            factor,
-            np.asarray(batch.pbc),
-            self.dtype,
-            free=s.cell_mask,
+        default = CellOptions(
+            mask=s.cell_mask,
             pressure=s.pressure,
             stress=s.stress,
             hydrostatic=s.hydrostatic,
             constant_volume=s.constant_volume,
         )
+        options = [it.structure.cell_options or default for it in items]
+        return cellfilter.make_reference(cells, factor, np.asarray(batch.pbc), self.dtype, options)
 
     def _coordinates(self, positions, layout):
         if not self.program.variable_cell:
@@ -181,7 +180,7 @@ class Engine:
             for k, saved in carried.items():
                 reference_cells[k] = saved["reference_cell"]
         host, nbrs = self._neighbors(positions, cells, pbc, layout)
-        reference = self._reference(reference_cells, layout, batch)
+        reference = self._reference(reference_cells, layout, batch, items)
         x = self._coordinates(positions, layout)
         if variable_cell:
             for k, saved in carried.items():

@@ -30,6 +30,7 @@ applies them to the virial ``-(dE/dstrain - V sigma_target)``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import expm
 
-from molopt.optimizers.cell_options import free_components, is_block, voigt_to_matrix
+from molopt.optimizers.cell_options import CellOptions, free_components, is_block
 
 
 @jax.tree_util.register_dataclass
@@ -57,27 +58,14 @@ class CellReference:
     roundtrip: jax.Array
 
 
-def make_reference(
-    cells,
-    n_atoms,
-    pbc,
-    dtype,
-    *,
-    free=None,
-    pressure: float = 0.0,
-    stress=None,
-    hydrostatic: bool = False,
-    constant_volume: bool = False,
-) -> CellReference:
+def make_reference(cells, n_atoms, pbc, dtype, options: Sequence[CellOptions]) -> CellReference:
     """The reference of a batch on the device. ``cells`` (S, 3, 3) A, ``n_atoms`` (S,),
-    ``pbc`` (S, 3); ``free`` six Voigt booleans (None: all) kept only between periodic
-    directions of each system (a slab relaxes its in-plane cell); ``pressure`` eV/A^3 and
-    ``stress`` six Voigt values eV/A^3 (positive = tensile) add up to the target."""
+    ``pbc`` (S, 3); ``options`` each system's :class:`CellOptions` (padding systems, past the
+    end of the list, get the defaults). A mask keeps only components between periodic
+    directions of each system (a slab relaxes its in-plane cell)."""
     n_systems = len(cells)
-    target = -pressure * np.eye(3)
-    if stress is not None:
-        target = target + voigt_to_matrix(np.asarray(stress, np.float64))
-    masks = np.stack([free_components(free, pbc[k]) for k in range(n_systems)])
+    options = list(options) + [CellOptions()] * (n_systems - len(options))
+    masks = np.stack([free_components(o.mask, pbc[k]) for k, o in enumerate(options)])
 
     def put(a, kind=dtype):
         return jax.device_put(np.asarray(a, kind))
@@ -85,10 +73,10 @@ def make_reference(
     return CellReference(
         cell=put(cells),
         factor=put(n_atoms),
-        stress=put(np.broadcast_to(target, (n_systems, 3, 3))),
+        stress=put(np.stack([o.target() for o in options])),
         mask=put(masks),
-        hydrostatic=put(np.full(n_systems, hydrostatic), bool),
-        constant_volume=put(np.full(n_systems, constant_volume), bool),
+        hydrostatic=put([o.hydrostatic for o in options], bool),
+        constant_volume=put([o.constant_volume for o in options], bool),
         roundtrip=put([not is_block(m) for m in masks], bool),
     )
 

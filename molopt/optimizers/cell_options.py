@@ -10,6 +10,7 @@ diagonal.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,3 +100,26 @@ def free_components(free: Sequence[bool] | None, pbc: Sequence[bool]) -> np.ndar
 def mask_names(mask: np.ndarray) -> str:
     """A (3, 3) mask as its free Voigt components, e.g. ``xx,yy,xy``."""
     return ",".join(v for v, (i, j) in zip(VOIGT, _PAIRS, strict=True) if mask[i, j])
+
+
+@dataclass(frozen=True)
+class CellOptions:
+    """One structure's cell options (ASE's ``FrechetCellFilter`` arguments): ``mask`` six
+    Voigt booleans (None: all free; only components between periodic directions ever are),
+    ``pressure`` eV/A^3, ``stress`` six Voigt values eV/A^3 (positive = tensile; added to
+    ``-pressure`` on the diagonal), ``hydrostatic`` (``hydrostatic_strain``) and
+    ``constant_volume``. A structure may carry its own
+    (:attr:`molopt.structure.Structure.cell_options`); the run's settings give the rest."""
+
+    mask: tuple | None = None
+    pressure: float = 0.0
+    stress: tuple | None = None
+    hydrostatic: bool = False
+    constant_volume: bool = False
+
+    def target(self) -> np.ndarray:
+        """The (3, 3) target stress, eV/A^3, ASE's sign."""
+        target = -float(self.pressure) * np.eye(3)
+        if self.stress is not None:
+            target = target + voigt_to_matrix(np.asarray(self.stress, np.float64))
+        return target
