@@ -13,7 +13,7 @@ from ase import Atoms
 from ase.build import fcc111
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.filters import FrechetCellFilter
-from ase.optimize import FIRE, LBFGS
+from ase.optimize import BFGS, FIRE, LBFGS
 from conftest import structure_from_atoms
 from test_optimizers import crystal  # the sheared, rattled fcc argon of the cell tests
 
@@ -22,7 +22,7 @@ from molopt.engine import EngineSettings, relax_structures
 from molopt.io.h5md import read_parameters
 from molopt.optimizers.cell_options import free_components, parse_mask, parse_stress
 
-ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "bfgs": BFGS}
 IN_PLANE = (True, True, False, False, False, True)
 
 
@@ -87,7 +87,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["fire", "lbfgs"])
+@pytest.mark.parametrize("name", ["fire", "lbfgs", "bfgs"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_ase_filter_options(argon, name, case):
     options, ase_options, make = CASES[case]
