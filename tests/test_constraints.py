@@ -26,7 +26,7 @@ from ase.constraints import (
     dict2constraint,
 )
 from ase.filters import FrechetCellFilter
-from ase.optimize import BFGS, FIRE, LBFGS
+from ase.optimize import BFGS, FIRE, FIRE2, LBFGS
 from ase.spacegroup import crystal as spacegroup_crystal
 from ase.spacegroup.symmetrize import check_symmetry, symmetrize_rank2
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
@@ -87,7 +87,7 @@ def molopt_relax(items, potential, optimizer, fmax, steps=2000, **kw):
     return {r.key: r for r in relax_structures(items, potential, settings)}
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+@pytest.mark.parametrize("optimizer", ["fire", "fire2", "lbfgs", "bfgs"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_constraint_parity_with_ase(argon, name, optimizer):
     atoms = constrained(name)
@@ -414,7 +414,7 @@ def test_bad_fix_and_symmetry_requests(tmp_path):
 
 # --- with a variable cell ----------------------------------------------------------------
 
-ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "bfgs": BFGS}
+ASE_OPTIMIZERS = {"fire": FIRE, "fire2": FIRE2, "lbfgs": LBFGS, "bfgs": BFGS}
 
 #: each constraint on the sheared, rattled 8-atom argon crystal whose cell relaxes
 CELL_CASES = {
@@ -454,7 +454,7 @@ def assert_as_ase(result, ref, ref_steps, tol=1e-8):
     np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=tol)
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+@pytest.mark.parametrize("optimizer", ["fire", "fire2", "lbfgs", "bfgs"])
 def test_constraints_with_a_variable_cell_as_ase(argon, optimizer):
     """Every constraint while the cell relaxes, all in one batch, each step for step as ASE's
     FrechetCellFilter on that structure alone (ASE sets the new cell, then the constraints act
