@@ -144,10 +144,12 @@ def run_tasks(
     deliver: Callable[[tuple, dict], None],
     fail: Callable[[tuple, str], None],
     note: Callable[[str], None],
+    on_workers: Callable[[int], None] | None = None,
 ) -> None:
     """Relax ``members`` (path, index, stem) on the cluster of ``settings``: each task calls
     ``task(group, settings)`` on a worker (:func:`molopt.run.relax_members`); ``deliver``
-    gets each member's record, ``fail`` each member lost for good with the reason."""
+    gets each member's record, ``fail`` each member lost for good with the reason;
+    ``on_workers`` the number of workers alive whenever it changes (also noted)."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
@@ -157,6 +159,7 @@ def run_tasks(
     client, cluster = open_client(settings)
     futures = {}
     tries: dict = {}
+    watcher = None
     try:
         workers = len(client.scheduler_info().get("workers", {}))
         note(f"Dask: {workers} worker(s) at {client.scheduler.address}")
@@ -171,7 +174,15 @@ def run_tasks(
             return future
 
         pending = as_completed([submit(g) for g in groups])
-        seen_workers = workers
+
+        def workers_changed(alive: int) -> None:
+            note(f"Dask: {alive} worker(s) alive")
+            if on_workers is not None:
+                on_workers(alive)
+
+        if on_workers is not None:
+            on_workers(workers)
+        watcher = _WorkerWatch(client, workers, workers_changed)
         for future in pending:
             group = futures.pop(future)
             try:
@@ -205,11 +216,36 @@ def run_tasks(
                     fail(member, "its Dask task returned no record for it")
                 else:
                     deliver(member, rec)
-            alive = len(client.scheduler_info().get("workers", {}))
-            if alive != seen_workers:
-                note(f"Dask: {alive} worker(s) alive")
-                seen_workers = alive
     finally:
+        if watcher is not None:
+            watcher.stop()
         if futures:
             client.cancel(list(futures))
         close(client, cluster)
+
+
+class _WorkerWatch:
+    """A daemon thread that reads the number of workers alive from the client's view of the
+    scheduler every ``interval`` seconds and reports each change (a worker lost while every
+    task is still running shows at once, not when a task next finishes)."""
+
+    def __init__(self, client, seen: int, report: Callable[[int], None], interval: float = 1.0):
+        import threading
+
+        self.client, self.seen, self.report = client, seen, report
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, args=(interval,), daemon=True)
+        self.thread.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self.done.wait(interval):
+            try:
+                alive = len(self.client.scheduler_info().get("workers", {}))
+            except Exception:  # pragma: no cover - the client is closing
+                return
+            if alive != self.seen:
+                self.seen = alive
+                self.report(alive)
+
+    def stop(self) -> None:
+        self.done.set()

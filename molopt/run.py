@@ -227,12 +227,16 @@ def relax_files(
     on_note: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     members: list | None = None,
+    on_workers: Callable[[int], None] | None = None,
 ) -> Summary:
     """Relax every structure in ``inputs``. Raises ConfigError before any work for usage
     problems (missing paths, duplicate output names, conflicting earlier results).
     ``members``: instead of ``inputs``, exactly these frames, (path, index, stem) each (a
-    Dask task: :mod:`molopt.cluster`)."""
-    return _Run(settings, on_record, on_note, progress, members).run(inputs)
+    Dask task: :mod:`molopt.cluster`). ``on_workers``: on a cluster, the number of workers
+    alive, whenever it changes."""
+    run = _Run(settings, on_record, on_note, progress, members)
+    run.on_workers = on_workers
+    return run.run(inputs)
 
 
 def relax_members(members: list, settings: RunSettings) -> list[dict]:
@@ -263,6 +267,7 @@ class _Run:
         self.no_potential: dict = {}  # key -> why no shipped potential applies
         self.claims = None
         self.stopped: str | None = None
+        self.on_workers: Callable[[int], None] | None = None
 
     def emit(self, key, rec: dict):
         self.recorded.add(key)
@@ -571,7 +576,9 @@ class _Run:
             self.fail(key_of[(member[0], member[1])], reason)
 
         sizes = [self.frames[k].structure.n_atoms for k in keys]
-        run_tasks(relax_members, members, sizes, self.settings, deliver, fail, self.note)
+        run_tasks(
+            relax_members, members, sizes, self.settings, deliver, fail, self.note, self.on_workers
+        )
 
     def _claim(self, key) -> bool:
         """The engine's claim hook: take ``key`` unless another process holds it or finished

@@ -36,13 +36,15 @@ def local_cluster():
 def test_cluster_records_equal_a_single_process(tmp_path, local_cluster):
     make_inputs(tmp_path / "in", 12)
     alone = relax_files([str(tmp_path / "in")], settings_for(tmp_path / "one"))
-    notes = []
+    notes, workers = [], []
     spread = relax_files(
         [str(tmp_path / "in")],
         settings_for(tmp_path / "many", scheduler=local_cluster.scheduler_address),
         on_note=notes.append,
+        on_workers=workers.append,
     )
     assert any("2 worker(s)" in n for n in notes)
+    assert workers[0] == 2  # the progress display's workers alive
     a, b = by_input(alone.records), by_input(spread.records)
     assert a.keys() == b.keys() and len(b) == 12
     for k in a:

@@ -66,6 +66,7 @@ class RelaxReporter:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[workers]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -73,7 +74,7 @@ class RelaxReporter:
                 transient=True,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task("relax", total=None, rate="")
+            self.task = self.bar.add_task("relax", total=None, rate="", workers="")
         return self
 
     def __exit__(self, *exc):
@@ -92,6 +93,11 @@ class RelaxReporter:
             speed = self.bar.tasks[0].speed if done else None
             rate = f"{speed:.3g}/s" if speed else ""
             self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+    def workers(self, alive: int):
+        """On a Dask cluster: the number of workers alive (called when it changes)."""
+        if self.bar is not None:
+            self.bar.update(self.task, workers=f"{alive} worker{'s' if alive != 1 else ''}")
 
     def record(self, rec: dict):
         if self.json_out:

@@ -234,6 +234,7 @@ def relax(
             on_record=reporter.record,
             on_note=reporter.note,
             progress=reporter.progress,
+            on_workers=reporter.workers,
         )
     reporter.summary(summary)
     if summary.stopped:
