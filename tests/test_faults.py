@@ -107,12 +107,15 @@ def test_leftovers_of_dead_runs_are_removed_and_only_those(tmp_path):
             out_dir / f".s09.h5md.otherhost-{dead}.tmp",  # another machine's: cannot judge
             out_dir / ".notes.tmp",  # not molopt's
         ]
-        for p in dead_files + kept:
+        # another machine's, of a structure this run relaxes: its claim says no one else writes
+        claimed = out_dir / f".s00.extxyz.otherhost-{dead}.tmp"
+        for p in dead_files + kept + [claimed]:
             p.write_bytes(b"half")
         result = run_api(inputs, out_dir)
         assert result.exit_code == 0
         assert not any(p.exists() for p in dead_files)
         assert all(p.exists() for p in kept)
+        assert not claimed.exists()
     finally:
         live.kill()
         live.wait()

@@ -104,6 +104,7 @@ class OutputSink:
         self.pending: list = []
         self.in_flight: set = set()
         self.template: Path | None = None  # run-wide H5MD layout and parameters (hidden file)
+        self.temporaries = atomic.TemporaryIndex()
 
     # -- the engine's Sink interface (main thread) ---------------------------------------------
     def begin(self, key, structure):
@@ -112,7 +113,7 @@ class OutputSink:
         self._check()
         h5md_path, xyz_path = out.output_paths(self.out_dir, self.frame_of[key].stem)
         if self.claims is not None:  # this process holds the claim: any other writer is dead
-            for leftover in atomic.temporaries_of(h5md_path) + atomic.temporaries_of(xyz_path):
+            for leftover in self.temporaries.of(h5md_path) + self.temporaries.of(xyz_path):
                 leftover.unlink(missing_ok=True)
         try:
             template = self._template()
