@@ -1,15 +1,19 @@
 """The Dask path against one process: the 1,000-structure directory of bench/batch1000.py
 through `molopt relax` alone, with `--cluster local:1` and with `--cluster local:2`, whole
-processes, alternated, medians of --repeat rounds; the per-task scheduling cost from the
-tasks' count. Needs `pip install '.[dask]'`.
+processes, alternated, medians of --repeat rounds. Needs `pip install '.[dask]'`.
 
     python bench/dask_overhead.py                      # 3 rounds, 1,000 structures
     python bench/dask_overhead.py --workers 1 2 4 8 --n 10000   # throughput/efficiency
     python bench/dask_overhead.py --limit 60 --repeat 1          # smoke test
 
-Each run relaxes every structure (warm compilation cache, --traj-interval 0) and writes its
-outputs; JSON to bench/out/dask_overhead.json. Parallel efficiency at W workers is
-throughput(W) / (W x throughput(local:1)).
+Each path runs once untimed first: a path's tasks batch differently from one process, so
+their program shapes differ, and each path's first run fills the compilation cache with its
+own (what a long campaign pays once per shape). The timed runs then relax every structure
+(--traj-interval 0) and write their outputs. Besides the whole-run walls it measures, in the
+same run: Dask's own cost per task (1,000 no-op tasks through a LocalCluster of one worker),
+and the start of a LocalCluster with molopt imported on its workers; the per-task overhead
+of molopt on Dask is (wall - one process - cluster start) / tasks. Parallel efficiency at W
+workers is throughput(W) / (W x throughput(local:1)). JSON to bench/out/dask_overhead.json.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,12 +48,50 @@ def run(inputs: Path, cache: Path, workers: int | None) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     records = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
+    tasks = re.findall(r"Dask: (\d+) task", stderr)
     return {
         "wall_s": wall,
         "n": len(records),
         "converged": sum(r["status"] == "converged" for r in records),
         "steps": sum(r["steps"] or 0 for r in records),
+        "tasks": int(tasks[-1]) if tasks else 0,
     }
+
+
+def _noop(x):
+    return x
+
+
+def _import_molopt():
+    import molopt.run  # noqa: F401
+    from molopt._jax import jax
+
+    return len(jax.devices())
+
+
+def dask_costs(workers: list[int], n_tasks: int = 1000) -> dict:
+    """Dask's own round trip per no-op task (ms, one worker), and the seconds from nothing to
+    a LocalCluster of W workers with molopt and JAX imported on each."""
+    from distributed import Client, LocalCluster
+
+    costs: dict = {"start_s": {}}
+    for w in sorted(set(workers) | {1}):
+        t = time.perf_counter()
+        with (
+            LocalCluster(
+                n_workers=w, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            client.wait_for_workers(w)
+            client.run(_import_molopt)
+            costs["start_s"][w] = time.perf_counter() - t
+            if w == 1:
+                client.gather(client.map(_noop, range(50), pure=False))  # warm
+                t = time.perf_counter()
+                client.gather(client.map(_noop, range(n_tasks), pure=False))
+                costs["noop_ms_per_task"] = 1000 * (time.perf_counter() - t) / n_tasks
+    return costs
 
 
 def main():
@@ -57,35 +101,59 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    import dask
+    import distributed
+    import jax
+
+    print(f"distributed {distributed.__version__}, dask {dask.__version__}, jax {jax.__version__}")
     root = Path(tempfile.mkdtemp(prefix="dask-bench-"))
     inputs = root / "in"
     make_inputs(inputs, args.n)
     if args.limit:
         inputs = first(inputs, args.limit)
     cache = root / "cache"
-    run(inputs, cache, None)  # fill the compilation cache
     configs = [None] + args.workers
+    cold = {str(c): run(inputs, cache, c)["wall_s"] for c in configs}  # fills each path's cache
     runs: dict = {str(c): [] for c in configs}
     for _ in range(args.repeat):  # alternated
         for c in configs:
             runs[str(c)].append(run(inputs, cache, c))
+    costs = dask_costs(args.workers)
     table = {}
     for c in configs:
         walls = [r["wall_s"] for r in runs[str(c)]]
-        table[str(c)] = {**runs[str(c)][0], "wall_s": statistics.median(walls), "all": walls}
+        table[str(c)] = {
+            **runs[str(c)][0],
+            "wall_s": statistics.median(walls),
+            "all": walls,
+            "first_run_s": cold[str(c)],
+        }
     one = table["None"]["wall_s"]
-    print(f"{'path':>12} {'wall s':>8} {'structures/s':>13} {'vs one process':>15}")
+    print(f"Dask's own round trip per no-op task: {costs['noop_ms_per_task']:.2f} ms")
+    head = (
+        f"{'path':>12} {'wall s':>8} {'first run s':>12} {'structures/s':>13} "
+        f"{'vs one process':>15} {'tasks':>6} {'cluster start s':>16} {'ms/task':>8}"
+    )
+    print(head)
     for c in configs:
-        t = table[str(c)]["wall_s"]
+        row = table[str(c)]
+        t = row["wall_s"]
         name = "one process" if c is None else f"local:{c}"
-        print(f"{name:>12} {t:8.2f} {table[str(c)]['n'] / t:13.1f} {t / one:15.2f}")
+        start = costs["start_s"].get(c, 0.0) if c else 0.0
+        per_task = 1000 * (t - one - start) / row["tasks"] if c and row["tasks"] else float("nan")
+        row["cluster_start_s"], row["overhead_ms_per_task"] = start, per_task
+        print(
+            f"{name:>12} {t:8.2f} {row['first_run_s']:12.2f} {row['n'] / t:13.1f} "
+            f"{t / one:15.2f} {row['tasks']:6d} {start:16.2f} {per_task:8.1f}"
+        )
     if 1 in args.workers:
         base = table["1"]["n"] / table["1"]["wall_s"]
         for w in args.workers:
             rate = table[str(w)]["n"] / table[str(w)]["wall_s"]
             print(f"efficiency at {w} workers: {rate / (w * base):.2f}")
     (HERE / "out").mkdir(exist_ok=True)
-    (HERE / "out" / "dask_overhead.json").write_text(json.dumps(table, indent=1))
+    result = {"table": table, "dask": costs, "versions": {"distributed": distributed.__version__}}
+    (HERE / "out" / "dask_overhead.json").write_text(json.dumps(result, indent=1))
     shutil.rmtree(root, ignore_errors=True)
 
 

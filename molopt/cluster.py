@@ -167,6 +167,7 @@ def run_tasks(
         per_task = max(1, -(-sum(sizes) // (4 * max(workers, 1))))
         max_atoms = min(settings.max_batch_atoms, per_task)
         groups = groups_of(members, sizes, max_atoms, settings.batch_size)
+        note(f"Dask: {len(groups)} task(s) of up to {max_atoms} atoms")
 
         def submit(group):
             future = client.submit(task, group, worker_settings, pure=False)
