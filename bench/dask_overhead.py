@@ -11,9 +11,13 @@ their program shapes differ, and each path's first run fills the compilation cac
 own (what a long campaign pays once per shape). The timed runs then relax every structure
 (--traj-interval 0) and write their outputs. Besides the whole-run walls it measures, in the
 same run: Dask's own cost per task (1,000 no-op tasks through a LocalCluster of one worker),
-and the start of a LocalCluster with molopt imported on its workers; the per-task overhead
-of molopt on Dask is (wall - one process - cluster start) / tasks. Parallel efficiency at W
-workers is throughput(W) / (W x throughput(local:1)). JSON to bench/out/dask_overhead.json.
+the start of a LocalCluster with molopt imported on its workers, and what a long-lived
+worker pays per task once its programs are loaded (one process relaxing 200 structures as
+tasks of 200, 40 and 20). The per-task overhead of a whole run on Dask is (wall - one process
+- cluster start) / tasks; with a few tasks per worker it is mostly each fresh worker loading
+its program shapes from the cache, which a long campaign pays once per worker. Parallel
+efficiency at W workers is throughput(W) / (W x throughput(local:1)). JSON to
+bench/out/dask_overhead.json.
 """
 
 from __future__ import annotations
@@ -94,6 +98,50 @@ def dask_costs(workers: list[int], n_tasks: int = 1000) -> dict:
     return costs
 
 
+def steady_per_task(inputs: Path, cache: Path, n: int = 200, sizes=(200, 40, 20), rounds=3):
+    """What a long-lived worker pays per task once every program shape is loaded: one process
+    relaxes the first ``n`` structures as tasks of each size (``molopt.run.relax_members``,
+    the Dask task), warm, alternated, medians; ms per extra task against one task of ``n``."""
+    os.environ["MOLOPT_CACHE_DIR"] = str(cache)
+    from molopt import config
+    from molopt.run import relax_members
+
+    files = sorted(inputs.glob("*.extxyz"))[:n]
+    members = [(str(p), None, p.stem) for p in files]
+
+    def go(size):
+        out = Path(tempfile.mkdtemp(prefix="steady-"))
+        settings = config.validate(
+            {"potential": "argon", "fmax": 1e-3, "trajectory_interval": 0, "out_dir": str(out)},
+            "bench",
+        )
+        t = time.perf_counter()
+        for i in range(0, len(members), size):
+            relax_members(members[i : i + size], settings)
+        wall = time.perf_counter() - t
+        shutil.rmtree(out, ignore_errors=True)
+        return wall
+
+    for size in sizes:  # load every shape
+        go(size)
+    walls = {size: [] for size in sizes}
+    for _ in range(rounds):
+        for size in sizes:
+            walls[size].append(go(size))
+    medians = {size: statistics.median(w) for size, w in walls.items()}
+    whole = medians[sizes[0]]
+    return {
+        str(size): {
+            "tasks": -(-len(members) // size),
+            "wall_s": medians[size],
+            "ms_per_extra_task": 1000 * (medians[size] - whole) / (-(-len(members) // size) - 1)
+            if size != sizes[0]
+            else 0.0,
+        }
+        for size in sizes
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000)
@@ -119,6 +167,7 @@ def main():
         for c in configs:
             runs[str(c)].append(run(inputs, cache, c))
     costs = dask_costs(args.workers)
+    steady = steady_per_task(inputs, cache)
     table = {}
     for c in configs:
         walls = [r["wall_s"] for r in runs[str(c)]]
@@ -146,13 +195,24 @@ def main():
             f"{name:>12} {t:8.2f} {row['first_run_s']:12.2f} {row['n'] / t:13.1f} "
             f"{t / one:15.2f} {row['tasks']:6d} {start:16.2f} {per_task:8.1f}"
         )
+    print("a long-lived worker, every shape loaded (one process, relax_members as tasks):")
+    for size, row in steady.items():
+        print(
+            f"  {row['tasks']:3d} task(s) of {size:>3} structures: {row['wall_s']:.2f} s, "
+            f"{row['ms_per_extra_task']:.0f} ms per extra task"
+        )
     if 1 in args.workers:
         base = table["1"]["n"] / table["1"]["wall_s"]
         for w in args.workers:
             rate = table[str(w)]["n"] / table[str(w)]["wall_s"]
             print(f"efficiency at {w} workers: {rate / (w * base):.2f}")
     (HERE / "out").mkdir(exist_ok=True)
-    result = {"table": table, "dask": costs, "versions": {"distributed": distributed.__version__}}
+    result = {
+        "table": table,
+        "dask": costs,
+        "steady": steady,
+        "versions": {"distributed": distributed.__version__, "jax": jax.__version__},
+    }
     (HERE / "out" / "dask_overhead.json").write_text(json.dumps(result, indent=1))
     shutil.rmtree(root, ignore_errors=True)
 
