@@ -39,6 +39,64 @@ def worker_environment() -> dict:
     return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
+def visible_gpus(environ=None) -> list[str]:
+    """The GPUs this host lets a process see: the entries of ``CUDA_VISIBLE_DEVICES`` when it
+    is set (as Slurm and PBS set it for a job's GPUs), else ``/dev/nvidia0``, ``/dev/nvidia1``,
+    ... (none on a machine without NVIDIA GPUs)."""
+    environ = os.environ if environ is None else environ
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    import re
+    from pathlib import Path
+
+    found = [p.name for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)]
+    return sorted((name[len("nvidia") :] for name in found), key=int)
+
+
+def choose_device(environ=None, lock_dir: str | None = None):
+    """One GPU for this worker process: the first of :func:`visible_gpus` whose slot lock
+    (``flock`` on ``<lock_dir>/molopt-gpu-<id>.lock``, held while the process lives) no other
+    process of this host holds; ``CUDA_VISIBLE_DEVICES`` is set to it, before JAX starts a
+    backend. When every GPU is taken (more workers than GPUs) the worker shares one, chosen
+    by its pid. Returns (the GPU id or None without GPUs, the lock's open file or None)."""
+    import fcntl
+    import tempfile
+
+    environ = os.environ if environ is None else environ
+    gpus = visible_gpus(environ)
+    if not gpus:
+        return None, None
+    lock_dir = lock_dir or tempfile.gettempdir()
+    for gpu in gpus:
+        handle = open(os.path.join(lock_dir, f"molopt-gpu-{gpu}.lock"), "a")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        environ["CUDA_VISIBLE_DEVICES"] = gpu
+        return gpu, handle
+    gpu = gpus[os.getpid() % len(gpus)]
+    environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu, None
+
+
+def _device_plugin():
+    """A Dask worker plugin that gives each worker process its own GPU at start
+    (:func:`choose_device`), kept by the scheduler for workers that join later."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class OneDevicePerWorker(WorkerPlugin):
+        name = "molopt-one-device-per-worker"
+
+        def setup(self, worker):
+            gpu, handle = choose_device()
+            worker._molopt_device = (gpu, handle)  # the lock lives as long as the worker
+
+    return OneDevicePerWorker()
+
+
 def open_client(settings):
     """(client, cluster or None) for the settings' ``scheduler`` or ``cluster``; a clear
     :class:`ConfigError` when Dask is missing, the scheduler cannot be reached or no worker
@@ -84,6 +142,7 @@ def open_client(settings):
                 cluster.scale(jobs=own.get("jobs", 1))
         client = Client(cluster)
     try:
+        client.register_plugin(_device_plugin())
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
         close(client, cluster)

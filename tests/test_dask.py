@@ -45,6 +45,9 @@ def test_cluster_records_equal_a_single_process(tmp_path, local_cluster):
     )
     assert any("2 worker(s)" in n for n in notes)
     assert workers[0] == 2  # the progress display's workers alive
+    with distributed.Client(local_cluster) as client:  # each worker chose its device
+        chosen = client.run(lambda dask_worker: hasattr(dask_worker, "_molopt_device"))
+    assert list(chosen.values()) == [True, True]
     a, b = by_input(alone.records), by_input(spread.records)
     assert a.keys() == b.keys() and len(b) == 12
     for k in a:
@@ -182,3 +185,31 @@ def test_slurm_jobs_from_the_cluster_table(tmp_path):
     assert "export XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
     with pytest.raises(Exception, match="cluster"):
         config.build(None, cluster="kubernetes")
+
+
+def test_each_worker_gets_its_own_gpu(tmp_path, monkeypatch):
+    """One GPU per worker process: the first free of the GPUs the job sees, by a slot lock
+    that lives with the process; a worker beyond the number of GPUs shares one."""
+    from molopt.cluster import _device_plugin, choose_device, visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3, 5"}) == ["3", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    envs = [{"CUDA_VISIBLE_DEVICES": "3,5"} for _ in range(3)]
+    chosen = [choose_device(env, str(tmp_path)) for env in envs]
+    assert [gpu for gpu, _ in chosen[:2]] == ["3", "5"]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs[:2]] == ["3", "5"]
+    assert chosen[2][0] in ("3", "5") and chosen[2][1] is None  # shares
+    chosen[0][1].close()  # that worker ended: its GPU is free again
+    assert choose_device({"CUDA_VISIBLE_DEVICES": "3,5"}, str(tmp_path))[0] == "3"
+    # the worker plugin on real worker processes: two workers, two GPUs, one each
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,8")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.register_plugin(_device_plugin())
+        # (by value: os.environ.get itself would carry the client's environment along)
+        seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["7", "8"]
