@@ -149,3 +149,9 @@ def test_build_on_first_use_makes_one_object_for_all_threads(monkeypatch):
     assert module.__dict__["Thing"] is seen[0]
     with pytest.raises(AttributeError, match="Other"):
         module.Other  # noqa: B018
+
+
+def test_the_slow_ml_dtypes_release_is_not_installed():
+    """pyproject excludes ml_dtypes 0.7.0 (whose import alone costs every molopt process
+    0.5-1.2 s on these machines); a fresh install resolves another."""
+    assert version("ml_dtypes") != "0.7.0"
