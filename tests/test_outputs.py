@@ -80,3 +80,50 @@ def test_a_multi_frame_input_gets_one_combined_output(tmp_path):
     (out_dir / "many-all.extxyz").unlink()
     relax([tmp_path / "many.extxyz"], out_dir, potential="argon", fmax=1e-3)
     assert len(ase.io.read(out_dir / "many-all.extxyz", ":")) == 3
+
+
+def test_long_trajectories_are_written_on_the_writer_thread(tmp_path, monkeypatch):
+    """Frames past the buffer go to the file from the writer thread while the engine goes on
+    (at most two writes queued per trajectory): the same file as written at the end; a write
+    error there fails that structure alone."""
+    import errno
+
+    from molopt.io import h5md
+
+    for k in range(2):
+        s = rattled_cluster(13, seed=k)
+        ase.io.write(tmp_path / f"c{k}.xyz", Atoms(numbers=s.numbers, positions=s.positions))
+    inputs = [str(tmp_path / "c0.xyz"), str(tmp_path / "c1.xyz")]
+    relax(inputs, tmp_path / "once")
+    threads = set()
+    write_blocks = h5md.TrajectoryWriter.write_blocks
+
+    def recording(self, blocks):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        return write_blocks(self, blocks)
+
+    monkeypatch.setattr(h5md.TrajectoryWriter, "write_blocks", recording)
+    monkeypatch.setattr(h5md, "BUFFER_BYTES", 1)  # every block streams
+    relax(inputs, tmp_path / "streamed")
+    assert threads and all(name.startswith("molopt-writer") for name in threads)
+    for k in range(2):
+        once = h5md.read(tmp_path / "once" / f"c{k}.h5md")
+        streamed = h5md.read(tmp_path / "streamed" / f"c{k}.h5md")
+        for key in ("step", "positions", "forces", "energy", "fmax"):
+            np.testing.assert_array_equal(once[key], streamed[key])
+
+    def failing(self, blocks):
+        if "c1" in self.path.name:
+            raise OSError(errno.EACCES, "Permission denied")
+        return write_blocks(self, blocks)
+
+    monkeypatch.setattr(h5md.TrajectoryWriter, "write_blocks", failing)
+    summary = relax(inputs, tmp_path / "broken")
+    status = {r["input"].rsplit("/", 1)[-1]: r for r in summary.records}
+    assert status["c0.xyz"]["status"] == "converged"
+    assert status["c1.xyz"]["status"] == "failed"
+    assert "Permission denied" in status["c1.xyz"]["error"]
+    assert not list((tmp_path / "broken").glob(".*.tmp"))
+    assert not (tmp_path / "broken" / "c1.h5md").exists()

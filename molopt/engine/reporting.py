@@ -110,16 +110,19 @@ class Reporter:
         if not recorded.any():
             return None
         t = np.nonzero(recorded)[0]
+        if t[-1] - t[0] + 1 == len(t):  # every step recorded (the default): one copy, below
+            t = slice(int(t[0]), int(t[-1]) + 1)
         rows = layout.atoms_of(k)
+        # the block outlives the host buffer (a writer thread may hold it): copies of its own
         block = {
-            "step": frames["step"][t, k],
-            "positions": frames["positions"][t, rows],
-            "forces": frames["forces"][t, rows],
-            "energy": frames["energy"][t, k],
-            "fmax": frames["fmax"][t, k],
+            "step": np.array(frames["step"][t, k]),
+            "positions": np.array(frames["positions"][t, rows]),
+            "forces": np.array(frames["forces"][t, rows]),
+            "energy": np.array(frames["energy"][t, k]),
+            "fmax": np.array(frames["fmax"][t, k]),
         }
         if self.variable_cell or pbc[k].any():
-            block["cell"] = frames["cell"][t, k]
+            block["cell"] = np.array(frames["cell"][t, k])
         if self.variable_cell:
             volume = np.abs(np.linalg.det(block["cell"]))
             block["stress"] = frames["dE_dstrain"][t, k] / volume[:, None, None]
@@ -137,7 +140,10 @@ class Reporter:
         if final:
             keep[-1] = True
         keep &= steps > item.last_written_step
-        if keep.any():
+        if keep.all():
+            self.sink.frames(item.key, block)
+            item.last_written_step = int(steps[-1])
+        elif keep.any():
             self.sink.frames(item.key, {k: v[keep] for k, v in block.items()})
             item.last_written_step = int(steps[keep][-1])
 

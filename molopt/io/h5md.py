@@ -9,6 +9,7 @@ Layout (one relaxation per file; frame k = optimizer step ``step[k]``):
         position/             {step, time, value (T, N, 3) Angstrom}
         force/                {step, time, value (T, N, 3) kJ mol-1 Angstrom-1}  (MDAnalysis)
         force_ev/             {step, time, value (T, N, 3) eV Angstrom-1}        (ASE units)
+                              (both float32, :data:`SINGLE`; everything else float64)
         species               (N,) atomic numbers, time-independent
     /observables/
         potential_energy/     {step, time, value (T,) eV}
@@ -35,6 +36,11 @@ from molopt.io.atomic import temporary_path
 
 #: 1 eV/A in kJ mol-1 A-1 (CODATA 2018 via ase.units: eV * N_A / 1000)
 EV_TO_KJ_PER_MOL = 96.48533212331002
+
+#: elements stored in single precision (7 significant digits, as MD trajectories store
+#: forces): the forces, twice over (MDAnalysis's units and eV/A). Positions, cells, energies
+#: and stresses stay double: the last frame is the relaxed structure, exactly.
+SINGLE = ("particles/trajectory/force", "particles/trajectory/force_ev")
 
 #: frames are kept in memory up to this many bytes, then streamed to the file
 BUFFER_BYTES = 64 * 1024 * 1024
@@ -145,17 +151,41 @@ class TrajectoryWriter:
         self.n_frames = 0
 
     # -- frames ------------------------------------------------------------------------------
-    def append(self, block: dict) -> None:
+    def append(self, block: dict, stream: bool = True) -> None:
         """``block``: step (T,), positions/forces (T, N, 3), energy/fmax (T,), and cell
-        (T, 3, 3) when periodic, stress (T, 3, 3) with a variable cell."""
+        (T, 3, 3) when periodic, stress (T, 3, 3) with a variable cell. Past
+        ``BUFFER_BYTES`` the buffered frames are written to the file now, unless ``stream``
+        is False (the caller then takes them with :meth:`detach` when :attr:`full`)."""
         self.blocks.append({k: np.asarray(v) for k, v in block.items()})
         self.buffered += sum(v.nbytes for v in self.blocks[-1].values())
-        if self.buffered > BUFFER_BYTES:
+        if stream and self.full:
             self._flush()
 
-    def _joined(self) -> dict:
-        keys = self.blocks[0].keys()
-        return {k: np.concatenate([b[k] for b in self.blocks]) for k in keys}
+    @property
+    def full(self) -> bool:
+        """Whether more than ``BUFFER_BYTES`` of frames wait in memory."""
+        return self.buffered > BUFFER_BYTES
+
+    def detach(self) -> list[dict]:
+        """The buffered frames, taken out of the buffer (for :meth:`write_blocks` elsewhere,
+        e.g. on a writer thread, while new frames are appended)."""
+        blocks, self.blocks, self.buffered = self.blocks, [], 0
+        return blocks
+
+    def write_blocks(self, blocks: list[dict]) -> None:
+        """Append ``blocks`` (from :meth:`detach`, in order) to the temporary file."""
+        if not blocks:
+            return
+        if self.file is None:
+            self._open()
+        self._append(self._joined(blocks))
+
+    def _joined(self, blocks: list[dict] | None = None) -> dict:
+        blocks = self.blocks if blocks is None else blocks
+        if len(blocks) == 1:
+            return blocks[0]
+        keys = blocks[0].keys()
+        return {k: np.concatenate([b[k] for b in blocks]) for k in keys}
 
     def _open(self):
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +205,10 @@ class TrajectoryWriter:
             self._open()
         data = self._joined()
         self.blocks, self.buffered = [], 0
+        self._append(data)
+
+    def _append(self, data: dict) -> None:
+        """Append frames (joined blocks) to the resizable datasets of the open file."""
         for element, values, step, time in self._series(data):
             group = self.file.require_group(element)
             if "value" not in group:
@@ -221,7 +255,9 @@ class TrajectoryWriter:
         time = step.astype(np.float64)
         elements = {
             "particles/trajectory/position": data["positions"],
-            "particles/trajectory/force": data["forces"] * EV_TO_KJ_PER_MOL,
+            "particles/trajectory/force": (  # (single precision: see SINGLE)
+                np.asarray(data["forces"], np.float32) * np.float32(EV_TO_KJ_PER_MOL)
+            ),
             "particles/trajectory/force_ev": data["forces"],
             "observables/potential_energy": data["energy"],
             "observables/fmax": data["fmax"],
@@ -232,7 +268,8 @@ class TrajectoryWriter:
             elements["observables/stress"] = data["stress"]
             elements["observables/volume"] = np.abs(np.linalg.det(data["cell"]))
         for element, values in elements.items():
-            yield element, np.asarray(values, np.float64), step, time
+            kind = np.float32 if element in SINGLE else np.float64
+            yield element, np.asarray(values, kind), step, time
 
     def _write_system(self, f: h5py.File) -> None:
         """What depends on the structure but not on the frames: boundaries and species."""

@@ -35,6 +35,11 @@ class OutputsUnwritable(Exception):
         self.reason = reason
 
 
+#: frame writes of one trajectory queued on the writer thread (each up to h5md.BUFFER_BYTES)
+#: before the engine waits for the oldest
+MAX_STREAMS = 2
+
+
 def describe(exc: OSError) -> str:
     name = exc.strerror or type(exc).__name__
     return f"{name} ({exc.filename})" if exc.filename else name
@@ -105,6 +110,7 @@ class OutputSink:
         self.in_flight: set = set()
         self.template: Path | None = None  # run-wide H5MD layout and parameters (hidden file)
         self.temporaries = atomic.TemporaryIndex()
+        self.streams: dict = {}  # key -> its trajectory's frame writes queued on the thread
 
     # -- the engine's Sink interface (main thread) ---------------------------------------------
     def begin(self, key, structure):
@@ -139,15 +145,31 @@ class OutputSink:
     def frames(self, key, block):
         if key in self.broken:
             return
-        try:
-            self.writers[key].append(block)
-        except OSError as exc:
-            self.broken[key] = describe(exc)
-            self.writers[key].abort()
-            self._write_error(exc)
+        writer = self.writers[key]
+        writer.append(block, stream=False)
+        if writer.full:  # a long trajectory: its frames go to the file on the writer thread
+            streams = self.streams.setdefault(key, [])
+            while len(streams) >= MAX_STREAMS:  # bounded memory: wait for the oldest
+                streams.pop(0).result()
+            streams.append(self.pool.submit(self._stream, key, writer, writer.detach()))
+            self.pending.append(streams[-1])
+        self._reap()
         self._check()
 
+    def _stream(self, key, writer, blocks):
+        """On the writer thread: append ``blocks`` to ``key``'s trajectory file; a write error
+        breaks that trajectory (its structure fails) and, for a full disk, the run."""
+        if key in self.broken:
+            return
+        try:
+            writer.write_blocks(blocks)
+        except OSError as exc:
+            self.broken[key] = describe(exc)
+            writer.abort()
+            self._write_error(exc)
+
     def end(self, key, result):
+        self.streams.pop(key, None)
         writer = self.writers.pop(key)
         self.in_flight.add(writer)
         self.pending.append(self.pool.submit(self._finish, key, writer, result))
