@@ -15,7 +15,7 @@ from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.io import read
 from ase.optimize import BFGS as AseBFGS
-from conftest import EXAMPLES, rattled_cluster
+from conftest import EXAMPLES, rattled_cluster, structure_from_atoms
 from test_batch import compact_cluster, mixed_structures
 from test_optimizers import cluster, crystal, lj13_start, molopt_relax
 from typer.testing import CliRunner
@@ -256,3 +256,24 @@ def test_tail_compaction_moves_hessians_into_smaller_blocks(argon):
     assert {shape[0] for shape in engine.shapes_seen} == {96, 12}  # padded atoms: compacted
     assert results[0].steps < min(results[1].steps, results[2].steps)
     assert_as_alone(results, items, settings, argon)
+
+
+def test_a_structure_whose_hessian_does_not_fit_fails_alone(argon):
+    """BFGS's dense Hessian is counted in the memory estimate: a 2,048-atom cluster needs
+    (3 x 2,048)^2 doubles, three times over, about 0.9 GB: under a 500 MB limit it fails alone
+    with the reason, before anything is built, and a small cluster beside it relaxes."""
+    from ase.build import bulk
+
+    big = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((8, 8, 8))
+    big.pbc = False
+    assert len(big) == 2048
+    items = [
+        ("big", structure_from_atoms(big)),
+        ("small", structure_from_atoms(cluster())),
+    ]
+    settings = EngineSettings(optimizer="bfgs", fmax=0.01, steps=500, max_memory=500 * 2**20)
+    results = {r.key: r for r in relax_structures(items, argon, settings)}
+    assert results["big"].status == "failed"
+    assert "memory" in results["big"].error and "--max-memory" in results["big"].error
+    assert results["small"].status == "converged"
+    assert BFGS().state_bytes([2048, 10], 8) == 3 * 2 * (3 * 2048) ** 2 * 8

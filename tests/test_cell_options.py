@@ -87,7 +87,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["fire", "lbfgs", "bfgs"])
+# BFGS's cell path is the same filter code (tests/test_bfgs.py has it with FrechetCellFilter):
+# its nine cases run with -m slow
+@pytest.mark.parametrize("name", ["fire", "lbfgs", pytest.param("bfgs", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_ase_filter_options(argon, name, case):
     options, ase_options, make = CASES[case]

@@ -454,7 +454,17 @@ def assert_as_ase(result, ref, ref_steps, tol=1e-8):
     np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=tol)
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "fire2", "lbfgs", "bfgs"])
+# FIRE2 and BFGS take the same constraint code (the kernel's) as FIRE and LBFGS: run with
+# -m slow (about 35 s on two cores, kept out of CI's 20 minutes)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "fire",
+        pytest.param("fire2", marks=pytest.mark.slow),
+        "lbfgs",
+        pytest.param("bfgs", marks=pytest.mark.slow),
+    ],
+)
 def test_constraints_with_a_variable_cell_as_ase(argon, optimizer):
     """Every constraint while the cell relaxes, all in one batch, each step for step as ASE's
     FrechetCellFilter on that structure alone (ASE sets the new cell, then the constraints act

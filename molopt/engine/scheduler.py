@@ -313,7 +313,13 @@ class Engine:
         """Estimated bytes of a batch of ``items`` (:mod:`molopt.engine.memory`)."""
         atoms = sum(it.structure.n_atoms for it in items)
         neighbours = max(self.neighbours[it.key] for it in items)
-        return memory.bytes_for(atoms, neighbours, self.potential, self.dtype)
+        need = memory.bytes_for(atoms, neighbours, self.potential, self.dtype)
+        state_bytes = getattr(self.program.optimizer, "state_bytes", None)
+        if state_bytes is not None:  # e.g. BFGS's dense Hessians, quadratic in the atoms
+            cell_rows = 3 if self.program.variable_cell else 0
+            rows = [it.structure.n_atoms + cell_rows for it in items]
+            need += state_bytes(rows, np.dtype(self.dtype).itemsize)
+        return need
 
     def _fail(self, item: Item, reason: str, results: list) -> None:
         """Report ``item`` failed with ``reason`` without relaxing it (further)."""

@@ -95,6 +95,16 @@ class BFGS:
             )
         return dataclasses.replace(self, system_rows=block_rows(largest_rows))
 
+    def state_bytes(self, rows: list[int], itemsize: int) -> int:
+        """Bytes a batch of systems with ``rows`` rows each needs for their dense Hessians
+        (blocks sized to the largest), with the eigendecomposition's temporaries (x3): the
+        engine's memory estimate adds it, so that a system too large for the memory fails
+        alone with the reason instead of exhausting it."""
+        if not rows:
+            return 0
+        dim = 3 * block_rows(max(rows))
+        return 3 * len(rows) * dim * dim * itemsize
+
     def init(self, n_rows: int, n_systems: int, dtype) -> BfgsState:
         dim = 3 * (self.system_rows or n_rows)
         return BfgsState(
