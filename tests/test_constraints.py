@@ -87,7 +87,9 @@ def molopt_relax(items, potential, optimizer, fmax, steps=2000, **kw):
     return {r.key: r for r in relax_structures(items, potential, settings)}
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "fire2", "lbfgs", "bfgs"])
+@pytest.mark.parametrize(
+    "optimizer", ["fire", pytest.param("fire2", marks=pytest.mark.slow), "lbfgs", "bfgs"]
+)
 @pytest.mark.parametrize("name", list(CASES))
 def test_constraint_parity_with_ase(argon, name, optimizer):
     atoms = constrained(name)
@@ -525,7 +527,9 @@ def wurtzite():
     return atoms
 
 
-@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+@pytest.mark.parametrize(
+    "optimizer", ["fire", "lbfgs", pytest.param("bfgs", marks=pytest.mark.slow)]
+)
 def test_rattled_rutile_and_wurtzite_keep_their_space_group_as_ase(optimizer):
     """FixSymmetry + FrechetCellFilter with EMT, molopt's EMT beside ASE's: the rattled cells
     (P1 at 1e-5 A) are refined to their group, relax step for step as ASE's (one batch), and
