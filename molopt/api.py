@@ -109,17 +109,7 @@ def relax(
         if keep:
             s = symmetry.prepare(s, symmetry.DEFAULT_SYMPREC if symprec is None else symprec)
         if varying - {"fix_symmetry"}:
-            own = validated(k)
-            s = dataclasses.replace(
-                s,
-                cell_options=CellOptions(
-                    mask=own.cell_mask,
-                    pressure=own.pressure,
-                    stress=own.stress,
-                    hydrostatic=own.hydrostatic,
-                    constant_volume=own.constant_volume,
-                ),
-            )
+            s = dataclasses.replace(s, cell_options=CellOptions.of(validated(k)))
         structures[k] = s
     items = list(enumerate(structures))
     results = {r.key: r for r in relax_structures(items, pot, settings)}

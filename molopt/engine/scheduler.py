@@ -134,14 +134,7 @@ class Engine:
             return None
         factor = np.ones(layout.n_systems, self.dtype)
         factor[: layout.n_real] = np.diff(layout.offsets)
-        s = self.settings
-        default = CellOptions(
-            mask=s.cell_mask,
-            pressure=s.pressure,
-            stress=s.stress,
-            hydrostatic=s.hydrostatic,
-            constant_volume=s.constant_volume,
-        )
+        default = CellOptions.of(self.settings)
         options = [it.structure.cell_options or default for it in items]
         return cellfilter.make_reference(cells, factor, np.asarray(batch.pbc), self.dtype, options)
 

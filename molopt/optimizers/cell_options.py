@@ -117,6 +117,18 @@ class CellOptions:
     hydrostatic: bool = False
     constant_volume: bool = False
 
+    @classmethod
+    def of(cls, settings) -> CellOptions:
+        """The cell options of engine settings (:class:`molopt.engine.EngineSettings`: eV/A^3
+        and Voigt tuples already)."""
+        return cls(
+            mask=settings.cell_mask,
+            pressure=settings.pressure,
+            stress=settings.stress,
+            hydrostatic=settings.hydrostatic,
+            constant_volume=settings.constant_volume,
+        )
+
     def target(self) -> np.ndarray:
         """The (3, 3) target stress, eV/A^3, ASE's sign."""
         target = -float(self.pressure) * np.eye(3)
