@@ -120,18 +120,24 @@ def test_sevennet_l3i5_within_targets(precision):
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
-def test_relaxations_equal_ase_fire_with_sevenn():
-    """From the same rattled starts (10 structures: oxides, a fluoride, a semiconductor, a
-    metal, a slab with an adsorbate, molecules), molopt's FIRE with SevenNet-0 in float64 and
-    ASE's FIRE with sevenn's calculator (data/sevennet/make_relax_reference.py) take the same
-    number of steps to fmax 0.005 eV/A and end at the same minimum. Measured: RMSD <= 1.3e-6
-    A, |dE| <= 4.7e-7 eV/atom (the issue's targets: 1e-3 A, 1e-4 eV/atom)."""
+#: the default suite's share of the relaxation comparison (one of each kind: an oxide, a
+#: metal, a molecule); all ten run with ``-m slow`` (the same code: 110 s against 25 s of CI)
+QUICK_RELAXATIONS = ("rocksalt-MgO", "fcc-Cu", "molecule-H2O")
+
+
+def _relaxations_equal_ase_fire_with_sevenn(labels=None):
     import molopt
 
     frames = ase.io.read(ROOT / "data" / "sevennet" / "relax_reference.extxyz", ":")
-    starts, minima = frames[0::2], frames[1::2]
+    pairs = [
+        (start, minimum)
+        for start, minimum in zip(frames[0::2], frames[1::2], strict=True)
+        if labels is None or start.info["label"] in labels
+    ]
+    assert len(pairs) == (10 if labels is None else len(labels))
+    starts = [start for start, _ in pairs]
     relaxed = molopt.relax(starts, potential="sevennet-0", optimizer="fire", fmax=0.005)
-    for start, mine, theirs in zip(starts, relaxed, minima, strict=True):
+    for (start, theirs), mine in zip(pairs, relaxed, strict=True):
         shift = mine.positions - theirs.positions
         shift -= shift.mean(axis=0)
         rmsd = np.sqrt((shift**2).sum(axis=1).mean())
@@ -139,6 +145,22 @@ def test_relaxations_equal_ase_fire_with_sevenn():
         label = start.info["label"]
         assert mine.info["molopt_steps"] == theirs.info["steps"], label
         assert rmsd < 1e-5 and abs(de) < 1e-5, (label, rmsd, de)
+
+
+def test_relaxations_equal_ase_fire_with_sevenn():
+    """From the same rattled starts, molopt's FIRE with SevenNet-0 in float64 and ASE's FIRE
+    with sevenn's calculator (data/sevennet/make_relax_reference.py) take the same number of
+    steps to fmax 0.005 eV/A and end at the same minimum: an oxide, a metal and a molecule
+    here, all ten structures under ``-m slow``."""
+    _relaxations_equal_ase_fire_with_sevenn(QUICK_RELAXATIONS)
+
+
+@pytest.mark.slow
+def test_all_relaxations_equal_ase_fire_with_sevenn():
+    """All ten structures of the reference (oxides, a fluoride, a semiconductor, a metal, a
+    slab with an adsorbate, molecules). Measured: RMSD <= 1.3e-6 A, |dE| <= 4.7e-7 eV/atom
+    (the issue's targets: 1e-3 A, 1e-4 eV/atom)."""
+    _relaxations_equal_ase_fire_with_sevenn()
 
 
 def test_rotation_and_translation_invariance(sevennet):
