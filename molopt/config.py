@@ -258,7 +258,7 @@ def reject_unknown(data: dict, known, path, what: str) -> None:
 
 #: Flags that set one optimizer option: they update the config's ``[optimizer]`` table key by
 #: key (an option the file sets and the flag does not is kept).
-OPTION_FLAGS = ("maxstep",)
+OPTION_FLAGS = ("maxstep", "dmax")
 
 
 def build(config: str | None = None, **flags) -> RunSettings:

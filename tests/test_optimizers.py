@@ -184,3 +184,95 @@ def test_batch_relaxes_each_system_as_if_alone(argon):
         np.testing.assert_allclose(
             together[key].structure.positions, alone.structure.positions, atol=1e-9
         )
+
+
+class _EachAtomCapped(Atoms):
+    """Atoms whose moves are capped atom by atom at ``dmax`` when an optimizer sets new
+    positions: with ASE's FIRE at a whole-step cap that never applies, the per-atom rule of
+    molopt's ``dmax`` (LAMMPS's), written independently of molopt's code."""
+
+    dmax = 0.05
+    capped = 0
+
+    def set_positions(self, newpositions, apply_constraint=True):
+        step = np.asarray(newpositions) - self.positions
+        norm = np.linalg.norm(step, axis=1, keepdims=True)
+        over = norm > self.dmax
+        type(self).capped += int(over.sum())
+        step = np.where(over, step * self.dmax / np.where(over, norm, 1.0), step)
+        super().set_positions(self.positions + step, apply_constraint)
+
+
+@pytest.mark.parametrize("make", [cluster, crystal])
+def test_fire_dmax_equals_ase_fire_with_each_atom_capped(argon, make):
+    """``dmax`` against a reference: ASE's FIRE moving atoms capped one by one (its own
+    whole-step cap out of reach). Same steps, same minimum; the cap was hit."""
+    atoms = make()
+    atoms.rattle(0.25, seed=11)  # long first moves, so that the cap is hit
+    reference = _EachAtomCapped(atoms)
+    reference.calc = AseLJ(epsilon=0.0104, sigma=3.40, rc=8.5)
+    _EachAtomCapped.capped = 0
+    opt = FIRE(reference, maxstep=1e9, logfile=None)
+    opt.run(fmax=1e-3, steps=5000)
+    assert _EachAtomCapped.capped > 0
+    result = molopt_relax(atoms, argon, "fire", fmax=1e-3, optimizer_options=(("dmax", 0.05),))
+    assert result.status == "converged"
+    assert result.steps == opt.nsteps
+    assert result.energy == pytest.approx(reference.get_potential_energy(), abs=1e-8)
+    np.testing.assert_allclose(result.structure.positions, reference.positions, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fire", "fire2"])
+def test_dmax_caps_each_row_alone(name):
+    """One step with large forces: no row moves more than dmax, a row under it moves as with
+    no cap at all, and a capped row keeps its direction."""
+    import jax.numpy as jnp
+
+    from molopt.optimizers import optimizer_class
+    from molopt.optimizers.rows import Rows
+
+    cls = optimizer_class(name)
+    rows = Rows(jnp.asarray([0, 0, 0, 1, 1, 2], jnp.int32), 2)  # the last row is padding
+    forces = jnp.asarray(
+        [[3.0, 0, 0], [0, 0.01, 0], [0.5, -0.5, 0.2], [0, 0, 0.02], [-4.0, 1.0, 0], [0, 0, 0]]
+    )
+    x = jnp.zeros((6, 3))
+    active = jnp.asarray([True, True])
+    free = cls(maxstep=1e9)
+    capped = cls(maxstep=1e9, dmax=0.05)
+    # two steps: the first starts the velocities, the second moves with them
+    s_free, s_capped = free.init(6, 2, x.dtype), capped.init(6, 2, x.dtype)
+    for _ in range(2):
+        s_free, d_free, _ = free.step(s_free, x, forces, active, rows)
+        s_capped, d_capped, _ = capped.step(s_capped, x, forces, active, rows)
+    d_free, d_capped = np.asarray(d_free), np.asarray(d_capped)
+    n_free, n_capped = np.linalg.norm(d_free, axis=1), np.linalg.norm(d_capped, axis=1)
+    assert n_capped.max() <= 0.05 * (1 + 1e-12)
+    small = n_free < 0.05
+    assert small.any() and (~small).any()
+    np.testing.assert_array_equal(d_capped[small], d_free[small])
+    big = ~small
+    np.testing.assert_allclose(
+        d_capped[big], d_free[big] * (0.05 / n_free[big])[:, None], rtol=1e-12
+    )
+
+
+def test_batch_with_dmax_relaxes_each_system_as_if_alone(argon):
+    a, b = cluster(), crystal()
+    settings = EngineSettings(optimizer="fire2", fmax=1e-3, optimizer_options=(("dmax", 0.1),))
+    items = [(k, structure_from_atoms(x)) for k, x in enumerate((a, b))]
+    together = {r.key: r for r in relax_structures(items, argon, settings)}
+    for key, s in items:
+        (alone,) = relax_structures([(key, s)], argon, settings)
+        assert together[key].status == "converged"
+        assert together[key].steps == alone.steps
+        np.testing.assert_array_equal(together[key].structure.positions, alone.structure.positions)
+
+
+def test_dmax_flag_reaches_fire_and_is_refused_elsewhere():
+    from molopt import config as cfg
+
+    settings = cfg.build(None, optimizer="fire2", dmax=0.1)
+    assert settings.optimizer_options == {"dmax": 0.1}
+    with pytest.raises(cfg.ConfigError, match="dmax do not apply to lbfgs"):
+        cfg.build(None, optimizer="lbfgs", dmax=0.1)

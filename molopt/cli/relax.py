@@ -111,6 +111,14 @@ def relax(
     maxstep: Annotated[
         float | None, typer.Option(help="Optimizer max step (A). [default: as in ASE, 0.2]")
     ] = None,
+    dmax: Annotated[
+        float | None,
+        typer.Option(
+            help="fire/fire2: cap each atom's move alone at this length (A; LAMMPS's dmax) "
+            "instead of the whole step's norm at --maxstep; the fast route for large "
+            "crystals. [default: none, ASE's rule]",
+        ),
+    ] = None,
     config: Annotated[
         str | None,
         typer.Option(

@@ -5,6 +5,7 @@ counter are per system."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -36,11 +37,28 @@ def _initial_fields(optimizer, n_rows: int, n_systems: int, dtype, alpha: float)
     )
 
 
+def _capped(dr, maxstep: float, dmax: float, rows: Rows):
+    """ASE's cap: the whole step of each system scaled so that its norm is at most
+    ``maxstep``; or, with a finite ``dmax`` (LAMMPS's ``dmax``), each row's move scaled
+    alone so that no atom moves more than ``dmax``."""
+    if math.isfinite(dmax):
+        norm = jnp.sqrt(jnp.sum(dr * dr, axis=1, keepdims=True))
+        return dr * jnp.where(norm > dmax, dmax / jnp.where(norm > 0, norm, 1.0), 1.0)
+    norm = jnp.sqrt(rows.dot(dr, dr))
+    scale = jnp.where(norm > maxstep, maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return dr * rows.expand(scale)
+
+
 @dataclass(frozen=True)
 class FIRE:
     """ASE ``FIRE`` defaults: dt 0.1, maxstep 0.2 A (norm of the whole step), dtmax 1.0,
     Nmin 5, finc 1.1, fdec 0.5, astart 0.1, fa 0.99, a 0.1. As in ASE, ``a`` is the mixing
-    parameter alpha at the start and ``astart`` the value it is reset to on uphill power."""
+    parameter alpha at the start and ``astart`` the value it is reset to on uphill power.
+
+    ``dmax`` (not in ASE; LAMMPS's ``min_modify dmax``): when finite, each row (an atom, or
+    a cell row with a variable cell) is capped alone at ``dmax`` A instead of the whole step
+    at ``maxstep``. ASE's whole-step cap slows a large crystal: one atom's long move shortens
+    every atom's (W2, 32,000 atoms: 241 steps, against 74 with ``dmax`` 0.1)."""
 
     dt: float = 0.1
     maxstep: float = 0.2
@@ -51,6 +69,7 @@ class FIRE:
     astart: float = 0.1
     fa: float = 0.99
     a: float = 0.1
+    dmax: float = math.inf
 
     name = "fire"
 
@@ -82,10 +101,7 @@ class FIRE:
         v = jnp.where(rows.expand(positive), mixed, v)
         v = jnp.where(rows.expand(reset), 0.0, v)
         v = v + rows.expand(dt) * forces
-        dr = rows.expand(dt) * v
-        norm = jnp.sqrt(rows.dot(dr, dr))
-        scale = jnp.where(norm > self.maxstep, self.maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
-        dr = dr * rows.expand(scale)
+        dr = _capped(rows.expand(dt) * v, self.maxstep, self.dmax, rows)
         new = FireState(v, dt, alpha, n_positive, jnp.ones_like(state.started))
         new = select_state(active, new, state, rows)
         return new, jnp.where(rows.expand(active), dr, 0.0), jnp.ones_like(active)
@@ -113,6 +129,9 @@ class FIRE2:
     makes the semi-implicit Euler move within the same step; here the back-off is its own
     call (``completes_step`` False: no step counted, no convergence test), so the batch still
     evaluates forces once per call.
+
+    ``dmax``: as for :class:`FIRE` (the half step back is not capped, as ASE does not cap
+    it); with ``dmax`` 0.1 this is close to LAMMPS's default ``min_style fire``.
     """
 
     dt: float = 0.1
@@ -124,6 +143,7 @@ class FIRE2:
     fdec: float = 0.5
     astart: float = 0.25
     fa: float = 0.99
+    dmax: float = math.inf
 
     name = "fire2"
 
@@ -158,10 +178,7 @@ class FIRE2:
         mixed = (1.0 - a) * euler_v + a * forces / rows.expand(jnp.sqrt(safe_f2)) * rows.expand(
             jnp.sqrt(v2)
         )
-        dr = rows.expand(dt) * mixed
-        norm = jnp.sqrt(rows.dot(dr, dr))
-        scale = jnp.where(norm > self.maxstep, self.maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
-        dr = dr * rows.expand(scale)
+        dr = _capped(rows.expand(dt) * mixed, self.maxstep, self.dmax, rows)
 
         new_v = jnp.where(rows.expand(reset), 0.0, mixed)
         displacement = jnp.where(rows.expand(reset), back, dr)
