@@ -291,3 +291,34 @@ def test_ghost_form_lists_the_same_pairs(monkeypatch):
     host = N.build(pos, cells, np.asarray(batch.pbc), layout, 8.5, 1.0)
     assert host.ghost_source.shape == (0,)
     assert np.array_equal(host.ext_index[host.mask], host.index[host.mask])
+
+
+def test_pairs_in_any_order_give_the_same_lists(monkeypatch):
+    """Pairs grouped by atom (as vesin gives them for large cells) skip the build's sort;
+    pairs in any other order are sorted. Both give the lists of vesin's own order, pair for
+    pair, with the same capacity and ghost shapes."""
+    atoms = bulk("Ar", "fcc", a=5.26).repeat((2, 2, 2))
+    atoms.rattle(0.2, seed=4)
+    s = structure_from_atoms(atoms)
+    _, pos, cells, layout = B.pack([s], {18: 0}, np.float64)
+    pbc = np.array([s.pbc] + [[False] * 3])
+    reference = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+    original = N._system_pairs
+
+    def reordered(how):
+        def pairs(positions, cell, pbc, cutoff):
+            i, j, shifts, full = original(positions, cell, pbc, cutoff)
+            if how == "grouped":
+                order = np.argsort(i, kind="stable")
+            else:
+                order = np.random.default_rng(0).permutation(len(i))
+            assert (np.all(np.diff(i[order]) >= 0)) == (how == "grouped")
+            return i[order], j[order], shifts[order], full
+
+        return pairs
+
+    for how in ("grouped", "shuffled"):
+        monkeypatch.setattr(N, "_system_pairs", reordered(how))
+        other = N.build(pos, cells, pbc, layout, 8.5, 1.0)
+        assert pairs_of(other, layout, 0) == pairs_of(reference, layout, 0), how
+        assert other.capacity == reference.capacity and other.shapes == reference.shapes
