@@ -52,13 +52,19 @@ def listen(event, duration, **kwargs):
         phases[EVENTS[event]] += duration
 jax.monitoring.register_event_duration_secs_listener(listen)
 
-inner = [0.0]  # seconds of timed phases inside the call being timed (counted exclusively)
+counts = collections.Counter()
+# (seconds, compile seconds) of timed calls inside the call being timed: each phase is
+# counted exclusively, and compiling under the call that compiled
+inner = [(0.0, 0.0)]
+
+def compiled_so_far():
+    return sum(phases[k] for k in EVENTS.values())
 
 def timed(owner, name, phase, block=False):
     original = getattr(owner, name)
     def wrapper(*args, **kwargs):
-        compiled = sum(phases[k] for k in EVENTS.values())
-        outer, inner[0] = inner[0], 0.0
+        compiled = compiled_so_far()
+        outer, inner[0] = inner[0], (0.0, 0.0)
         t = time.perf_counter()
         try:
             out = original(*args, **kwargs)
@@ -66,10 +72,11 @@ def timed(owner, name, phase, block=False):
                 jax.block_until_ready(out)
         finally:
             spent = time.perf_counter() - t
-            nested = inner[0]
-            inner[0] = outer + spent
-        # what traced or compiled is counted under its own name, nested phases under theirs
-        phases[phase] += spent - nested - (sum(phases[k] for k in EVENTS.values()) - compiled)
+            nested, nested_compile = inner[0]
+            own_compile = compiled_so_far() - compiled - nested_compile
+            phases[phase] += spent - nested - own_compile
+            counts[phase] += 1
+            inner[0] = (outer[0] + spent, outer[1] + nested_compile + own_compile)
         return out
     setattr(owner, name, wrapper)
 
@@ -94,7 +101,7 @@ end = time.time()
 phases["other (command)"] = (end - imported) - sum(
     v for k, v in phases.items() if k != "imports"
 )
-print("PHASES " + json.dumps({"end": end, "phases": phases}), flush=True)
+print("PHASES " + json.dumps({"end": end, "phases": phases, "calls": counts}), flush=True)
 startup.leave(code)  # and ends the process as it does
 """
 
@@ -116,9 +123,11 @@ def main() -> None:
     phases["exit"] = done - report["end"]
     phases = {k: round(v, 3) for k, v in phases.items()}
     wall = round(done - start, 3)
-    print(json.dumps({"command": argv, "wall_s": wall, "phases_s": phases}))
+    calls = report["calls"]
+    print(json.dumps({"command": argv, "wall_s": wall, "phases_s": phases, "calls": calls}))
     for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
-        print(f"{name:>18}  {seconds:7.3f} s  {100 * seconds / wall:5.1f}%")
+        times = f"  ({calls[name]} calls)" if name in calls else ""
+        print(f"{name:>18}  {seconds:7.3f} s  {100 * seconds / wall:5.1f}%{times}")
     print(f"{'wall':>18}  {wall:7.3f} s")
 
 
