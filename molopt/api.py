@@ -51,7 +51,9 @@ def relax(
     structure's space group (ASE's ``FixSymmetry``, ``symprec`` A). With a list of
     structures, each of ``pressure``, ``cell_mask``, ``hydrostatic``, ``constant_volume``,
     ``stress`` and ``fix_symmetry`` may be a list with one value per structure (each
-    structure then relaxes with its own, in the same batch). The inputs are not modified;
+    structure then relaxes with its own, in the same batch). Other keywords are optimizer
+    options: ``maxstep``, and for ``fire``/``fire2`` ``dmax`` (each atom's move capped alone,
+    LAMMPS's rule: the fast route for large crystals). The inputs are not modified;
     the outputs carry energy, forces and (periodic) stress in a SinglePointCalculator and
     ``info['molopt_status']``, ``info['molopt_steps']``, ``info['molopt_fmax']``. Raises
     :class:`~molopt.errors.ConfigError` for invalid settings (checked as ``molopt relax``
