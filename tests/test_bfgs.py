@@ -229,7 +229,9 @@ def test_batch_of_mixed_sizes_equals_each_alone(argon, monkeypatch):
     assert_as_alone(results, items, settings, argon)
 
 
-@pytest.mark.parametrize("relax_cell", [False, True])
+@pytest.mark.parametrize(
+    "relax_cell", [False, pytest.param(True, marks=pytest.mark.slow)]
+)  # (CI time: the variable-cell refill runs with -m slow; test_batch.py refills cells)
 def test_refilled_batches_equal_relaxing_alone(argon, relax_cell):
     """Systems leave, queued ones take their places with a fresh Hessian, and the running
     ones move into the new batch with theirs (a block of another size)."""

@@ -168,6 +168,7 @@ def test_gradient_with_respect_to_network_weights():
     assert g == pytest.approx(fd, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow  # CI time (30 s); the other molopt fit tests run by default
 def test_fit_recovers_known_parameters(tmp_path):
 
     truth = argon(epsilon=0.0120, sigma=3.30)
