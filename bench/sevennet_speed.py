@@ -34,6 +34,16 @@ atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True).repeat({reps})
 atoms.rattle(0.05, seed=1)
 """
 
+#: one untimed call (molopt: compiling), then the timed ones; each tool's code defines call(k)
+TIMING = """
+t = time.perf_counter(); call(0); first = time.perf_counter() - t
+times = []
+for k in range(1, {samples} + 1):
+    t = time.perf_counter(); call(k); times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"call_s": statistics.median(times), "first_s": first, "rss_mib": peak}}))
+"""
+
 MOLOPT = (
     STRUCTURE
     + """
@@ -54,13 +64,8 @@ c = jnp.asarray(cells)
 def call(k):
     p = base + (1e-4 if k % 2 else 0.0)  # a new position array each call
     jax.block_until_ready(evaluate_once(p, c, batch, nbrs, potential, True))
-t = time.perf_counter(); call(0); first = time.perf_counter() - t
-times = []
-for k in range(1, {samples} + 1):
-    t = time.perf_counter(); call(k); times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"call_s": statistics.median(times), "first_s": first, "rss_mib": peak}}))
 """
+    + TIMING
 )
 
 SEVENN = (
@@ -73,13 +78,8 @@ base = atoms.positions.copy()
 def call(k):
     atoms.positions = base + (1e-4 if k % 2 else 0.0)
     atoms.get_forces(); atoms.get_stress()
-t = time.perf_counter(); call(0); first = time.perf_counter() - t
-times = []
-for k in range(1, {samples} + 1):
-    t = time.perf_counter(); call(k); times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"call_s": statistics.median(times), "first_s": first, "rss_mib": peak}}))
 """
+    + TIMING
 )
 
 
