@@ -307,6 +307,7 @@ def test_api_takes_the_cell_options(argon):
         molopt.relax(atoms, "argon", hydrostatic=True)
 
 
+@pytest.mark.slow  # 16 s; by default test_api_takes_the_cell_options and the batch tests
 def test_api_takes_cell_options_per_structure(argon):
     """A list of values gives each structure its own options, in one batch, each as if it
     were relaxed alone with them; a list of the wrong length is a ConfigError."""

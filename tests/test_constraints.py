@@ -456,12 +456,13 @@ def assert_as_ase(result, ref, ref_steps, tol=1e-8):
     np.testing.assert_allclose(result.structure.cell, ref.cell.array, atol=tol)
 
 
-# FIRE2 and BFGS take the same constraint code (the kernel's) as FIRE and LBFGS: run with
-# -m slow (about 35 s on two cores, kept out of CI's 20 minutes)
+# FIRE, FIRE2 and BFGS take the same constraint code (the kernel's) as LBFGS: run with -m slow
+# (about 45 s on two cores, kept out of CI's 20 minutes; test_constraint_parity_with_ase runs
+# every constraint under FIRE with a fixed cell by default)
 @pytest.mark.parametrize(
     "optimizer",
     [
-        "fire",
+        pytest.param("fire", marks=pytest.mark.slow),
         pytest.param("fire2", marks=pytest.mark.slow),
         "lbfgs",
         pytest.param("bfgs", marks=pytest.mark.slow),
@@ -560,6 +561,7 @@ def test_rattled_rutile_and_wurtzite_keep_their_space_group_as_ase(optimizer):
         assert not np.allclose(results[name].structure.cell, start.cell, atol=1e-3)
 
 
+@pytest.mark.slow  # 17 s; by default test_batch_of_different_constraints_equals_each_alone
 def test_one_batch_mixing_constraints_symmetry_and_cell_options(argon):
     """Each structure its own cell options, constraints or symmetry, in one batch, each step
     for step as ASE on that structure alone; a target stress tensor (which ASE lacks) equal to

@@ -296,6 +296,7 @@ def test_fit_angle_of_a_two_element_trimer(tmp_path):
     assert (sigma["Ne"], sigma["Kr"]) == pytest.approx((2.749, 3.60), rel=1e-12)  # not in it
 
 
+@pytest.mark.slow  # 17 s; the other `molopt fit` tests run the same code by default
 def test_fit_relative_energy_of_relaxed_structures(tmp_path):
     """relative_energy = E(relaxed a) - E(relaxed b): for an Ar triangle and an Ar dimer,
     ASE's Lennard-Jones energies of both relaxed by ASE, = 2 (-epsilon - V(cutoff)). That is

@@ -87,7 +87,7 @@ def test_batch_equals_single_and_padding(small_model):
     assert np.all(np.asarray(atomic)[s.n_atoms :] == 0.0)
 
 
-@pytest.mark.parametrize("rows_per_group", [1, 3])
+@pytest.mark.parametrize("rows_per_group", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_message_slot_groups_equal_all_at_once(small_model, rows_per_group, monkeypatch):
     """On CPU large neighbour tables are summed over groups of slots in a checkpointed scan:
     the same energies, forces, dE/dstrain and parameter gradients of a force loss (the

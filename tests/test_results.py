@@ -343,7 +343,16 @@ def test_every_readme_example_is_checked():
     assert text.count("```python") == len(names)  # no Python block escapes the checks
 
 
-@pytest.mark.parametrize("code", readme_examples(), ids=lambda c: c.splitlines()[0][11:])
+def _example_params():
+    """The README's examples; the differentiable one (18 s: it fits, then relaxes) runs with
+    ``-m slow``, test_differentiable.py checks the same API by default."""
+    for code in readme_examples():
+        name = code.splitlines()[0][11:]
+        marks = pytest.mark.slow if name == "differentiable" else ()
+        yield pytest.param(code, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("code", list(_example_params()))
 def test_readme_examples_run(results, code):
     """Each Python example in the README runs as written, and what it prints is right."""
     proc = subprocess.run(

@@ -99,14 +99,25 @@ def test_float64_within_targets_of_sevenn_as_users_run_it(reference, float64_res
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
-def test_float32_within_targets(sevennet, reference):
-    structures = [structure_from_atoms(a) for a in reference]
+def _float32_within_targets(sevennet, frames):
+    structures = [structure_from_atoms(a) for a in frames]
     results = evaluate_structures(structures, sevennet, stress=True, precision="float32")
-    de, df, ds = _errors(reference, results, "f32")
+    de, df, ds = _errors(frames, results, "f32")
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
-@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_float32_within_targets(sevennet, reference):
+    """molopt float32 against sevenn float32: every third reference structure here (the
+    float64 tests cover all 171), all of them with ``-m slow``."""
+    _float32_within_targets(sevennet, reference[::3])
+
+
+@pytest.mark.slow
+def test_float32_within_targets_on_every_structure(sevennet, reference):
+    _float32_within_targets(sevennet, reference)
+
+
+@pytest.mark.parametrize("precision", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_sevennet_l3i5_within_targets(precision):
     """SevenNet-l3i5 (features to l = 3, polynomial envelope) converts with the same code:
     six structures against sevenn's float32 calculator (data/sevennet/make_reference_l3i5.py;
