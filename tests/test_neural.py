@@ -857,3 +857,40 @@ def test_gfn2_test_molecules_never_seen_in_training():
     assert not shared, [n for n, h in test.items() if h in shared]
     # the hash tells molecules apart: isomers in the test set get distinct hashes
     assert len(set(test.values())) == len(test)
+
+
+def test_refit_energy_offsets_recovers_the_data_zero_level(tmp_path, small_model):
+    """``refit_energy_offsets`` (fine-tuning onto data from another code or method): labels
+    that are the starting model's energies plus known per-element offsets give back those
+    offsets by least squares, and the model then reproduces the labels."""
+    from molopt.training.data import Labelled
+    from molopt.training.train import TrainConfig, Trainer
+
+    init = load(str(save_neural(small_model, tmp_path / "start", "start", {"description": "t"})))
+    model = init.potential
+    structures = []
+    for n_gold in range(4):  # four compositions of a 4-atom fcc cell: Cu4 ... CuAu3
+        atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+        atoms.numbers[:n_gold] = 79
+        atoms.rattle(0.05, seed=n_gold)
+        structures.append(structure_from_atoms(atoms))
+    offsets = {29: 3.25, 79: -7.5}
+    data = []
+    for s, (energy, forces, _) in zip(
+        structures, evaluate_structures(structures, model), strict=True
+    ):
+        shift = sum(offsets[int(z)] for z in s.numbers)
+        data.append(Labelled(s, energy + shift, forces))
+    config = TrainConfig(
+        cutoff=4.5,
+        n_features=16,
+        n_radial=8,
+        n_layers=2,
+        precision="float64",
+        refit_energy_offsets=True,
+    )
+    trainer = Trainer(config, data, tmp_path / "out", valid=data[:1], init=init)
+    refitted = trainer.initial_model()
+    assert trainer.energy_offsets == pytest.approx({"Cu": 3.25, "Au": -7.5}, abs=1e-4)
+    for d, (energy, _, _) in zip(data, evaluate_structures(structures, refitted), strict=True):
+        assert energy == pytest.approx(d.energy, abs=1e-4)

@@ -41,9 +41,10 @@ def train(
     init: Annotated[
         str | None,
         typer.Option(
-            help="Fine-tune: start from this neural potential's weights (name or file), with "
-            "a fresh optimizer and schedule; the config must match its architecture. Give it "
-            "again with --resume to continue an interrupted fine-tuning."
+            help="Fine-tune: start from this PaiNN or SevenNet potential's weights (name or "
+            "file, e.g. sevennet-0), with a fresh optimizer and schedule; the config must match "
+            "its architecture. Give it again with --resume to continue an interrupted "
+            "fine-tuning."
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the config's epochs.")] = None,
@@ -59,7 +60,8 @@ def train(
         ),
     ] = False,
 ):
-    """Train a PaiNN potential; writes OUT/<name>.toml and OUT/<name>.eqx with a model card.
+    """Train a PaiNN potential, or fine-tune one or SevenNet (--init); writes OUT/<name>.toml
+    and its weights (OUT/<name>.eqx, or .npz for SevenNet) with a model card.
     An OUT that holds an earlier training is refused unless --resume or --overwrite."""
     from molopt.cli.display import TrainDisplay
 

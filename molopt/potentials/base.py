@@ -61,6 +61,12 @@ class PotentialMethods:
     def covers(self, numbers) -> bool:
         return not self.elements or set(int(z) for z in numbers) <= set(self.elements)
 
+    def for_training(self):
+        """The potential as training differentiates it with respect to its leaves: itself,
+        unless some leaves are constants of the architecture (they come back behind
+        ``stop_gradient``)."""
+        return self
+
     def evaluate(self, positions, cell, batch: Batch, nbrs: Neighbors, stress: bool) -> Evaluation:
         """Energy, forces and (if ``stress``) dE/dstrain by automatic differentiation.
 

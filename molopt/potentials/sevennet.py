@@ -115,6 +115,29 @@ class SevenNet(Potential):
             self.atomic_energies(positions, cell, batch, nbrs), batch.system_idx, cell.shape[0]
         )
 
+    def for_training(self):
+        """The model as training differentiates it: the architecture's constants (Wigner 3j
+        symbols, activation normalisations, average neighbour counts) behind
+        ``stop_gradient``, so only fitted weights move (their gradients are exactly zero)."""
+        weights = {
+            k: jax.lax.stop_gradient(v) if is_constant(k) else v for k, v in self.weights.items()
+        }
+        return eqx.tree_at(lambda m: m.weights, self, weights)
+
+    def with_energy_offsets(self, offsets):
+        """This model with ``offsets`` (eV, one per element in species order) added to each
+        atom's energy: the per-element shift."""
+        weights = dict(self.weights)
+        shift = weights["shift"]
+        weights["shift"] = shift + jnp.asarray(offsets, shift.dtype)
+        return eqx.tree_at(lambda m: m.weights, self, weights)
+
+
+def is_constant(key: str) -> bool:
+    """Whether the weights entry ``key`` is fixed by the architecture rather than fitted (the
+    converter stores these in float64, the fitted weights in float32 as trained)."""
+    return key.startswith(("w3j/", "act/")) or key.endswith("/denominator")
+
 
 def _linear(x: dict, weights: dict, prefix: str) -> dict:
     """e3nn ``o3.Linear`` without biases on per-l features: (A, 2l+1, in_l) -> out_l."""
@@ -284,6 +307,49 @@ def load_sevennet(data: dict, path: Path):
         blocks=blocks,
         weights={k: jnp.asarray(v) for k, v in arrays.items()},
     )
+
+
+def save_sevennet(
+    model: SevenNet, directory: Path, name: str, card: dict, base: SevenNet, base_card: dict
+) -> Path:
+    """Write ``<name>.npz`` and its card ``<name>.toml`` (each atomically) into ``directory``:
+    ``model`` fine-tuned from ``base``, whose card ``base_card`` gives the architecture,
+    reference and provenance carried over. Fitted weights are stored in float32, as the
+    converter stores them; the constants are ``base``'s, bit for bit (training in float32 may
+    have rounded them). The card's SHA-256 guards the weights as for every model."""
+    import os
+
+    import tomli_w
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        k: np.asarray(base.weights[k]) if is_constant(k) else np.asarray(v, np.float32)
+        for k, v in model.weights.items()
+    }
+    weights = directory / f"{name}.npz"
+    tmp = weights.with_name(f".{weights.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, weights)
+    full = {
+        "kind": "sevennet",
+        "name": name,
+        "reference": base_card.get("reference", ""),
+        "elements": [el.symbol(z) for z in model.elements],
+        "cutoff": model.cutoff,
+        "implicit": False,
+        "weights": weights.name,
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "n_parameters": sum(int(v.size) for k, v in arrays.items() if not is_constant(k)),
+        "architecture": base_card["architecture"],
+        "provenance": base_card.get("provenance", {}),
+    }
+    full.update(card)
+    toml_path = directory / f"{name}.toml"
+    tmp = toml_path.with_name(f".{toml_path.name}.tmp")
+    tmp.write_text(tomli_w.dumps(full))
+    os.replace(tmp, toml_path)
+    return toml_path
 
 
 def _check_shapes(arrays, numbers, blocks, n_basis, path):

@@ -46,6 +46,9 @@ class TrainConfig:
     # >0: validate, keep and write an exponential moving average of the weights (decay per
     # step, ramped up as (1 + step) / (10 + step) early on), not the raw weights
     ema_decay: float = 0.0
+    # fine-tuning (--init): first shift each element's energy so that the model's energies fit
+    # the data's by least squares (data from another method or code has other zero levels)
+    refit_energy_offsets: bool = False
     valid_fraction: float = 0.1
     patience: int = 40  # epochs without validation improvement
     checkpoint_every: int = 5
@@ -101,6 +104,8 @@ def make_loss(config: TrainConfig):
     import jax.numpy as jnp
 
     def predict(model, b):
+        model = model.for_training()
+
         def total(positions, strain):
             eye = jnp.eye(3, dtype=positions.dtype)
             sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
@@ -159,8 +164,9 @@ class Trainer:
         sources=(),
         init=None,
     ):
-        """``init``: a neural :class:`~molopt.potentials.registry.PotentialSpec` to start from
-        (fine-tuning): its weights, architecture and elements; a fresh optimizer and schedule."""
+        """``init``: a PaiNN or SevenNet :class:`~molopt.potentials.registry.PotentialSpec` to
+        start from (fine-tuning): its weights, architecture and elements; a fresh optimizer and
+        schedule."""
         from molopt import elements as el
 
         if config.keep not in ("best", "last"):
@@ -220,7 +226,10 @@ class Trainer:
         from molopt.potentials.neural.painn import PaiNN
 
         if self.init is not None:  # fine-tuning: its reference energies and scale too
-            return _cast(self.init.potential, self.dtype)
+            model = _cast(self.init.potential, self.dtype)
+            if self.config.refit_energy_offsets:
+                model = self._refit_energy_offsets(model)
+            return model
         reference = reference_energies(self.train_data, self.elements)
         forces = np.concatenate([d.forces.ravel() for d in self.train_data])
         scale = float(np.sqrt(np.mean(forces**2))) or 1.0
@@ -236,6 +245,29 @@ class Trainer:
             scale=scale,
         )
         return _cast(model, self.dtype)
+
+    def _refit_energy_offsets(self, model):
+        """``model`` with per-element energies added that fit its energies on the training
+        data to the labels by least squares (elements absent from the data: unchanged)."""
+        from molopt import elements as el
+        from molopt.training.evaluate import predict
+
+        precision = "float64" if self.dtype == np.float64 else "float32"
+        predicted = predict(model, self.train_data, precision)
+        residual = [d.energy - e for d, (e, _, _) in zip(self.train_data, predicted, strict=True)]
+        present = sorted({int(z) for d in self.train_data for z in d.structure.numbers})
+        counts = np.array(
+            [[np.sum(d.structure.numbers == z) for z in present] for d in self.train_data], float
+        )
+        solution, *_ = np.linalg.lstsq(counts, np.array(residual), rcond=None)
+        index = {z: k for k, z in enumerate(self.elements)}
+        offsets = np.zeros(len(self.elements))
+        for z, value in zip(present, solution, strict=True):
+            offsets[index[z]] = value
+        self.energy_offsets = {
+            el.symbol(z): float(v) for z, v in zip(present, solution, strict=True)
+        }
+        return model.with_energy_offsets(offsets.astype(self.dtype))
 
     def steps_per_epoch(self) -> int:
         return len(self.train_batches.plan(None))
@@ -463,6 +495,7 @@ class Trainer:
         from molopt.potentials.neural.io import save_neural
 
         c = self.config
+        sevennet = self.init is not None and self.init.kind == "sevennet"
         card = {
             "description": f"PaiNN trained on {c.reference_method} data "
             f"({len(self.train_data)} configurations)",
@@ -488,6 +521,18 @@ class Trainer:
                 "potential": self.init.name,
                 "weights_sha256": self.init.data.get("weights_sha256", ""),
             }
+            if getattr(self, "energy_offsets", None):
+                card["training"]["init"]["energy_offsets_eV"] = self.energy_offsets
+        if sevennet:
+            from molopt.potentials.sevennet import save_sevennet
+
+            card["description"] = (
+                f"SevenNet fine-tuned from {self.init.name} on {c.reference_method} data "
+                f"({len(self.train_data)} configurations)"
+            )
+            return save_sevennet(
+                self.best, self.out_dir, c.name, card, self.init.potential, self.init.data
+            )
         best = _cast(self.best, np.float32)
         return save_neural(best, self.out_dir, c.name, card)
 
@@ -500,18 +545,23 @@ def _fine_tuning(config: TrainConfig, spec) -> TrainConfig:
     from molopt import elements as el
     from molopt.potentials.neural.painn import PaiNN
 
-    if spec.kind != "neural":
-        raise ConfigError(f"--init {spec.name}: only a neural potential can be fine-tuned")
+    if spec.kind not in ("neural", "sevennet"):
+        raise ConfigError(
+            f"--init {spec.name}: only a neural potential (PaiNN or SevenNet) can be fine-tuned"
+        )
     model = spec.potential
-    if not isinstance(model, PaiNN):
+    own = {"cutoff": model.cutoff, "elements": tuple(el.symbol(z) for z in model.elements)}
+    if spec.kind == "sevennet":
+        painn = [k for k in ("n_features", "n_radial", "n_layers") if k in config.explicit]
+        if painn:
+            raise ConfigError(
+                f"--init {spec.name}: a SevenNet keeps its own architecture, but the config "
+                f"sets PaiNN's {', '.join(painn)}; remove them"
+            )
+    elif not isinstance(model, PaiNN):
         raise ConfigError(f"--init {spec.name}: not a PaiNN potential")
-    own = {
-        "cutoff": model.cutoff,
-        "n_features": model.n_features,
-        "n_radial": model.n_radial,
-        "n_layers": model.n_layers,
-        "elements": tuple(el.symbol(z) for z in model.elements),
-    }
+    else:
+        own.update(n_features=model.n_features, n_radial=model.n_radial, n_layers=model.n_layers)
     differ = []
     for key, value in own.items():
         if config.explicit and key not in config.explicit:

@@ -135,6 +135,12 @@ class PaiNN(Potential):
         self.reference = jnp.zeros(n) if reference is None else jnp.asarray(reference, float)
         self.scale = jnp.asarray(scale, float)
 
+    def with_energy_offsets(self, offsets):
+        """This model with ``offsets`` (eV, one per element in species order) added to its
+        per-element reference energies."""
+        offsets = jnp.asarray(offsets, self.reference.dtype)
+        return eqx.tree_at(lambda m: m.reference, self, self.reference + offsets)
+
     def atomic_energies(self, positions, cell, batch, nbrs):
         """(A,) eV; exactly zero on padding atoms."""
         dtype = positions.dtype
