@@ -1,4 +1,5 @@
-"""Training a PaiNN potential: per-element reference energies by least squares, then Adam
+"""Training a PaiNN potential, or fine-tuning one or SevenNet (``init``): per-element
+reference energies by least squares (fine-tuning: optionally refitted offsets), then Adam
 (optax) on a weighted energy/force/stress loss with a warm-up + cosine learning-rate schedule,
 early stopping on the validation loss, checkpoints every few epochs (and ``resume``), and the
 best model written as a potential file with its model card. Seeded and reproducible for a
@@ -490,7 +491,8 @@ class Trainer:
         os.replace(tmp, directory / "state.json")
 
     def write_potential(self, errors: dict | None = None) -> Path:
-        """The best model as ``<name>.toml`` + ``<name>.eqx`` with its model card."""
+        """The best model as ``<name>.toml`` + ``<name>.eqx`` (PaiNN) or ``<name>.npz``
+        (SevenNet) with its model card."""
         from molopt.io.read import file_sha256
         from molopt.potentials.neural.io import save_neural
 
@@ -530,6 +532,8 @@ class Trainer:
                 f"SevenNet fine-tuned from {self.init.name} on {c.reference_method} data "
                 f"({len(self.train_data)} configurations)"
             )
+            for key in ("n_features", "n_radial", "n_layers", "elements"):  # PaiNN's / 89
+                card["training"]["config"].pop(key, None)
             return save_sevennet(
                 self.best, self.out_dir, c.name, card, self.init.potential, self.init.data
             )
