@@ -353,3 +353,136 @@ def test_fine_tuning_from_sevennet_0_lowers_held_out_errors(tmp_path):
     history = json.loads((out / "checkpoints" / "state.json").read_text())["history"]
     assert history[-1]["valid_energy_mae_meV_per_atom"] < 100.0
     assert before["energy_mae_meV_per_atom"] > 10_000.0  # SevenNet-0's own zero level
+
+
+def _frame(reference, label):
+    (atoms,) = [a for a in reference if a.info["label"] == label]
+    return atoms
+
+
+def test_calculator_and_fixed_atoms_with_sevennet(reference):
+    """MoloptCalculator("sevennet-0") gives sevenn's float64 results; a slab with its bottom
+    layer fixed (FixAtoms) relaxes with molopt's L-BFGS step for step as ASE's LBFGS with that
+    calculator, and the fixed atoms never move."""
+    from ase.constraints import FixAtoms
+    from ase.optimize import LBFGS
+
+    import molopt
+    from molopt.ase import MoloptCalculator
+
+    calc = MoloptCalculator("sevennet-0")
+    molecule = _frame(reference, "molecule-CH3CH2OH")
+    atoms = Atoms(molecule.numbers, molecule.positions)
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    assert abs(energy - molecule.info["f64_energy"]) / len(atoms) < F64_ENERGY_PER_ATOM
+    assert np.abs(forces - molecule.arrays["f64_forces"]).max() < F64_FORCE
+
+    frame = _frame(reference, "slab-Pt111-O")
+    slab = Atoms(frame.numbers, frame.positions, cell=frame.cell, pbc=frame.pbc)
+    bottom = slab.positions[:, 2] < slab.positions[:, 2].min() + 1.0
+    assert 0 < bottom.sum() < len(slab) - 1
+    slab.set_constraint(FixAtoms(mask=bottom))
+    theirs = slab.copy()
+    theirs.calc = calc
+    optimizer = LBFGS(theirs, logfile=None)
+    optimizer.run(fmax=0.01, steps=500)
+    mine = molopt.relax(slab, "sevennet-0", "lbfgs", fmax=0.01)
+    assert mine.info["molopt_status"] == "converged"
+    assert mine.info["molopt_steps"] == optimizer.nsteps
+    np.testing.assert_allclose(mine.positions, theirs.positions, atol=1e-6)
+    np.testing.assert_array_equal(mine.positions[bottom], slab.positions[bottom])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fire2", "bfgs"])
+def test_other_optimizers_with_sevennet_as_ase(reference, name):
+    """FIRE2 and BFGS with SevenNet-0 step for step as ASE's with MoloptCalculator (FIRE runs
+    against sevenn itself in the relaxation tests, L-BFGS in the FixAtoms test)."""
+    from ase.optimize import BFGS
+    from ase.optimize.fire2 import FIRE2
+
+    import molopt
+    from molopt.ase import MoloptCalculator
+
+    frame = _frame(reference, "molecule-CH3CH2OH")
+    atoms = Atoms(frame.numbers, frame.positions)
+    theirs = atoms.copy()
+    theirs.calc = MoloptCalculator("sevennet-0")
+    optimizer = {"fire2": FIRE2, "bfgs": BFGS}[name](theirs, logfile=None)
+    optimizer.run(fmax=0.01, steps=1000)
+    mine = molopt.relax(atoms, "sevennet-0", name, fmax=0.01)
+    assert mine.info["molopt_steps"] == optimizer.nsteps
+    np.testing.assert_allclose(mine.positions, theirs.positions, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hessian_and_implicit_gradients_through_sevennet(tmp_path, sevennet, reference):
+    """`molopt hessian -p sevennet-0` on relaxed water gives ASE's finite-difference
+    frequencies (Vibrations with MoloptCalculator), and the implicit derivative of its O-H
+    bond length with respect to a network weight equals a central difference of two
+    relaxations."""
+    import json
+
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from ase.optimize import BFGS
+    from ase.vibrations import Vibrations
+    from typer.testing import CliRunner
+
+    from molopt.analysis.implicit import relax_implicit
+    from molopt.ase import MoloptCalculator
+    from molopt.cli import app
+
+    frame = _frame(reference, "molecule-H2O")
+    water = Atoms(frame.numbers, frame.positions)
+    water.calc = MoloptCalculator("sevennet-0")
+    BFGS(water, logfile=None).run(fmax=1e-5)
+    vib = Vibrations(water, name=str(tmp_path / "vib"), delta=0.005, nfree=4)
+    vib.run()
+    reference_cm1 = np.real(vib.get_frequencies())[-3:]  # the three vibrations
+    ase.io.write(tmp_path / "water.xyz", water)
+    result = CliRunner().invoke(
+        app, ["hessian", str(tmp_path / "water.xyz"), "-p", "sevennet-0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n_imaginary"] == 0
+    np.testing.assert_allclose(data["frequencies_cm1"][-3:], reference_cm1, rtol=2e-3)
+
+    start = structure_from_atoms(Atoms(frame.numbers, frame.positions))
+    key = "readout/energy"
+
+    def bond(model):
+        (r,) = relax_implicit(model, [start], fmax=1e-7)
+        return jnp.linalg.norm(r.positions[1] - r.positions[0])
+
+    def with_weight(value):
+        weights = dict(sevennet.weights)
+        weights[key] = weights[key].at[3, 0].set(value)
+        return eqx.tree_at(lambda m: m.weights, sevennet, weights)
+
+    grad = float(jax.grad(bond)(sevennet).weights[key][3, 0])
+    w0 = float(sevennet.weights[key][3, 0])
+    h = 1e-3
+    fd = (float(bond(with_weight(w0 + h))) - float(bond(with_weight(w0 - h)))) / (2 * h)
+    assert abs(grad) > 1e-6
+    assert grad == pytest.approx(fd, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_thirty_relaxations_with_and_without_cell_reach_sevenns_minima():
+    """Thirty structures at fixed cell and thirty crystals with the cell relaxed, from the
+    same starts: molopt's FIRE with SevenNet-0 (float64) reaches the minima of ASE's FIRE (+
+    FrechetCellFilter) with sevenn's float32 calculator within the issue's targets
+    (data/sevennet/relax_parity.py prints the table)."""
+    sys.path.insert(0, str(ROOT / "data" / "sevennet"))
+    from relax_parity import compare
+
+    rows = compare()
+    assert sum(not r["relax_cell"] for r in rows) == 30 and sum(r["relax_cell"] for r in rows) == 30
+    for r in rows:
+        assert r["status"] == "converged" and r["ase_converged"], r
+        assert r["rmsd_A"] <= 1e-3 and r["cell_A"] <= 1e-3, r
+        assert abs(r["dE_eV_per_atom"]) <= 1e-4, r
