@@ -106,6 +106,41 @@ def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
     )
 
 
+def test_tail_compaction_counts_chunks_the_host_waited_for(argon, monkeypatch):
+    """The device time of a chunk passes while the host reads its frame count (inside the
+    step), not while it reads the statuses afterwards (already computed): a fake clock that
+    moves one second only there, per chunk, still brings a sparse tail to its compaction
+    (before this was counted, a slow potential's last structure stepped on in the full batch)."""
+    from molopt.engine import scheduler
+
+    structures = [compact_cluster(3.8, seed=k) for k in range(7)] + [rattled_cluster(40, seed=9)]
+    settings = EngineSettings(fmax=1e-3, chunk=4)
+    engine = E.Engine(argon, settings)
+    engine.compaction_cost = 2.0
+    now = [0.0]
+
+    class Waits:
+        def __init__(self, value):
+            self.value = value
+
+        def __int__(self):
+            now[0] += 1.0  # the host waits here for the chunk
+            return int(self.value)
+
+    real = scheduler.advance
+
+    def advance(*args):
+        state, frames, n_frames, stale = real(*args)
+        return state, frames, Waits(n_frames), stale
+
+    monkeypatch.setattr(scheduler, "advance", advance)
+    engine.clock = lambda: now[0]
+    results = {r.key: r for r in engine.run(list(enumerate(structures)))}
+    assert len(engine.shapes_seen) > 1  # compacted
+    (alone,) = relax_structures([(7, structures[7])], argon, settings)
+    assert results[7].steps == alone.steps
+
+
 def test_tail_compaction_prices_the_batch_it_would_build():
     """The idle fraction a compaction would save is measured against the bucket the
     compacted batch would really get (the fine ladder, as ``plan_layout`` builds it)."""

@@ -58,6 +58,9 @@ class LiveBatch:
     new_shape: bool = True
     idle: policy.Idle = field(default_factory=policy.Idle)
     advanced: bool = False
+    # seconds the host waited inside ``_advance`` for chunks since the last status read (it
+    # reads their frame count, which waits for the device): device time the policy counts
+    waited_s: float = 0.0
 
 
 class Engine:
@@ -386,7 +389,10 @@ class Engine:
         while True:
             waiting = self.clock()
             status = np.asarray(jax.device_get(live.state.status))
-            computed = self.clock() - waiting  # about the last chunk's device time
+            # about the last chunk's device time: the host waited for it in ``_advance`` (for
+            # its frame count) or here
+            computed = self.clock() - waiting + live.waited_s
+            live.waited_s = 0.0
             interrupt.check()  # a Ctrl-C acts here, between compiled chunks
             n_real = live.layout.n_real
             finished = [k for k in range(n_real) if status[k] != Status.RUNNING and k not in done]
@@ -441,13 +447,15 @@ class Engine:
             live.program,
             np.int32(live.program.chunk if limit is None else limit),  # (one type: no retrace)
         )
+        launched = self.clock()
         if not live.advanced:  # its first regular call (``_launch`` traced the program)
             live.advanced = True
-            live.setup_s += self.clock() - dispatched
+            live.setup_s += launched - dispatched
             kind = "new" if live.new_shape else "known"
             self.start_cost[kind] = max(self.start_cost.get(kind, 0.0), live.setup_s)
         live.state = state
-        n = int(n_frames)
+        n = int(n_frames)  # waits for the chunk to finish on the device
+        live.waited_s += self.clock() - launched
         if n and live.program.record:
             # fields as they are (dataclasses.asdict deep-copies: a device copy of every frame
             # buffer, and a compile per buffer shape)
