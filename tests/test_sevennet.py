@@ -6,8 +6,10 @@ same model and graph in float64 (``data/sevennet/make_reference.py``). These tes
 torch: molopt's float64 evaluation is compared with the float64 reference (tight bounds, far
 below float32 rounding) and with the float32 one (the issue's targets: 1e-5 eV/atom,
 1e-4 eV/A, 1e-5 eV/A^3); molopt's float32 evaluation with the float32 reference; l3i5 on six
-structures; relaxations with ASE FIRE + sevenn's calculator on ten. A test marked ``sevenn``
-compares live when sevenn is importable."""
+structures; relaxations with ASE FIRE + sevenn's calculator on three (ten, and 30 + 30 with
+and without the cell, under ``-m slow``); FixAtoms, the optimizers, the ASE calculator,
+``molopt hessian``, implicit gradients and fine-tuning with SevenNet-0. A test marked
+``sevenn`` compares live when sevenn is importable."""
 
 from __future__ import annotations
 
