@@ -17,6 +17,14 @@ halves the Lennard-Jones force call of large crystals (measurements: bench/RESUL
 mask is still ANDed into the cutoff test, which XLA:CPU compiles to a faster loop. The
 plain fields stay the interface for every other potential.
 
+Third, the *row form*, for potentials whose per-pair work is large (message passing, where
+each pair costs a radial network): each atom's listed pairs packed into rows of W slots
+(``row_index``/``row_shift``/``row_mask`` (W, R), ``row_atom`` (R,) the atom each row
+belongs to, rows of one atom consecutive). The dense list pads every atom to the most
+crowded atom's count; a batch of mixed crystals lists 2-3x more slots than pairs. Rows pad
+each atom only to a multiple of W: a per-pair term is evaluated on (W, R) arrays, summed
+over W, and the rows' sums added into their atoms (:func:`sum_rows`).
+
 The list is built with ``cutoff + skin`` and stays valid until some pair could have crossed
 the cutoff; :func:`stale_systems` is the jittable test (Verlet 1967), exact for any cell
 deformation. Small non-periodic systems get every pair (``complete``) and never go stale.
@@ -59,10 +67,45 @@ class Neighbors:
     ext_index: jax.Array | None = None
     ghost_source: jax.Array | None = None
     ghost_shift: jax.Array | None = None
+    row_atom: jax.Array | None = None
+    row_index: jax.Array | None = None
+    row_shift: jax.Array | None = None
+    row_mask: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
         return int(self.index.shape[0])
+
+
+def row_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
+    """Components (dx, dy, dz), each (W, R), of r_j - r_i (+ image shift) for the row form:
+    i the row's atom, j its listed neighbours. Differentiable in ``positions`` and ``cell``."""
+    center = nbrs.row_atom
+    periodic = nbrs.row_shift.shape[0] == 3
+    if periodic:
+        shifts = [nbrs.row_shift[k].astype(positions.dtype) for k in range(3)]
+        if cell.shape[0] == 1:
+            cell_rows = [[cell[0, k, c] for k in range(3)] for c in range(3)]
+        else:
+            cell_of_row = cell[jnp.minimum(system_idx[center], cell.shape[0] - 1)]  # (R, 3, 3)
+            cell_rows = [[cell_of_row[None, :, k, c] for k in range(3)] for c in range(3)]
+    components = []
+    for c in range(3):
+        column = positions[:, c]
+        d = column[nbrs.row_index] - column[center][None, :]
+        if periodic:
+            rows = cell_rows[c]
+            d = d + shifts[0] * rows[0] + shifts[1] * rows[1] + shifts[2] * rows[2]
+        components.append(d)
+    return tuple(components)
+
+
+def sum_rows(values, nbrs: Neighbors, n_atoms: int):
+    """Per-row sums (a pytree of (R, ...) arrays) added into their atoms: (A, ...). Rows of
+    one atom are consecutive and padding rows belong to the last atom (and sum to zero)."""
+    return jax.tree.map(
+        lambda v: jax.ops.segment_sum(v, nbrs.row_atom, n_atoms, indices_are_sorted=True), values
+    )
 
 
 def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Array:
@@ -236,16 +279,21 @@ class HostNeighbors:
     ext_index: np.ndarray | None = None
     ghost_source: np.ndarray | None = None
     ghost_shift: np.ndarray | None = None
+    row_atom: np.ndarray | None = None
+    row_index: np.ndarray | None = None
+    row_shift: np.ndarray | None = None
+    row_mask: np.ndarray | None = None
 
     @property
     def capacity(self) -> int:
         return int(self.index.shape[0])
 
     @property
-    def shapes(self) -> tuple[int, int]:
-        """What a new compiled program depends on: slot and ghost capacities."""
+    def shapes(self) -> tuple[int, int, int]:
+        """What a new compiled program depends on: slot, ghost and row capacities."""
         ghosts = 0 if self.ghost_source is None else int(self.ghost_source.shape[0])
-        return self.capacity, ghosts
+        rows = 0 if self.row_atom is None else int(self.row_atom.shape[0])
+        return self.capacity, ghosts, rows
 
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
@@ -255,6 +303,13 @@ class HostNeighbors:
                 ext_index=jax.device_put(self.ext_index),
                 ghost_source=jax.device_put(self.ghost_source),
                 ghost_shift=jax.device_put(self.ghost_shift),
+            )
+        if self.row_atom is not None:
+            ghosts.update(
+                row_atom=jax.device_put(self.row_atom),
+                row_index=jax.device_put(self.row_index),
+                row_shift=jax.device_put(self.row_shift),
+                row_mask=jax.device_put(self.row_mask),
             )
         return Neighbors(
             index=jax.device_put(self.index),
@@ -323,6 +378,44 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
     return ext_index, source, ghost_shift
 
 
+def _row_capacity(count: int, previous: int = 0) -> int:
+    """Row capacity for ``count`` rows: the previous one while it suffices (no new program),
+    else 10% headroom rounded up to a multiple of 16."""
+    if count <= previous:
+        return previous
+    return max(16, -(-int(np.ceil(count * 1.1)) // 16) * 16)
+
+
+def row_tables(index, shift, mask, width: int, previous_capacity: int = 0):
+    """The row form (:class:`Neighbors`) of a host list whose atoms hold their pairs in their
+    first slots: ``index``/``mask`` (K, A), ``shift`` (3, K, A) (or (0, K, A)). Returns
+    ``row_atom`` (R,) int32, ``row_index`` (W, R) int32, ``row_shift`` (3, W, R) (or
+    (0, W, R)) and ``row_mask`` (W, R), W = ``width``, R = :func:`_row_capacity`; atom a's
+    slot s goes to column s mod W of its (s div W)-th row; empty slots list the row's atom."""
+    K, A = index.shape
+    counts = mask.sum(axis=0)
+    n_rows = -(-counts // width)
+    total = int(n_rows.sum())
+    capacity = _row_capacity(total, previous_capacity)
+    row_atom = np.full(capacity, max(A - 1, 0), np.int32)
+    row_atom[:total] = np.repeat(np.arange(A, dtype=np.int32), n_rows)
+    first_row = np.cumsum(n_rows) - n_rows
+    slot, atom = np.nonzero(mask)
+    rank = (np.cumsum(mask, axis=0) - 1)[slot, atom]  # the pair's place among its atom's
+    row = first_row[atom] + rank // width
+    column = rank % width
+    row_index = np.broadcast_to(row_atom, (width, capacity)).copy()
+    row_index[column, row] = index[slot, atom]
+    row_mask = np.zeros((width, capacity), bool)
+    row_mask[column, row] = True
+    periodic = shift.shape[0] == 3
+    row_shift = np.zeros((3 if periodic else 0, width, capacity), shift.dtype)
+    if periodic:
+        for c in range(3):
+            row_shift[c, column, row] = shift[c, slot, atom]
+    return row_atom, row_index, row_mask, row_shift
+
+
 def _system_pairs(positions, cell, pbc, cutoff):
     """Full pair list (i, j, S) of one system, local indices; and whether it is complete."""
     from ._vesin import neighbor_list
@@ -363,10 +456,12 @@ def build(
     previous: HostNeighbors | None = None,
     systems: np.ndarray | None = None,
     ghosts: bool = True,
+    row_width: int = 0,
 ) -> HostNeighbors:
     """Build (or, given ``previous`` and ``systems``, partially rebuild) the dense lists;
     with ``ghosts`` their ghost form too (:func:`ghost_tables`; potentials that do not use it
-    are spared its host work and a program shape).
+    are spared its host work and a program shape), and with ``row_width`` W > 0 their row
+    form in rows of W slots (:func:`row_tables`).
 
     ``positions`` (A, 3), ``cells`` (S, 3, 3), ``pbc`` (S, 3) numpy; ``cutoff`` is the
     potential's cutoff (A) and the list is built at ``cutoff + skin``. Capacity grows (a new
@@ -427,7 +522,9 @@ def build(
     else:
         if previous is not None and systems is not None:
             # overflow in a partial rebuild: rebuild everything at a larger capacity
-            return build(positions, cells, pbc, layout, cutoff, skin, ghosts=ghosts)
+            return build(
+                positions, cells, pbc, layout, cutoff, skin, ghosts=ghosts, row_width=row_width
+            )
         capacity = _capacity_for(needed, headroom=not complete[: layout.n_real].all())
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)
         mask = np.zeros((A, capacity), bool)
@@ -458,6 +555,13 @@ def build(
         partial = previous is not None and systems is not None
         previous_ghosts = previous.shapes[1] if partial else 0
         ext_index, ghost_source, ghost_shift = ghost_tables(index, shift, mask, previous_ghosts)
+    row_atom = row_index = row_mask = row_shift = None
+    if row_width:
+        partial = previous is not None and systems is not None
+        previous_rows = previous.shapes[2] if partial else 0
+        row_atom, row_index, row_mask, row_shift = row_tables(
+            index, shift, mask, row_width, previous_rows
+        )
     return HostNeighbors(
         index,
         shift,
@@ -470,4 +574,8 @@ def build(
         ext_index,
         ghost_source,
         ghost_shift,
+        row_atom,
+        row_index,
+        row_shift,
+        row_mask,
     )

@@ -278,7 +278,7 @@ def test_ghost_form_lists_the_same_pairs(monkeypatch):
     np.testing.assert_allclose(ghost[partial.mask], plain[partial.mask], atol=1e-12)
     # potentials that do not read the ghost form do not get it (no host work, no shape)
     plain = N.build(pos, cells, pbc, layout, 8.5, 1.0, ghosts=False)
-    assert plain.ext_index is None and plain.shapes == (host.capacity, 0)
+    assert plain.ext_index is None and plain.shapes == (host.capacity, 0, 0)
     assert plain.to_device().ext_index is None
     # a periodic batch starts with ghost room even when it lists no image yet (vacuum)
     boxed = Atoms("Ar2", positions=[[10, 10, 10], [13.5, 10, 10]], cell=[30] * 3, pbc=True)
@@ -322,3 +322,67 @@ def test_pairs_in_any_order_give_the_same_lists(monkeypatch):
         other = N.build(pos, cells, pbc, layout, 8.5, 1.0)
         assert pairs_of(other, layout, 0) == pairs_of(reference, layout, 0), how
         assert other.capacity == reference.capacity and other.shapes == reference.shapes
+
+
+def row_pairs_of(host, layout, k):
+    """Set of (i, j, shift) of system k from the row form of a host list (local indices)."""
+    rows = layout.atoms_of(k)
+    out = set()
+    width, n_rows = host.row_index.shape
+    for r in range(n_rows):
+        a = int(host.row_atom[r])
+        for c in range(width):
+            if host.row_mask[c, r] and rows.start <= a < rows.stop:
+                periodic = host.row_shift.shape[0]
+                shift = tuple(host.row_shift[:, c, r]) if periodic else (0, 0, 0)
+                out.add((a - rows.start, int(host.row_index[c, r]) - rows.start, shift))
+    return out
+
+
+def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
+    """The row form (rows of W slots, each one atom's) lists exactly the dense list's pairs,
+    each once, rows of an atom consecutive; its pair vectors are the dense ones and the rows'
+    sums added into atoms (``sum_rows``) equal the dense sums. A partial rebuild keeps the row
+    capacity (no new program); crowded and sparse atoms share a batch without padding
+    the sparse ones to the crowded count."""
+    import jax.numpy as jnp
+
+    dense_crystal = bulk("Cu", "fcc", a=3.6)  # one atom, ~40 neighbours within 6 A
+    loose = bulk("Na", "bcc", a=4.2).repeat((2, 1, 1))
+    loose.rattle(0.1, seed=3)
+    molecule = make_structure([18, 18, 18], [[0, 0, 0], [3.7, 0, 0], [0, 3.6, 0.2]])
+    structures = [structure_from_atoms(dense_crystal), structure_from_atoms(loose), molecule]
+    batch, pos, cells, layout = B.pack(structures, {29: 0, 11: 1, 18: 2}, np.float64)
+    pbc = np.asarray(batch.pbc)
+    host = N.build(pos, cells, pbc, layout, 5.0, 1.0, ghosts=False, row_width=8)
+    assert host.shapes == (host.capacity, 0, host.row_atom.shape[0])
+    assert np.all(np.diff(host.row_atom) >= 0)
+    for k in range(3):
+        assert row_pairs_of(host, layout, k) == pairs_of(host, layout, k)
+    listed = int(host.mask.sum())
+    assert int(host.row_mask.sum()) == listed
+    used_rows = int(np.sum(-(-host.mask.sum(axis=0) // 8)))
+    assert used_rows * 8 < host.capacity * int(layout.offsets[-1])  # the dense list pads more
+    assert not host.row_mask[:, used_rows:].any()
+    device = host.to_device()
+    dense = N.pair_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, device)
+    rows = N.row_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, device)
+    r_dense = np.sqrt(sum(np.asarray(d) ** 2 for d in dense))
+    r_rows = np.sqrt(sum(np.asarray(d) ** 2 for d in rows))
+    assert sorted(r_rows[host.row_mask]) == pytest.approx(sorted(r_dense[host.mask]), abs=1e-12)
+    per_atom_dense = np.where(host.mask, np.exp(-r_dense), 0.0).sum(axis=0)
+    row_sums = jnp.asarray(np.where(host.row_mask, np.exp(-r_rows), 0.0).sum(axis=0))
+    per_atom_rows = N.sum_rows(row_sums, device, pos.shape[0])
+    np.testing.assert_allclose(per_atom_rows, per_atom_dense, rtol=1e-13, atol=1e-14)
+    # a partial rebuild keeps the row capacity and lists the moved system's pairs
+    moved = pos.copy()
+    part = layout.atoms_of(1)
+    moved[part] += np.random.default_rng(2).uniform(-0.2, 0.2, (part.stop - part.start, 3))
+    partial = N.build(
+        moved, cells, pbc, layout, 5.0, 1.0, previous=host, systems=[1], ghosts=False, row_width=8
+    )
+    assert partial.shapes == host.shapes
+    assert row_pairs_of(partial, layout, 1) == pairs_of(partial, layout, 1)
+    assert row_pairs_of(partial, layout, 0) == pairs_of(host, layout, 0)
+    # potentials that do not read rows do not get them
+    assert N.build(pos, cells, pbc, layout, 5.0, 1.0).row_atom is None

@@ -101,6 +101,22 @@ def test_float64_within_targets_of_sevenn_as_users_run_it(reference, float64_res
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
+def test_row_form_equals_dense_form(sevennet, reference, monkeypatch):
+    """The model reads the row form of the neighbour list (what relaxations build); a list
+    without it (training builds dense lists) gives the same energies, forces and stresses
+    to rounding, here on a batch mixing molecules, slabs and crystals of many sizes."""
+    frames = reference[::8]
+    structures = [structure_from_atoms(a) for a in frames]
+    rows = evaluate_structures(structures, sevennet, stress=True, precision="float64")
+    monkeypatch.setattr(type(sevennet), "row_width", 0)
+    dense = evaluate_structures(structures, sevennet, stress=True, precision="float64")
+    for (e1, f1, s1), (e2, f2, s2), atoms in zip(rows, dense, frames, strict=True):
+        assert abs(e1 - e2) < 1e-10 * len(atoms)
+        np.testing.assert_allclose(f1, f2, atol=1e-10)
+        if s1 is not None:
+            np.testing.assert_allclose(s1, s2, atol=1e-12)
+
+
 def _float32_within_targets(sevennet, frames):
     structures = [structure_from_atoms(a) for a in frames]
     results = evaluate_structures(structures, sevennet, stress=True, precision="float32")

@@ -218,9 +218,11 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     evaluates a pending move). Returns (state, frames, n_frames, stale (S,)).
 
     Each iteration moves every running system, then evaluates. When a system's neighbour
-    list went stale with that move, the evaluation is discarded, the state is left
-    ``pending`` and the loop stops: the host rebuilds the list and the next call evaluates
-    first. No ``cond`` carries the big buffers (XLA would copy them every step).
+    list went stale with that move, nothing is evaluated, the state is left ``pending`` with
+    the positions and cells it moved to, and the loop stops: the host rebuilds the lists
+    there and the next call evaluates first. No
+    ``cond`` carries the big buffers (XLA would copy them every step): the one around the
+    evaluation carries positions and per-system values only.
     """
     rows = _rows(batch, program)
     movable = _movable(batch, program, reference)
@@ -252,60 +254,63 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         )
         return StepBuffer(**{k: getattr(frames, k).at[n].set(v) for k, v in values.items()})
 
-    def finish_pending(args):
-        s, frames = args
-        s, counted = _evaluate(s, batch, nbrs, potential, program, reference, targets)
-        return s, record(frames, 0, s, counted), jnp.asarray(1)
-
-    def nothing_pending(args):
-        s, frames = args
-        return s, frames, jnp.asarray(0)
-
     def body(carry):
         s, frames, n, _ = carry
+        # a pending move (the initial state, or a move made before the lists were rebuilt)
+        # is evaluated first, with no step: one copy of the potential in the program (a
+        # second, for the pending evaluation alone, doubled the compile time)
+        move = ~s.pending
         active = (s.status == RUNNING) & batch.system_mask
-        opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active, rows)
+        opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active & move, rows)
+        step = _constrain_step(jnp.where(movable, dx, 0.0), s.x, s.cell, batch, program, reference)
+        x = s.x + step
+        if program.variable_cell:  # as ASE reads U back from a masked cell
+            x = cellfilter.read_back(x, reference)
         moved = dataclasses.replace(
             s,
-            x=s.x
-            + _constrain_step(jnp.where(movable, dx, 0.0), s.x, s.cell, batch, program, reference),
-            opt=opt,
+            x=jnp.where(move, x, s.x),
+            opt=jax.tree.map(lambda new, old: jnp.where(move, new, old), opt, s.opt),
             pending=jnp.asarray(True),
-            completes=completes,
+            completes=jnp.where(move, completes, s.completes),
         )
-        if program.variable_cell:  # as ASE reads U back from a masked cell
-            moved = dataclasses.replace(moved, x=cellfilter.read_back(moved.x, reference))
         positions, cell, _ = _physical(moved.x, s.cell, batch, program, reference)
+        # (a pending move is evaluated: its lists were built where it went)
         stale = (
             nl.stale_systems(
                 positions, cell, batch.system_idx, batch.system_mask, nbrs, program.variable_cell
             )
             & active
+            & move
         )
         ok = ~jnp.any(stale)
-        evaluated, counted = _evaluate(moved, batch, nbrs, potential, program, reference, targets)
-        s = dataclasses.replace(
-            moved,
-            **{
-                name: jnp.where(ok, getattr(evaluated, name), getattr(moved, name))
-                for name in evaluated_fields
-            },
-        )
+
+        # the evaluation only when every list is still valid: a stale step's would be thrown
+        # away (with an expensive potential, a step's worth of time per rebuild). The branches
+        # carry the evaluated fields only, not the optimizer's state or the frames.
+        def evaluate(m):
+            evaluated, counted = _evaluate(m, batch, nbrs, potential, program, reference, targets)
+            return {name: getattr(evaluated, name) for name in evaluated_fields}, counted
+
+        def skip(m):  # where the move went, for the host to rebuild the lists there
+            fields = {name: getattr(m, name) for name in evaluated_fields}
+            fields.update(positions=positions, cell=cell)
+            return fields, jnp.zeros_like(m.status, bool)
+
+        fields, counted = jax.lax.cond(ok, evaluate, skip, dataclasses.replace(moved, opt=None))
+        s = dataclasses.replace(moved, **fields)
         frames = record(frames, n, s, counted & ok)
         return s, frames, n + ok.astype(n.dtype), stale
 
     def keep_going(carry):
         s, _, n, stale = carry
         running = jnp.any((s.status == RUNNING) & batch.system_mask)
-        return (n < jnp.minimum(program.chunk, limit)) & running & ~jnp.any(stale)
+        steps_left = n < jnp.minimum(program.chunk, limit)
+        return (s.pending | (steps_left & running)) & ~jnp.any(stale)
 
     frames = _empty_frames(state, program.chunk if program.record else 1)
-    state, frames, n0 = jax.lax.cond(
-        state.pending, finish_pending, nothing_pending, (state, frames)
-    )
     stale0 = jnp.zeros((batch.n_systems,), bool)
     state, frames, n_frames, stale = jax.lax.while_loop(
-        keep_going, body, (state, frames, n0, stale0)
+        keep_going, body, (state, frames, jnp.asarray(0), stale0)
     )
     return state, frames, n_frames, stale
 

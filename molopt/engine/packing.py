@@ -57,8 +57,8 @@ def neighbor_lists(
     systems: np.ndarray | None = None,
 ) -> nl.HostNeighbors:
     """Host neighbour lists for a packed batch at the potential's cutoff + ``skin`` (built in
-    float64, reference geometry kept in ``dtype``); their ghost form only for a potential that
-    uses it. ``previous``/``systems``: rebuild only those systems' lists."""
+    float64, reference geometry kept in ``dtype``); their ghost and row forms only for a
+    potential that uses them. ``previous``/``systems``: rebuild only those systems' lists."""
     host = nl.build(
         np.asarray(positions, np.float64),
         np.asarray(cells, np.float64),
@@ -69,6 +69,7 @@ def neighbor_lists(
         previous=previous,
         systems=systems,
         ghosts=getattr(potential, "uses_ghosts", False),
+        row_width=getattr(potential, "row_width", 0),
     )
     host.ref_positions = host.ref_positions.astype(dtype)
     host.ref_cell = host.ref_cell.astype(dtype)

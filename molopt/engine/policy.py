@@ -63,8 +63,8 @@ def should_repack(
     seconds, run at the idle fraction seen when it was launched).
 
     With structures waiting: refill when a quarter of the padded atoms or of the systems is
-    free. With none waiting: compact once three quarters are idle *and* the device time the
-    sparse batch has wasted has reached what starting the compacted batch costs
+    free. With none waiting: compact once half of it is idle *and* the device time the sparse
+    batch has wasted has reached what starting the compacted batch costs
     (``compaction_cost(target layout)``): rent or buy, never more than twice the better of
     the two choices. A short tail then finishes where it is, a long one still moves."""
     A = layout.n_padded_atoms
@@ -74,8 +74,8 @@ def should_repack(
         return free_atoms >= A // 4 or n_done >= max(1, layout.n_systems // 4), idle
     target = plan_layout(list(running_sizes))
     smaller = target.n_padded_atoms
-    sparse = smaller <= A // 4 or (
-        len(running_sizes) <= layout.n_systems // 4 and layout.n_systems > 4
+    sparse = smaller <= A // 2 or (
+        len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
     )
     wasted = idle.wasted_s + computed_s * idle.fraction
     idle = Idle(wasted, max(0.0, 1.0 - smaller / A) if sparse else 0.0)

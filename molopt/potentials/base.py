@@ -46,6 +46,9 @@ class PotentialMethods:
     cutoff: float
     #: Whether ``evaluate`` reads the ghost form of the neighbour list (built only then).
     uses_ghosts = False
+    #: Slots per row of the row form of the neighbour list ``evaluate`` reads (built only when
+    #: > 0; :mod:`molopt.neighbors`).
+    row_width = 0
 
     def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
         """Total potential energy per system, (S,) eV. Differentiable in every argument."""
