@@ -278,6 +278,49 @@ def test_neighbour_list_rebuilds_keep_results_exact(argon):
     assert a.energy == pytest.approx(b.energy, abs=1e-10)
 
 
+def test_costly_potentials_skip_stale_evaluations_with_the_same_results(argon, monkeypatch):
+    """A ``costly`` potential's step evaluates only when every list is valid (a lax.cond);
+    a cheap one evaluates and selects. Forced to rebuild often (a tiny skin, the cell
+    relaxed), both paths give the same steps, energies and cells, the same as a skin that
+    never goes stale; and the costly path evaluates fewer times."""
+    from dataclasses import dataclass, fields
+
+    from molopt.engine import kernel
+    from molopt.potentials.base import static_pytree
+
+    @static_pytree
+    @dataclass(frozen=True, eq=False)
+    class CostlyArgon(LennardJones):
+        costly = True
+
+    costly = CostlyArgon(**{f.name: getattr(argon, f.name) for f in fields(argon)})
+    crystal = bulk("Ar", "fcc", a=5.4, cubic=True).repeat(2)
+    crystal.rattle(0.2, seed=6)
+    s = structure_from_atoms(crystal)
+    settings = dict(fmax=1e-3, relax_cell=True)
+    evaluations = []
+    real = kernel._evaluate
+
+    def counting(*args):
+        jax.debug.callback(lambda: evaluations.append(1))
+        return real(*args)
+
+    monkeypatch.setattr(kernel, "_evaluate", counting)
+    results, counts = {}, {}
+    for potential in (argon, costly):
+        evaluations.clear()
+        (results[potential],) = relax_structures(
+            [(0, s)], potential, EngineSettings(skin=0.05, **settings)
+        )
+        counts[potential] = len(evaluations)
+    (wide,) = relax_structures([(0, s)], argon, EngineSettings(skin=3.0, **settings))
+    for r in (results[costly], wide):
+        assert r.steps == results[argon].steps
+        assert r.energy == pytest.approx(results[argon].energy, abs=1e-10)
+        np.testing.assert_allclose(r.structure.cell, results[argon].structure.cell, atol=1e-9)
+    assert counts[costly] < counts[argon]
+
+
 def test_compiled_code_dropped_near_the_mapping_limit(argon, monkeypatch):
     """XLA:CPU maps compiled code into memory; near Linux's per-process mapping cap the next
     compilation would crash the process, so relax_structures() drops compiled code first."""

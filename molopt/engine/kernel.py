@@ -220,9 +220,9 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
     Each iteration moves every running system, then evaluates. When a system's neighbour
     list went stale with that move, nothing is evaluated, the state is left ``pending`` with
     the positions and cells it moved to, and the loop stops: the host rebuilds the lists
-    there and the next call evaluates first. No
-    ``cond`` carries the big buffers (XLA would copy them every step): the one around the
-    evaluation carries positions and per-system values only.
+    there and the next call evaluates first. No ``cond`` carries the big buffers (XLA would
+    copy them every step); for a ``costly`` potential one around the evaluation (positions
+    and per-system values) skips a stale move's evaluation.
     """
     rows = _rows(batch, program)
     movable = _movable(batch, program, reference)
@@ -261,6 +261,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         # second, for the pending evaluation alone, doubled the compile time)
         move = ~s.pending
         active = (s.status == RUNNING) & batch.system_mask
+        # (optimizers keep the state of systems they are not asked to move)
         opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active & move, rows)
         step = _constrain_step(jnp.where(movable, dx, 0.0), s.x, s.cell, batch, program, reference)
         x = s.x + step
@@ -269,7 +270,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         moved = dataclasses.replace(
             s,
             x=jnp.where(move, x, s.x),
-            opt=jax.tree.map(lambda new, old: jnp.where(move, new, old), opt, s.opt),
+            opt=opt,
             pending=jnp.asarray(True),
             completes=jnp.where(move, completes, s.completes),
         )
@@ -284,9 +285,6 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         )
         ok = ~jnp.any(stale)
 
-        # the evaluation only when every list is still valid: a stale step's would be thrown
-        # away (with an expensive potential, a step's worth of time per rebuild). The branches
-        # carry the evaluated fields only, not the optimizer's state or the frames.
         def evaluate(m):
             evaluated, counted = _evaluate(m, batch, nbrs, potential, program, reference, targets)
             return {name: getattr(evaluated, name) for name in evaluated_fields}, counted
@@ -296,7 +294,16 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
             fields.update(positions=positions, cell=cell)
             return fields, jnp.zeros_like(m.status, bool)
 
-        fields, counted = jax.lax.cond(ok, evaluate, skip, dataclasses.replace(moved, opt=None))
+        light = dataclasses.replace(moved, opt=None)
+        if getattr(potential, "costly", False):
+            # only when every list is still valid: a stale move's evaluation would be thrown
+            # away, a step's worth of time per rebuild. (The branches carry the evaluated
+            # fields only; for a cheap potential copying them costs more than it saves.)
+            fields, counted = jax.lax.cond(ok, evaluate, skip, light)
+        else:
+            evaluated, counted = evaluate(light)
+            kept, _ = skip(light)
+            fields = {k: jnp.where(ok, evaluated[k], kept[k]) for k in evaluated_fields}
         s = dataclasses.replace(moved, **fields)
         frames = record(frames, n, s, counted & ok)
         return s, frames, n + ok.astype(n.dtype), stale

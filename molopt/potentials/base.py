@@ -49,6 +49,11 @@ class PotentialMethods:
     #: Slots per row of the row form of the neighbour list ``evaluate`` reads (built only when
     #: > 0; :mod:`molopt.neighbors`).
     row_width = 0
+    #: Whether an evaluation costs far more than copying a batch's positions and forces: a
+    #: relaxation step then skips (``lax.cond``) the evaluation of a move whose neighbour
+    #: lists went stale instead of computing and discarding it
+    #: (:func:`molopt.engine.kernel.advance`).
+    costly = False
 
     def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
         """Total potential energy per system, (S,) eV. Differentiable in every argument."""

@@ -109,6 +109,7 @@ class SevenNet(Potential):
     #: each costs a radial network per block, and the dense form pads a batch of mixed
     #: crystals to 2-3x its pairs (a list without the row form is read densely)
     row_width = 8
+    costly = True
 
     def atomic_energies(self, positions, cell, batch, nbrs):
         """(A,) eV; exactly zero on padding atoms."""
