@@ -47,7 +47,8 @@ class RunSettings:
     batch_size: int = 1024
     max_batch_atoms: int = 32_768
     trajectory_interval: int = 1
-    skin: float = 1.0
+    #: A, Verlet skin of the neighbour lists (None: the potential's, 1.0 unless it says)
+    skin: float | None = None
     chunk: int = 64
     check_hessian: bool = False
     #: the memory a batch may need, e.g. "8G", "512M" (None: a safe share of the device's)
@@ -295,6 +296,8 @@ def _type_check(name, value, source):
         "str | None": isinstance(value, str) or value is None,
         "str": isinstance(value, str),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "float | None": value is None
+        or (isinstance(value, int | float) and not isinstance(value, bool)),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "dict": isinstance(value, dict),
@@ -422,7 +425,7 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         raise ConfigError(f"{source}: batch_size, max_batch_atoms and chunk must be >= 1")
     if s.trajectory_interval < 0:
         raise ConfigError(f"{source}: trajectory_interval must be >= 0")
-    if not s.skin > 0:
+    if s.skin is not None and not s.skin > 0:
         raise ConfigError(f"{source}: skin must be positive (got {s.skin})")
     if s.pressure and not s.relax_cell:
         raise ConfigError(f"{source}: pressure applies only with relax_cell")

@@ -449,10 +449,17 @@ def test_relax_help_shows_the_defaults_the_run_uses():
         "--batch-size": defaults.batch_size,
         "--max-batch-atoms": defaults.max_batch_atoms,
         "--traj-interval": defaults.trajectory_interval,
-        "--skin": defaults.skin,
     }.items():
         part = text.split(flag, 1)[1].split(" --", 1)[0]
         assert f"[default: {value}]" in part, f"{flag}: {part}"
+    # the skin is the potential's unless set (molopt.potentials.base.default_skin)
+    from molopt.potentials.base import PotentialMethods
+    from molopt.potentials.sevennet import SevenNet
+
+    assert defaults.skin is None
+    part = text.split("--skin", 1)[1].split(" --", 1)[0]
+    expected = f"{PotentialMethods.default_skin}; SevenNet {SevenNet.default_skin}]"
+    assert expected in part, part
     for flag in ("--json", "--overwrite", "--recursive", "--check-hessian"):
         assert f"[default: no-{flag[2:]}]" in text
 

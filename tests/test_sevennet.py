@@ -117,6 +117,20 @@ def test_row_form_equals_dense_form(sevennet, reference, monkeypatch):
             np.testing.assert_allclose(s1, s2, atol=1e-12)
 
 
+def test_default_skin_is_the_potentials_unless_set(sevennet, argon):
+    """Relaxations with no skin set use the potential's: 0.5 A for SevenNet (each pair costs
+    a radial network per block), 1 A otherwise; a skin given in the settings wins."""
+    from molopt.config import build
+    from molopt.engine import Engine, EngineSettings
+    from molopt.run import engine_settings
+
+    assert Engine(sevennet, EngineSettings()).skin == 0.5
+    assert Engine(argon, EngineSettings()).skin == 1.0
+    assert Engine(sevennet, EngineSettings(skin=0.8)).skin == 0.8
+    assert Engine(sevennet, engine_settings(build())).skin == 0.5
+    assert Engine(sevennet, engine_settings(build(skin=1.5))).skin == 1.5
+
+
 def _float32_within_targets(sevennet, frames):
     structures = [structure_from_atoms(a) for a in frames]
     results = evaluate_structures(structures, sevennet, stress=True, precision="float32")

@@ -181,7 +181,8 @@ def relax(
         ),
     ] = None,
     skin: Annotated[
-        float | None, typer.Option(help="Neighbour-list skin (A). [default: 1.0]")
+        float | None,
+        typer.Option(help="Neighbour-list skin (A). [default: the potential's: 1.0; SevenNet 0.5]"),
     ] = None,
     check_hessian: Annotated[
         bool | None,

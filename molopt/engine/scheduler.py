@@ -78,6 +78,10 @@ class Engine:
         self.settings = settings
         self.dtype = settings.dtype
         self.potential = cast_potential(potential, self.dtype)
+        #: neighbour-list skin (A): the settings', else the potential's default
+        self.skin = (
+            settings.skin if settings.skin is not None else getattr(potential, "default_skin", 1.0)
+        )
         self.sink = sink or NullSink()
         self.progress = progress
         self.after_converged = after_converged
@@ -125,7 +129,7 @@ class Engine:
             pbc,
             layout,
             self.potential,
-            self.settings.skin,
+            self.skin,
             self.dtype,
             previous=previous,
             systems=systems,
@@ -248,7 +252,7 @@ class Engine:
         # batching them apart keeps the padded neighbour capacity small for each
         ordered = sorted(items, key=lambda item: (not item[1].pbc.any(), -item[1].n_atoms))
         queue = deque()
-        reach = float(self.potential.cutoff) + s.skin
+        reach = float(self.potential.cutoff) + self.skin
         for key, structure in ordered:
             item = Item(key, structure)
             self.neighbours[key] = memory.neighbours_per_atom(structure, reach)

@@ -32,7 +32,8 @@ class EngineSettings:
     hydrostatic: bool = False
     constant_volume: bool = False
     precision: str = "float64"
-    skin: float = 1.0
+    #: None: the potential's ``default_skin``
+    skin: float | None = None
     chunk: int = 64
     batch_size: int = 1024
     max_batch_atoms: int = 32_768

@@ -54,6 +54,9 @@ class PotentialMethods:
     #: lists went stale instead of computing and discarding it
     #: (:func:`molopt.engine.kernel.advance`).
     costly = False
+    #: Verlet skin (A) of relaxations that do not set one: a wider skin rebuilds less often,
+    #: a narrower one lists fewer pairs (what a costly pair term pays for).
+    default_skin = 1.0
 
     def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
         """Total potential energy per system, (S,) eV. Differentiable in every argument."""

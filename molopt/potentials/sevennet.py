@@ -110,6 +110,9 @@ class SevenNet(Potential):
     #: crystals to 2-3x its pairs (a list without the row form is read densely)
     row_width = 8
     costly = True
+    #: 16 mixed small crystals relaxed with the cell: 18.7 s with 0.5, 21.6 s with 1.0
+    #: (fewer pairs outweigh more rebuilds; bench/RESULTS.md)
+    default_skin = 0.5
 
     def atomic_energies(self, positions, cell, batch, nbrs):
         """(A,) eV; exactly zero on padding atoms."""
