@@ -7,7 +7,9 @@ installs, same machine, same run.
 
 The crystals are the fully periodic structures of ``data/sevennet/reference.extxyz`` with at
 most --max-atoms atoms (rattled and strained: rocksalt, perovskite, fcc/bcc/hcp metals, ...),
---count of them spread over the sizes, written one file each. molopt: one fresh `molopt relax
+--count of them spread over the sizes, written one file each; a --count beyond the 140 there
+adds doubled cells of them (spread over the sizes, rattled by 0.05 A and strained by up to
+1%, seeded): ``--count 256 --max-atoms 64`` gives 256 crystals of 2-64 atoms. molopt: one fresh `molopt relax
 DIR --potential sevennet-0 --relax-cell` process (default settings: float64; and float32), wall
 time including imports and compiling, as a user runs it. ASE: one fresh process of the sevenn
 venv that loads the calculator once and relaxes the files one after another
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FMAX, STEPS = 0.05, 1000
@@ -88,9 +92,24 @@ def crystals(count: int, max_atoms: int, directory: Path) -> list[int]:
         if a.pbc.all() and len(a) <= max_atoms
     ]
     frames.sort(key=lambda a: (len(a), a.info["label"]))
-    if count > len(frames):
-        sys.exit(f"only {len(frames)} periodic structures of <= {max_atoms} atoms")
-    picked = [frames[round(k * (len(frames) - 1) / max(count - 1, 1))] for k in range(count)]
+    if count > len(frames):  # all of them, then doubled cells of the smaller ones
+        picked = list(frames)
+        rng = np.random.default_rng(7)
+        small = [a for a in frames if 2 * len(a) <= max_atoms]
+        if not small:
+            sys.exit(f"only {len(frames)} periodic structures of <= {max_atoms} atoms")
+        extra = count - len(frames)
+        for k in range(extra):
+            base = small[(k * len(small)) // extra]  # spread over the sizes
+            atoms = base.repeat((2, 1, 1) if k % 3 == 0 else (1, 2, 1))
+            atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+            strain = np.eye(3) + rng.uniform(-0.01, 0.01, (3, 3))
+            atoms.set_cell(atoms.cell[:] @ strain, scale_atoms=True)
+            atoms.info["label"] = base.info["label"] + "-x2"
+            picked.append(atoms)
+    else:
+        step = (len(frames) - 1) / max(count - 1, 1)
+        picked = [frames[round(k * step)] for k in range(count)]
     for k, atoms in enumerate(picked):
         clean = atoms.copy()
         clean.calc = None

@@ -224,7 +224,9 @@ def run_tasks(
         note(f"Dask: {workers} worker(s) at {client.scheduler.address}")
         # tasks sized like a batch, but at least four per worker so that all are busy
         per_task = max(1, -(-sum(sizes) // (4 * max(workers, 1))))
-        max_atoms = min(settings.max_batch_atoms, per_task)
+        from molopt.potentials.base import BATCH_ATOMS
+
+        max_atoms = min(settings.max_batch_atoms or BATCH_ATOMS, per_task)
         groups = groups_of(members, sizes, max_atoms, settings.batch_size)
         note(f"Dask: {len(groups)} task(s) of up to {max_atoms} atoms")
 

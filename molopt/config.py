@@ -45,7 +45,8 @@ class RunSettings:
     shard: str | None = None
     recursive: bool = False
     batch_size: int = 1024
-    max_batch_atoms: int = 32_768
+    #: atoms per batch (None: the potential's on this device, 32,768 unless it says)
+    max_batch_atoms: int | None = None
     trajectory_interval: int = 1
     #: A, Verlet skin of the neighbour lists (None: the potential's, 1.0 unless it says)
     skin: float | None = None
@@ -299,6 +300,7 @@ def _type_check(name, value, source):
         "float | None": value is None
         or (isinstance(value, int | float) and not isinstance(value, bool)),
         "int": isinstance(value, int) and not isinstance(value, bool),
+        "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
         "bool": isinstance(value, bool),
         "dict": isinstance(value, dict),
     }.get(expected, True)
@@ -421,7 +423,8 @@ def validate(values: dict, source: str = "settings") -> RunSettings:
         raise ConfigError(f"{source}: steps must be >= 0 (got {s.steps})")
     if s.precision not in ("float64", "float32"):
         raise ConfigError(f"{source}: precision must be float64 or float32 (got {s.precision!r})")
-    if s.batch_size < 1 or s.max_batch_atoms < 1 or s.chunk < 1:
+    too_few = s.max_batch_atoms is not None and s.max_batch_atoms < 1
+    if s.batch_size < 1 or too_few or s.chunk < 1:
         raise ConfigError(f"{source}: batch_size, max_batch_atoms and chunk must be >= 1")
     if s.trajectory_interval < 0:
         raise ConfigError(f"{source}: trajectory_interval must be >= 0")

@@ -447,7 +447,6 @@ def test_relax_help_shows_the_defaults_the_run_uses():
         "--steps": defaults.steps,
         "--precision": defaults.precision,
         "--batch-size": defaults.batch_size,
-        "--max-batch-atoms": defaults.max_batch_atoms,
         "--traj-interval": defaults.trajectory_interval,
     }.items():
         part = text.split(flag, 1)[1].split(" --", 1)[0]
@@ -460,6 +459,11 @@ def test_relax_help_shows_the_defaults_the_run_uses():
     part = text.split("--skin", 1)[1].split(" --", 1)[0]
     expected = f"{PotentialMethods.default_skin}; SevenNet {SevenNet.default_skin}]"
     assert expected in part, part
+    from molopt.potentials.base import BATCH_ATOMS
+
+    assert defaults.max_batch_atoms is None
+    part = text.split("--max-batch-atoms", 1)[1].split(" --", 1)[0]
+    assert f"[default: {BATCH_ATOMS}; SevenNet on a CPU {SevenNet.cpu_batch_atoms}]" in part
     for flag in ("--json", "--overwrite", "--recursive", "--check-hessian"):
         assert f"[default: no-{flag[2:]}]" in text
 

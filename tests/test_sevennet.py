@@ -131,6 +131,21 @@ def test_default_skin_is_the_potentials_unless_set(sevennet, argon):
     assert Engine(sevennet, engine_settings(build(skin=1.5))).skin == 1.5
 
 
+def test_default_batch_atoms_on_a_cpu_is_the_potentials_unless_set(sevennet, argon):
+    """On a CPU a SevenNet batch holds 256 atoms unless the settings say otherwise (a step
+    of a bigger one takes seconds, and the batch waits for its slowest crystal); other
+    potentials, and every potential off a CPU, 32,768."""
+    import jax
+
+    from molopt.engine import Engine, EngineSettings
+    from molopt.potentials.base import BATCH_ATOMS
+
+    cpu = jax.default_backend() == "cpu"
+    assert Engine(sevennet, EngineSettings()).max_batch_atoms == (256 if cpu else BATCH_ATOMS)
+    assert Engine(argon, EngineSettings()).max_batch_atoms == BATCH_ATOMS
+    assert Engine(sevennet, EngineSettings(max_batch_atoms=999)).max_batch_atoms == 999
+
+
 def _float32_within_targets(sevennet, frames):
     structures = [structure_from_atoms(a) for a in frames]
     results = evaluate_structures(structures, sevennet, stress=True, precision="float32")

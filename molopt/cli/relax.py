@@ -150,7 +150,10 @@ def relax(
     ] = None,
     max_batch_atoms: Annotated[
         int | None,
-        typer.Option(help="Max atoms per batch (bigger structures run alone). [default: 32768]"),
+        typer.Option(
+            help="Max atoms per batch (bigger structures run alone). "
+            "[default: 32768; SevenNet on a CPU 256]"
+        ),
     ] = None,
     overwrite: Annotated[
         bool | None,

@@ -29,6 +29,7 @@ from molopt.optimizers import cell as cellfilter
 from molopt.optimizers import cell_options
 from molopt.optimizers.cell_options import CellOptions
 from molopt.potentials.base import PotentialMethods as Potential
+from molopt.potentials.base import batch_atoms
 from molopt.structure import Structure
 
 #: Called with each converged result, the number of restarts so far and the engine's
@@ -82,6 +83,8 @@ class Engine:
         self.skin = (
             settings.skin if settings.skin is not None else getattr(potential, "default_skin", 1.0)
         )
+        #: atoms per batch: the settings', else the potential's on this device
+        self.max_batch_atoms = settings.max_batch_atoms or batch_atoms(potential)
         self.sink = sink or NullSink()
         self.progress = progress
         self.after_converged = after_converged
@@ -276,7 +279,7 @@ class Engine:
                 queue,
                 keep,
                 s.batch_size,
-                s.max_batch_atoms,
+                self.max_batch_atoms,
                 lambda batch: self._bytes(batch) <= self.memory_limit,
             )
             if self.claim is not None:

@@ -36,7 +36,8 @@ class EngineSettings:
     skin: float | None = None
     chunk: int = 64
     batch_size: int = 1024
-    max_batch_atoms: int = 32_768
+    #: None: the potential's on this device (``PotentialMethods.batch_atoms``)
+    max_batch_atoms: int | None = None
     trajectory_interval: int = 1
     final_stress: bool = True
     #: a structure whose energy per atom falls below -explode_energy (eV) has exploded: no

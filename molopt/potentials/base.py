@@ -37,6 +37,19 @@ class Evaluation:
     dE_dstrain: jax.Array
 
 
+#: Atoms per batch unless the settings or the potential say otherwise.
+BATCH_ATOMS = 32_768
+
+
+def batch_atoms(potential) -> int:
+    """Atoms per batch for ``potential`` on the default device: its ``cpu_batch_atoms`` on a
+    CPU where it has one, else :data:`BATCH_ATOMS`."""
+    cpu = getattr(potential, "cpu_batch_atoms", None)
+    if cpu is not None and jax.default_backend() == "cpu":
+        return int(cpu)
+    return BATCH_ATOMS
+
+
 class PotentialMethods:
     """What every potential has. ``elements``: atomic numbers in species order, or ``()`` for
     a potential that applies to every element (all atoms are species 0); ``cutoff`` in A.
@@ -57,6 +70,11 @@ class PotentialMethods:
     #: Verlet skin (A) of relaxations that do not set one: a wider skin rebuilds less often,
     #: a narrower one lists fewer pairs (what a costly pair term pays for).
     default_skin = 1.0
+    #: Atoms per batch on a CPU for relaxations that do not set ``max_batch_atoms`` (None:
+    #: :data:`BATCH_ATOMS`, as on every other device). A CPU gains nothing from batches
+    #: whose step takes long (its cores are busy with a fraction of them); a batch waits
+    #: for its slowest system, and a smaller one is refilled from the queue instead.
+    cpu_batch_atoms: int | None = None
 
     def energy(self, positions, cell, batch: Batch, nbrs: Neighbors) -> jax.Array:
         """Total potential energy per system, (S,) eV. Differentiable in every argument."""

@@ -113,6 +113,9 @@ class SevenNet(Potential):
     #: 16 mixed small crystals relaxed with the cell: 18.7 s with 0.5, 21.6 s with 1.0
     #: (fewer pairs outweigh more rebuilds; bench/RESULTS.md)
     default_skin = 0.5
+    #: a step of 256 atoms of small crystals takes ~1 s (float64) on two cores: bigger
+    #: batches only wait longer for their slowest crystal
+    cpu_batch_atoms = 256
 
     def atomic_energies(self, positions, cell, batch, nbrs):
         """(A,) eV; exactly zero on padding atoms."""
