@@ -40,7 +40,13 @@ from molopt import elements as el
 from molopt._jax import jax
 from molopt.batch import system_sum
 from molopt.errors import PotentialError
-from molopt.neighbors import pair_vectors, row_vectors, slot_group, sum_over_groups, sum_rows
+from molopt.neighbors import (
+    pair_vectors,
+    row_vectors,
+    slot_group,
+    sum_over_groups,
+    sum_row_blocks,
+)
 from molopt.potentials.base import Potential
 
 
@@ -238,6 +244,7 @@ def _atomic_energies(model, positions, cell, batch, nbrs):
     embedding = weights["embedding"]
     x = {0: (embedding[species] * (1.0 / math.sqrt(embedding.shape[0])))[:, None, :]}
     K, A = index.shape  # (W, R) in the row form
+    n_atoms = positions.shape[0]
     for t, (paths, n_scalars, gated) in enumerate(model.blocks):
         self_connection = _linear(x, weights, f"{t}/self_connection")
         x_in = _linear(x, weights, f"{t}/linear_in")
@@ -247,9 +254,10 @@ def _atomic_energies(model, positions, cell, batch, nbrs):
         def slots(index, basis_part, *sh_part, x_in=x_in, paths=paths, t=t):
             return _convolution(x_in, paths, weights, t, index, list(sh_part), basis_part, dtype)
 
-        summed = sum_over_groups(slots, (index, basis, *sh), group, recompute=True)
-        if rows:
-            summed = sum_rows(summed, nbrs, positions.shape[0])
+        if rows:  # per-row sums, blocks of rows at a time (memory bounded), into atoms
+            summed = sum_row_blocks(slots, (index, basis, *sh), nbrs, n_atoms)
+        else:
+            summed = sum_over_groups(slots, (index, basis, *sh), group, recompute=True)
         denominator = weights[f"{t}/denominator"]
         convolved = {ell: v / denominator for ell, v in summed.items()}
         y = _linear(convolved, weights, f"{t}/linear_out")
