@@ -80,24 +80,7 @@ class Neighbors:
 def row_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
     """Components (dx, dy, dz), each (W, R), of r_j - r_i (+ image shift) for the row form:
     i the row's atom, j its listed neighbours. Differentiable in ``positions`` and ``cell``."""
-    center = nbrs.row_atom
-    periodic = nbrs.row_shift.shape[0] == 3
-    if periodic:
-        shifts = [nbrs.row_shift[k].astype(positions.dtype) for k in range(3)]
-        if cell.shape[0] == 1:
-            cell_rows = [[cell[0, k, c] for k in range(3)] for c in range(3)]
-        else:
-            cell_of_row = cell[jnp.minimum(system_idx[center], cell.shape[0] - 1)]  # (R, 3, 3)
-            cell_rows = [[cell_of_row[None, :, k, c] for k in range(3)] for c in range(3)]
-    components = []
-    for c in range(3):
-        column = positions[:, c]
-        d = column[nbrs.row_index] - column[center][None, :]
-        if periodic:
-            rows = cell_rows[c]
-            d = d + shifts[0] * rows[0] + shifts[1] * rows[1] + shifts[2] * rows[2]
-        components.append(d)
-    return tuple(components)
+    return _vectors(positions, cell, system_idx, nbrs.row_atom, nbrs.row_index, nbrs.row_shift)
 
 
 #: Rows a block of :func:`sum_row_blocks` takes at most: 64 rows of 8 slots keep a message-
@@ -163,18 +146,27 @@ def extended_positions(positions, cell, system_idx, nbrs: Neighbors) -> jax.Arra
 def pair_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nbrs: Neighbors):
     """Components (dx, dy, dz), each (K, A), of r_j - r_i (+ image shift) to each listed
     neighbour j of atom i, Angstrom. Differentiable in ``positions`` and ``cell``."""
+    return _vectors(positions, cell, system_idx, None, nbrs.index, nbrs.shift)
+
+
+def _vectors(positions, cell, system_idx, center, index, shift):
+    """(dx, dy, dz) from the atoms ``center`` (N,) (None: every atom in order) to
+    ``index`` (K, N) plus the integer images ``shift`` (3, K, N) (or (0, K, N)) of each
+    center's system cell."""
     components = []
-    periodic = nbrs.shift.shape[0] == 3
+    periodic = shift.shape[0] == 3
     if periodic:
-        shifts = [nbrs.shift[k].astype(positions.dtype) for k in range(3)]
+        shifts = [shift[k].astype(positions.dtype) for k in range(3)]
         if cell.shape[0] == 1:
             cell_rows = [[cell[0, k, c] for k in range(3)] for c in range(3)]
         else:
-            cell_of_atom = cell[jnp.minimum(system_idx, cell.shape[0] - 1)]  # (A, 3, 3)
-            cell_rows = [[cell_of_atom[None, :, k, c] for k in range(3)] for c in range(3)]
+            systems = system_idx if center is None else system_idx[center]
+            cell_of = cell[jnp.minimum(systems, cell.shape[0] - 1)]  # (N, 3, 3)
+            cell_rows = [[cell_of[None, :, k, c] for k in range(3)] for c in range(3)]
     for c in range(3):
         column = positions[:, c]
-        d = column[nbrs.index] - column[None, :]
+        origin = column if center is None else column[center]
+        d = column[index] - origin[None, :]
         if periodic:
             rows = cell_rows[c]
             d = d + shifts[0] * rows[0] + shifts[1] * rows[1] + shifts[2] * rows[2]
