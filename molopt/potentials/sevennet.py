@@ -248,15 +248,15 @@ def _atomic_energies(model, positions, cell, batch, nbrs):
     for t, (paths, n_scalars, gated) in enumerate(model.blocks):
         self_connection = _linear(x, weights, f"{t}/self_connection")
         x_in = _linear(x, weights, f"{t}/linear_in")
-        width = sum(f.shape[-1] * f.shape[-2] for f in x_in.values()) * 4  # per-slot floats
-        group = slot_group(K, A * width, np.dtype(dtype).itemsize)
 
         def slots(index, basis_part, *sh_part, x_in=x_in, paths=paths, t=t):
             return _convolution(x_in, paths, weights, t, index, list(sh_part), basis_part, dtype)
 
         if rows:  # per-row sums, blocks of rows at a time (memory bounded), into atoms
             summed = sum_row_blocks(slots, (index, basis, *sh), nbrs, n_atoms)
-        else:
+        else:  # groups of slots sized by the per-slot floats
+            width = sum(f.shape[-1] * f.shape[-2] for f in x_in.values()) * 4
+            group = slot_group(K, A * width, np.dtype(dtype).itemsize)
             summed = sum_over_groups(slots, (index, basis, *sh), group, recompute=True)
         denominator = weights[f"{t}/denominator"]
         convolved = {ell: v / denominator for ell, v in summed.items()}
