@@ -56,7 +56,9 @@ def main():
         print(f", rows {host.row_index.shape[1]} x {host.row_index.shape[0]} slots", end="")
     print()
     p, c = jax.device_put(positions), jax.device_put(cells)
+    started = time.perf_counter()
     jax.block_until_ready(evaluate_once(p, c, batch, nbrs, potential, True))
+    print(f"first call (compiles): {time.perf_counter() - started:.1f} s")
     times = []
     for _ in range(args.calls):
         started = time.perf_counter()

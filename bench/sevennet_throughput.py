@@ -3,24 +3,29 @@ Python loop of ASE FIRE + FrechetCellFilter + sevenn's own calculator, and Torch
 installs, same machine, same run.
 
     python bench/sevennet_throughput.py --sevenn-python /path/to/venv-with-sevenn/bin/python \
-        [--count 32] [--max-atoms 8] [--repeat 1]
+        [--count 32] [--max-atoms 8] [--repeat 1] [--tools float64,float32,ase,torch-sim]
 
 The crystals are the fully periodic structures of ``data/sevennet/reference.extxyz`` with at
 most --max-atoms atoms (rattled and strained: rocksalt, perovskite, fcc/bcc/hcp metals, ...),
 --count of them spread over the sizes, written one file each; a --count beyond the 140 there
 adds doubled cells of them (spread over the sizes, rattled by 0.05 A and strained by up to
-1%, seeded): ``--count 256 --max-atoms 64`` gives 256 crystals of 2-64 atoms. molopt: one fresh `molopt relax
-DIR --potential sevennet-0 --relax-cell` process (default settings: float64; and float32), wall
-time including imports and compiling, as a user runs it. ASE: one fresh process of the sevenn
-venv that loads the calculator once and relaxes the files one after another
-(``FIRE(FrechetCellFilter(atoms))``, ASE's defaults, float32 as sevenn runs), wall time of
-the whole process. TorchSim, where ``torch_sim`` imports in that venv (``pip install
-torch-sim-atomistic``; TorchSim 0.3.0 needs sevenn <= 0.12, so --torch-sim-python may name
-another venv): one fresh process relaxing all the crystals as one batched state with
-its ``frechet_cell_fire`` (ASE flavour), float32. All to fmax 0.05 eV/A (molopt's default; cell
-forces too) with at most 1,000 steps. The
-processes alternate for --repeat rounds; medians. Prints structures per second, the steps and
-the ratio, and writes ``bench/out/sevennet_throughput.json``.
+1%, seeded): ``--count 256 --max-atoms 64`` gives 256 crystals of 2-64 atoms.
+
+* molopt: one fresh `molopt relax DIR --potential sevennet-0 --relax-cell` process (default
+  settings: float64; and float32), wall time including imports and compiling, as a user
+  runs it.
+* ASE: one fresh process of the sevenn venv that loads the calculator once and relaxes the
+  files one after another (``FIRE(FrechetCellFilter(atoms))``, ASE's defaults, float32 as
+  sevenn runs), wall time of the whole process.
+* TorchSim, where ``torch_sim`` imports in that venv (``pip install torch-sim-atomistic``;
+  TorchSim 0.3.0 needs sevenn <= 0.12, so --torch-sim-python may name another venv): one
+  fresh process relaxing all the crystals as one batched state with its
+  ``frechet_cell_fire`` (ASE flavour), float32.
+
+All to fmax 0.05 eV/A (molopt's default; cell forces too) with at most 1,000 steps. The
+processes alternate for --repeat rounds; medians. --tools picks which run (the ASE loop
+always). Prints structures per second, the steps and the ratio, and writes
+``bench/out/sevennet_throughput.json``.
 """
 
 from __future__ import annotations
@@ -173,7 +178,16 @@ def main():
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--max-atoms", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--tools",
+        default="float64,float32,ase,torch-sim",
+        help="which to run, comma-separated: float64 and float32 (molopt), ase, torch-sim "
+        "(the 256-crystal size takes most of an hour per tool on two cores)",
+    )
     args = parser.parse_args()
+    tools = set(args.tools.split(","))
+    if "ase" not in tools:
+        sys.exit("--tools needs ase: the ratios are to the ASE loop")
 
     def versions_in(python, code="import sevenn, torch; print(sevenn.__version__, "
                     "torch.__version__)"):  # fmt: skip
@@ -189,7 +203,10 @@ def main():
 
     import molopt
 
-    rows: dict[str, list] = {"molopt float64": [], "molopt float32": [], "ASE + sevenn": []}
+    rows: dict[str, list] = {
+        **{f"molopt {p}": [] for p in ("float64", "float32") if p in tools},
+        "ASE + sevenn": [],
+    }
     # TorchSim joins when it imports in the sevenn venv (steps not counted there: -1)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "in"
@@ -198,12 +215,16 @@ def main():
         print(f"{len(sizes)} crystals, {sum(sizes)} atoms ({min(sizes)}-{max(sizes)} each)")
         for _ in range(args.repeat):
             for precision in ("float64", "float32"):
+                if precision not in tools:
+                    continue
                 result = run_molopt(directory, Path(tmp) / "out", precision)
                 rows[f"molopt {precision}"].append(result)
                 print(f"molopt {precision}: {result}", flush=True)
             result = run_ase(args.sevenn_python, directory)
             rows["ASE + sevenn"].append(result)
             print(f"ASE + sevenn: {result}", flush=True)
+            if "torch-sim" not in tools:
+                continue
             result = run_torch_sim(args.torch_sim_python or args.sevenn_python, directory)
             if result is not None:
                 rows.setdefault("TorchSim", []).append(result)

@@ -315,10 +315,12 @@ class HostNeighbors:
 
     @property
     def shapes(self) -> tuple[int, int, int]:
-        """What a new compiled program depends on: slot, ghost and row capacities."""
+        """What a new compiled program depends on: slot, ghost and row capacities. With the
+        row form the dense slots stay on the host (:meth:`to_device`): their capacity is 0
+        here, so batches that differ only in it share a program."""
         ghosts = 0 if self.ghost_source is None else int(self.ghost_source.shape[0])
         rows = 0 if self.row_atom is None else int(self.row_atom.shape[0])
-        return self.capacity, ghosts, rows
+        return (0 if rows else self.capacity), ghosts, rows
 
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
@@ -329,6 +331,7 @@ class HostNeighbors:
                 ghost_source=jax.device_put(self.ghost_source),
                 ghost_shift=jax.device_put(self.ghost_shift),
             )
+        index, shift, mask = self.index, self.shift, self.mask
         if self.row_atom is not None:
             ghosts.update(
                 row_atom=jax.device_put(self.row_atom),
@@ -336,10 +339,13 @@ class HostNeighbors:
                 row_shift=jax.device_put(self.row_shift),
                 row_mask=jax.device_put(self.row_mask),
             )
+            # a potential given rows reads only them: the dense slots stay on the host (their
+            # capacity would otherwise make a new program of batches with the same rows)
+            index, shift, mask = index[:0], shift[:, :0], mask[:0]
         return Neighbors(
-            index=jax.device_put(self.index),
-            shift=jax.device_put(self.shift),
-            mask=jax.device_put(self.mask),
+            index=jax.device_put(index),
+            shift=jax.device_put(shift),
+            mask=jax.device_put(mask),
             ref_positions=jax.device_put(self.ref_positions),
             ref_cell=jax.device_put(self.ref_cell),
             complete=jax.device_put(self.complete),
@@ -482,11 +488,13 @@ def build(
     systems: np.ndarray | None = None,
     ghosts: bool = True,
     row_width: int = 0,
+    row_capacity: int = 0,
 ) -> HostNeighbors:
     """Build (or, given ``previous`` and ``systems``, partially rebuild) the dense lists;
     with ``ghosts`` their ghost form too (:func:`ghost_tables`; potentials that do not use it
     are spared its host work and a program shape), and with ``row_width`` W > 0 their row
-    form in rows of W slots (:func:`row_tables`).
+    form in rows of W slots (:func:`row_tables`), at least ``row_capacity`` rows (a shape a
+    program was compiled for).
 
     ``positions`` (A, 3), ``cells`` (S, 3, 3), ``pbc`` (S, 3) numpy; ``cutoff`` is the
     potential's cutoff (A) and the list is built at ``cutoff + skin``. Capacity grows (a new
@@ -583,7 +591,7 @@ def build(
     row_atom = row_index = row_mask = row_shift = None
     if row_width:
         partial = previous is not None and systems is not None
-        previous_rows = previous.shapes[2] if partial else 0
+        previous_rows = max(previous.shapes[2] if partial else 0, row_capacity)
         row_atom, row_index, row_mask, row_shift = row_tables(
             index, shift, mask, row_width, previous_rows
         )

@@ -47,13 +47,20 @@ def mixed_structures():
 @pytest.mark.parametrize("relax_cell", [False, True])
 def test_refilled_batches_equal_relaxing_alone(argon, optimizer, relax_cell):
     structures = mixed_structures()
-    if relax_cell:
-        structures = [s for s in structures if s.pbc.all()] * 2
+    if relax_cell:  # four crystals, each converging at a different step
+        structures = []
+        for a, seed in ((5.2, 1), (5.4, 2), (5.0, 4), (5.6, 5)):
+            crystal = bulk("Ar", "fcc", a=a, cubic=True).repeat((2, 2, 1))
+            crystal.rattle(0.1, seed=seed)
+            structures.append(structure_from_atoms(crystal))
     items = list(enumerate(structures))
     settings = EngineSettings(
-        optimizer=optimizer, fmax=1e-3, relax_cell=relax_cell, batch_size=3
-    )  # systems leave and new ones take their places
-    batched = {r.key: r for r in relax_structures(items, argon, settings)}
+        optimizer=optimizer, fmax=1e-3, relax_cell=relax_cell, batch_size=3, chunk=4
+    )  # systems leave and new ones take their places (short chunks: not all at once)
+    engine = E.Engine(argon, settings)
+    engine.compaction_cost = 0.0  # refill as soon as there is room
+    batched = {r.key: r for r in engine.run(items)}
+    assert engine.repacks >= 1  # running systems moved on with new ones
     alone_settings = dataclasses.replace(settings, batch_size=1)
     for key, s in items:
         (alone,) = relax_structures([(key, s)], argon, alone_settings)

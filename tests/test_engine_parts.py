@@ -67,6 +67,28 @@ def test_repack_refills_when_a_quarter_is_free():
     assert repack  # a quarter of the systems done
 
 
+def test_refill_waits_until_the_free_atoms_have_wasted_a_start():
+    """With structures waiting, a batch with a quarter free refills once the device time
+    its free atoms wasted reaches what a start costs (rent or buy): at once when starts are
+    cheap, after a few chunks when a start compiles, and never while under a quarter free."""
+    layout = plan_layout([16] * 8)  # 128 padded atoms
+    decisions = []
+    idle = policy.Idle()
+    for _ in range(5):  # half the atoms free, each chunk 1 s: 0.5 s wasted per chunk
+        repack, idle = policy.should_repack(layout, [16] * 4, True, 4, 1.0, idle, lambda t: 1.2)
+        decisions.append(repack)
+    # the first chunk ran before the batch had room; then 0.5 s, 1.0 s, 1.5 s wasted
+    assert decisions == [False, False, False, True, True]
+    repack, _ = policy.should_repack(layout, [16] * 4, True, 4, 1.0, policy.Idle(), lambda t: 0)
+    assert repack
+    idle = policy.Idle(wasted_s=100.0, fraction=0.1)
+    repack, _ = policy.should_repack(layout, [16] * 7, True, 1, 1.0, idle, lambda t: 0.0)
+    assert not repack  # one of eight done: no room yet, whatever was wasted
+    alone = plan_layout([5])  # one structure in 8 padded atoms, nothing done yet
+    repack, _ = policy.should_repack(alone, [5], True, 0, 1.0, idle, lambda t: 0.0)
+    assert not repack  # its padding is no room: repacking would rebuild the same batch
+
+
 def test_compaction_waits_until_the_waste_pays_for_the_move():
     layout = plan_layout([100] * 16)
     idle = policy.Idle()

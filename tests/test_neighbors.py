@@ -356,7 +356,7 @@ def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
     batch, pos, cells, layout = B.pack(structures, {29: 0, 11: 1, 18: 2}, np.float64)
     pbc = np.asarray(batch.pbc)
     host = N.build(pos, cells, pbc, layout, 5.0, 1.0, ghosts=False, row_width=8)
-    assert host.shapes == (host.capacity, 0, host.row_atom.shape[0])
+    assert host.shapes == (0, 0, host.row_atom.shape[0])  # dense slots stay on the host
     assert np.all(np.diff(host.row_atom) >= 0)
     for k in range(3):
         assert row_pairs_of(host, layout, k) == pairs_of(host, layout, k)
@@ -366,7 +366,10 @@ def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
     assert used_rows * 8 < host.capacity * int(layout.offsets[-1])  # the dense list pads more
     assert not host.row_mask[:, used_rows:].any()
     device = host.to_device()
-    dense = N.pair_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, device)
+    assert device.index.shape == (0, pos.shape[0])  # the dense slots stay on the host
+    dense_only = N.build(pos, cells, pbc, layout, 5.0, 1.0, ghosts=False).to_device()
+    np.testing.assert_array_equal(dense_only.index, host.index)
+    dense = N.pair_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, dense_only)
     rows = N.row_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, device)
     r_dense = np.sqrt(sum(np.asarray(d) ** 2 for d in dense))
     r_rows = np.sqrt(sum(np.asarray(d) ** 2 for d in rows))

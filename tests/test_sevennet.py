@@ -146,6 +146,41 @@ def test_default_batch_atoms_on_a_cpu_is_the_potentials_unless_set(sevennet, arg
     assert Engine(sevennet, EngineSettings(max_batch_atoms=999)).max_batch_atoms == 999
 
 
+def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
+    """A batch whose row-form lists fit a program compiled before (the same padded atoms, at
+    least its systems, at most 1.25x its rows) runs in that program instead of compiling
+    another, and each structure follows the same path as with a program of its own."""
+    from molopt.engine import Engine, EngineSettings
+    from molopt.engine import scheduler as E
+
+    structures = []
+    for k, a in enumerate([5.43, 5.43, 5.62, 5.62]):  # two dense, then two stretched
+        atoms = bulk("Si", "diamond", a=a, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        structures.append(structure_from_atoms(atoms))
+    settings = EngineSettings(fmax=0.05, max_batch_atoms=16)
+
+    def run(reuse):
+        monkeypatch.setattr(E, "ROW_REUSE", reuse)
+        engine = Engine(sevennet, settings)
+        engine.compaction_cost = float("inf")  # a batch runs to its end: two batches
+        results = {r.key: r for r in engine.run(list(enumerate(structures)))}
+        return engine, results
+
+    shared, reused = run(1.25)
+    apart, own = run(1.0)
+    (dense_key,) = {k[2][2] for k in shared.shapes_seen}  # one program: the dense batch's
+    assert len(apart.shapes_seen) == 2 and shared.compiles == 1
+    assert {k[2][2] for k in apart.shapes_seen} - {dense_key}  # the stretched need fewer
+    for key in range(4):
+        assert reused[key].status == own[key].status == "converged"
+        assert reused[key].steps == own[key].steps
+        assert reused[key].energy == pytest.approx(own[key].energy, abs=1e-10)
+        np.testing.assert_allclose(
+            reused[key].structure.positions, own[key].structure.positions, atol=1e-9
+        )
+
+
 def _float32_within_targets(sevennet, frames):
     structures = [structure_from_atoms(a) for a in frames]
     results = evaluate_structures(structures, sevennet, stress=True, precision="float32")

@@ -55,10 +55,12 @@ def neighbor_lists(
     dtype,
     previous: nl.HostNeighbors | None = None,
     systems: np.ndarray | None = None,
+    row_capacity: int = 0,
 ) -> nl.HostNeighbors:
     """Host neighbour lists for a packed batch at the potential's cutoff + ``skin`` (built in
     float64, reference geometry kept in ``dtype``); their ghost and row forms only for a
-    potential that uses them. ``previous``/``systems``: rebuild only those systems' lists."""
+    potential that uses them. ``previous``/``systems``: rebuild only those systems' lists;
+    ``row_capacity``: the least row capacity (:func:`molopt.neighbors.build`)."""
     host = nl.build(
         np.asarray(positions, np.float64),
         np.asarray(cells, np.float64),
@@ -70,6 +72,7 @@ def neighbor_lists(
         systems=systems,
         ghosts=getattr(potential, "uses_ghosts", False),
         row_width=getattr(potential, "row_width", 0),
+        row_capacity=row_capacity,
     )
     host.ref_positions = host.ref_positions.astype(dtype)
     host.ref_cell = host.ref_cell.astype(dtype)

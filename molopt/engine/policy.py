@@ -62,22 +62,29 @@ def should_repack(
     atoms, and its idle account after the chunk just computed (``computed_s`` device
     seconds, run at the idle fraction seen when it was launched).
 
-    With structures waiting: refill when a quarter of the padded atoms or of the systems is
-    free. With none waiting: compact once half of it is idle *and* the device time the sparse
+    With structures waiting: refill once systems have left and a quarter of the padded atoms
+    or of the systems is free *and* the device time the free atoms have wasted has reached
+    what starting a batch of this layout costs (``compaction_cost(layout)``: a refilled
+    batch is about as big).
+    With none waiting: compact once half of it is idle *and* the device time the sparse
     batch has wasted has reached what starting the compacted batch costs
-    (``compaction_cost(target layout)``): rent or buy, never more than twice the better of
-    the two choices. A short tail then finishes where it is, a long one still moves."""
+    (``compaction_cost(target layout)``). Rent or buy, never more than twice the better of
+    the two choices: a start that compiles (~10 s for SevenNet) waits for that much waste,
+    a cheap one happens at once; a short tail finishes where it is, a long one still moves."""
     A = layout.n_padded_atoms
     atoms = sum(running_sizes)
+    wasted = idle.wasted_s + computed_s * idle.fraction
     if waiting:
         free_atoms = A - atoms
-        return free_atoms >= A // 4 or n_done >= max(1, layout.n_systems // 4), idle
+        # (room made by systems that left: a batch's own padding is no reason to repack it)
+        room = n_done >= 1 and (free_atoms >= A // 4 or n_done >= max(1, layout.n_systems // 4))
+        idle = Idle(wasted, free_atoms / A if room else 0.0)
+        return room and wasted >= compaction_cost(layout), idle
     target = plan_layout(list(running_sizes))
     smaller = target.n_padded_atoms
     sparse = smaller <= A // 2 or (
         len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
     )
-    wasted = idle.wasted_s + computed_s * idle.fraction
     idle = Idle(wasted, max(0.0, 1.0 - smaller / A) if sparse else 0.0)
     if not sparse:
         return False, idle

@@ -37,6 +37,10 @@ from molopt.structure import Structure
 #: reported), or None to accept it. It may add entries to ``result.extra``.
 AfterConverged = Callable[[RelaxResult, int, Any], "Structure | None"]
 
+#: A new batch runs in a program compiled before (:meth:`Engine._seen_shape`) when that
+#: program's row capacity is at most this many times what the batch needs.
+ROW_REUSE = 1.25
+
 
 @dataclass
 class LiveBatch:
@@ -108,8 +112,11 @@ class Engine:
             energy_floor=jax.device_put(np.asarray(-settings.explode_energy, self.dtype)),
         )
         self.compiles = 0
+        self.starts = 0  # batches launched
+        self.repacks = 0  # of which carried running systems on (refills and compactions)
         self.shapes_seen: set = set()
-        #: seconds a compaction is taken to cost; None: measured (``policy.compaction_cost``)
+        #: seconds a refill or compaction is taken to cost; None: measured
+        #: (``policy.compaction_cost``)
         self.compaction_cost: float | None = None
         #: the most starting a batch has cost, by whether its shape was new to this engine (a
         #: new shape traces and compiles, or loads, its programs; a known one only packs)
@@ -117,15 +124,19 @@ class Engine:
         self.clock = time.perf_counter  # for the compaction policy's timings
 
     # -- packing ------------------------------------------------------------------------------
-    def _pack(self, items: list) -> tuple:
+    def _pack(self, items: list, layout: Layout | None = None) -> tuple:
         structures = [it.structure for it in items]
-        batch, positions, cells, layout = pack_structures(structures, self.potential, self.dtype)
+        batch, positions, cells, layout = pack_structures(
+            structures, self.potential, self.dtype, layout
+        )
         if self.program.variable_cell:
             for k in range(layout.n_real, layout.n_systems):
                 cells[k] = np.eye(3)
         return batch, positions, cells, layout
 
-    def _neighbors(self, positions, cells, pbc, layout, previous=None, systems=None):
+    def _neighbors(
+        self, positions, cells, pbc, layout, previous=None, systems=None, row_capacity=0
+    ):
         host = neighbor_lists(
             positions,
             cells,
@@ -136,8 +147,34 @@ class Engine:
             self.dtype,
             previous=previous,
             systems=systems,
+            row_capacity=row_capacity,
         )
         return host, host.to_device()
+
+    def _seen_shape(self, layout: Layout, host) -> tuple[int, int] | None:
+        """(systems, rows) of a program already compiled that a new batch of ``layout`` with
+        lists ``host`` fits: the same padded atoms, ghosts and images, at least its systems,
+        and at least its rows but at most :data:`ROW_REUSE` times as many; the one with the
+        fewest rows, then systems. Only for the row form of the lists: their capacity
+        differs from batch to batch (a compilation each, ~10 s for SevenNet), while the
+        rows a program pads cost only their share of the messages. None if there is none."""
+        slots, ghosts, rows = host.shapes
+        if not rows:
+            return None
+        images = host.shift.shape[0]
+        fits = [
+            (key[2][2], key[1])
+            for key in self.shapes_seen
+            if key[0] == layout.n_padded_atoms
+            and key[1] >= layout.n_systems
+            and key[2][:2] == (slots, ghosts)
+            and key[3] == images
+            and rows <= key[2][2] <= ROW_REUSE * rows
+        ]
+        if not fits:
+            return None
+        best_rows, best_systems = min(fits)
+        return best_systems, best_rows
 
     def _reference(self, cells, layout: Layout, batch: Batch, items: list):
         if not self.program.variable_cell:
@@ -170,19 +207,32 @@ class Engine:
     def _launch(self, items: list, carry: dict | None = None) -> LiveBatch:
         """Pack ``items`` into a new batch; continuing systems keep their state (``carry``:
         key -> {"state": :func:`transplant.extract`'s dict, "reference_cell": ...})."""
-        batch, positions, cells, layout = self._pack(items)
-        pbc = np.asarray(batch.pbc)
         variable_cell = self.program.variable_cell
         carried = {k: carry[it.key] for k, it in enumerate(items) if carry and it.key in carry}
-        # continuing systems: current geometry (and variable-cell coordinates)
-        for k, saved in carried.items():
-            positions[layout.atoms_of(k)] = saved["state"]["positions"]
-            cells[k] = saved["state"]["cell"]
+
+        def packed(layout=None):
+            batch, positions, cells, layout = self._pack(items, layout)
+            # continuing systems: current geometry (and variable-cell coordinates)
+            for k, saved in carried.items():
+                positions[layout.atoms_of(k)] = saved["state"]["positions"]
+                cells[k] = saved["state"]["cell"]
+            return batch, positions, cells, layout
+
+        batch, positions, cells, layout = packed()
+        pbc = np.asarray(batch.pbc)
+        host, nbrs = self._neighbors(positions, cells, pbc, layout)
+        seen = self._seen_shape(layout, host)
+        if seen is not None:  # run in a program compiled before, not a new one
+            n_systems, n_rows = seen
+            if n_systems != layout.n_systems:
+                padded = Layout(layout.offsets, layout.n_padded_atoms, n_systems)
+                batch, positions, cells, layout = packed(padded)
+                pbc = np.asarray(batch.pbc)
+            host, nbrs = self._neighbors(positions, cells, pbc, layout, row_capacity=n_rows)
         reference_cells = cells.copy()
         if variable_cell:
             for k, saved in carried.items():
                 reference_cells[k] = saved["reference_cell"]
-        host, nbrs = self._neighbors(positions, cells, pbc, layout)
         reference = self._reference(reference_cells, layout, batch, items)
         x = self._coordinates(positions, layout)
         if variable_cell:
@@ -217,6 +267,8 @@ class Engine:
             state = transplant.restore(state, saved, layout, variable_cell)
         live = LiveBatch(items, layout, batch, host, nbrs, reference, state, program, cells, pbc)
         live.new_shape = self._note_shape(live)
+        self.starts += 1
+        self.repacks += bool(carried)
         return live
 
     def _carry(self, live: LiveBatch, running: list) -> dict:
@@ -410,20 +462,20 @@ class Engine:
             running = [k for k in range(n_real) if status[k] == Status.RUNNING]
             if not running:
                 return [], {}
-            if finished or not queue:
-                repack, live.idle = policy.should_repack(
-                    live.layout,
-                    [live.items[k].structure.n_atoms for k in running],
-                    bool(queue),
-                    len(done),
-                    computed,
-                    live.idle,
-                    lambda target: policy.compaction_cost(
-                        target, self.shapes_seen, self.start_cost, self.compaction_cost
-                    ),
-                )
-                if repack:
-                    return [live.items[k] for k in running], self._carry(live, running)
+            # every chunk: the idle account counts each chunk's waste
+            repack, live.idle = policy.should_repack(
+                live.layout,
+                [live.items[k].structure.n_atoms for k in running],
+                bool(queue),
+                len(done),
+                computed,
+                live.idle,
+                lambda target: policy.compaction_cost(
+                    target, self.shapes_seen, self.start_cost, self.compaction_cost
+                ),
+            )
+            if repack:
+                return [live.items[k] for k in running], self._carry(live, running)
             try:
                 self._advance(live)
             except Exception as exc:
