@@ -222,7 +222,8 @@ class Engine:
         pbc = np.asarray(batch.pbc)
         host, nbrs = self._neighbors(positions, cells, pbc, layout)
         seen = self._seen_shape(layout, host)
-        if seen is not None:  # run in a program compiled before, not a new one
+        if seen is not None and seen != (layout.n_systems, host.shapes[2]):
+            # run in a program compiled before (a bigger one), not a new one
             n_systems, n_rows = seen
             if n_systems != layout.n_systems:
                 padded = Layout(layout.offsets, layout.n_padded_atoms, n_systems)
