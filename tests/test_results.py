@@ -139,6 +139,36 @@ def test_plot_writes_an_image(results):
         assert len(np.unique(pixels, axis=0)) > 50  # lines, not a blank canvas
 
 
+def test_plot_and_hessian_outputs_are_renamed_into_place_whole(results, tmp_path, monkeypatch):
+    """The image is written under a temporary name in the format of the final name's
+    extension, then renamed; a write that fails leaves the earlier file as it was and no
+    temporary file behind."""
+    import matplotlib.figure
+
+    traj = str(results / "results" / "ar55-cluster.h5md")
+    for name, magic in (("p.svg", b"<?xml"), ("p.pdf", b"%PDF")):
+        r = runner.invoke(app, ["plot", traj, "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    hessian = tmp_path / "h.json"
+    relaxed = str(results / "results" / "ar55-cluster.extxyz")
+    r = runner.invoke(app, ["hessian", relaxed, "-p", "argon", "-o", str(hessian)])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(hessian.read_text())["frequencies_cm1"]) == 3 * 55
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "p.pdf", "p.svg"]
+
+    def half_then_die(fig, path, *args, **kwargs):
+        Path(path).write_bytes(b"<?xml half")
+        raise OSError("disk full")
+
+    before = (tmp_path / "p.svg").read_bytes()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_die)
+    r = runner.invoke(app, ["plot", traj, "-o", str(tmp_path / "p.svg"), "--force"])
+    assert r.exit_code == 2 and "cannot write" in r.output and "disk full" in r.output
+    assert (tmp_path / "p.svg").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.json", "p.pdf", "p.svg"]
+
+
 def test_plot_draws_each_trajectorys_energy_and_fmax(results, monkeypatch):
     """The figure holds, per trajectory, E - E(final) and fmax (log scale) against the step,
     read here with h5py alone, and the fmax target as a line (fails when a curve is not drawn
@@ -148,8 +178,9 @@ def test_plot_draws_each_trajectorys_energy_and_fmax(results, monkeypatch):
 
     saved = []
 
-    def keep(fig, *args, **kwargs):
+    def keep(fig, path, *args, **kwargs):
         saved.append(fig)
+        Path(path).write_bytes(b"")  # renamed into place
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     files = [results / "results" / "ar108-fcc.h5md", results / "results" / "ar55-cluster.h5md"]

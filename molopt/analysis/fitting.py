@@ -27,6 +27,7 @@ import numpy as np
 
 from molopt.config import read_toml, reject_unknown
 from molopt.errors import ConfigError
+from molopt.io.atomic import write_atomically
 
 KINDS = ("lattice_constant", "cohesive_energy", "bond_length", "angle", "relative_energy", "data")
 
@@ -278,5 +279,5 @@ class Fit:
         data["description"] = f"{data.get('description', '')} (fitted by molopt fit)".strip()
         data["fitted_from"] = str(self.spec.path)
         path = Path(path)
-        path.write_text(tomli_w.dumps(data))
-        return path
+        text = tomli_w.dumps(data)
+        return write_atomically(path, lambda tmp: tmp.write_text(text))

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from molopt.cli import Overwrite, err, fail, output_file, reported
+from molopt.io.atomic import write_atomically
 
 
 def hessian(
@@ -47,7 +48,11 @@ def hessian(
     if result["warning"]:
         err.print(f"warning: {result['warning']}", markup=False, highlight=False)
     if output:
-        target.write_text(jsonlib.dumps(result, indent=1))
+        text = jsonlib.dumps(result, indent=1)
+        try:
+            write_atomically(target, lambda tmp: tmp.write_text(text))
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc}")
     if json:
         typer.echo(jsonlib.dumps(result, indent=1))
     else:

@@ -154,5 +154,8 @@ def plot(
 
     image_file(output, overwrite, "molopt plot")
     files = _trajectories(trajectories, check_found=True)
-    plot_convergence(files, output, relative=relative)
+    try:
+        plot_convergence(files, output, relative=relative)
+    except OSError as exc:  # renamed into place whole: a failed write leaves no file
+        fail(f"cannot write {output}: {exc}")
     err.print(f"wrote {output}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from molopt import elements as el
+from molopt.io.atomic import write_atomically
 from molopt.training.data import Labelled
 
 
@@ -88,5 +91,6 @@ def parity_plot(result: dict, path, title: str = "") -> None:
         ax.set_aspect("equal", adjustable="datalim")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=150)
+    fmt = Path(path).suffix.lstrip(".").lower() or None
+    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=150, format=fmt))
     plt.close(fig)
