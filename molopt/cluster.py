@@ -31,6 +31,15 @@ OWN_KEYS = ("jobs", "minimum_jobs", "maximum_jobs")
 #: new tasks a structure gets after Dask gave up on one (each of which Dask itself retries
 #: ``distributed.scheduler.allowed-failures`` times) before it is recorded as failed
 RESUBMIT = 2
+#: Dask settings of the schedulers molopt starts (``--cluster``). A worker that dies makes
+#: Dask suspect every task it was *processing*, and by default a scheduler sends a worker
+#: more tasks than it has threads (``worker-saturation`` 1.1: two for one thread), so a
+#: structure queued behind one that kills its worker was suspected with it, and after enough
+#: kills recorded ``failed`` though it never ran. With 1.0 a worker holds only the tasks it
+#: runs. Molopt's tasks are batches of seconds or more, so nothing is lost by not queueing
+#: ahead. A scheduler started by the user (``--scheduler``) should be started with it too:
+#: ``DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0``.
+SCHEDULER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
 
 
 def worker_environment() -> dict:
@@ -119,27 +128,12 @@ def open_client(settings):
                 f"{timeout:g} s ({exc.__class__.__name__}: {exc})"
             ) from None
     else:
+        import dask
+
         kind, n = parse_cluster(settings.cluster)
         options = dict(settings.cluster_options)
-        if kind == "local":
-            from distributed import LocalCluster
-
-            cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                memory_limit=options.pop("memory", None) or 0,
-            )
-        else:
-            cluster, own = jobqueue_cluster(kind, options)
-            if "minimum_jobs" in own or "maximum_jobs" in own:
-                cluster.adapt(
-                    minimum_jobs=own.get("minimum_jobs", 0),
-                    maximum_jobs=own.get("maximum_jobs", own.get("minimum_jobs", 1)),
-                )
-            else:
-                cluster.scale(jobs=own.get("jobs", 1))
+        with dask.config.set(SCHEDULER_CONFIG):  # read when the scheduler starts
+            cluster = _start_cluster(kind, n, options)
         client = Client(cluster)
     try:
         client.register_plugin(_device_plugin())
@@ -151,6 +145,30 @@ def open_client(settings):
             "cluster_timeout, or check the queue)"
         ) from None
     return client, cluster
+
+
+def _start_cluster(kind: str, n: int | None, options: dict):
+    """A ``LocalCluster`` of ``n`` one-thread worker processes, or a dask-jobqueue cluster
+    scaled (or adapting) as the ``[cluster]`` table says."""
+    if kind == "local":
+        from distributed import LocalCluster
+
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=options.pop("memory", None) or 0,
+        )
+    cluster, own = jobqueue_cluster(kind, options)
+    if "minimum_jobs" in own or "maximum_jobs" in own:
+        cluster.adapt(
+            minimum_jobs=own.get("minimum_jobs", 0),
+            maximum_jobs=own.get("maximum_jobs", own.get("minimum_jobs", 1)),
+        )
+    else:
+        cluster.scale(jobs=own.get("jobs", 1))
+    return cluster
 
 
 def jobqueue_cluster(kind: str, options: dict):

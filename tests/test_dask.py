@@ -133,8 +133,13 @@ class Poison(distributed.diagnostics.plugin.WorkerPlugin):
 def test_a_structure_that_keeps_killing_its_worker_fails_alone(tmp_path):
     import dask
 
+    from molopt.cluster import SCHEDULER_CONFIG
+
     make_inputs(tmp_path / "in", 6)
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    # molopt's own scheduler settings (as --cluster starts it): a worker holds only the task
+    # it runs, so the structures queued behind s03 are never suspected with it
+    fewer = {"distributed.scheduler.allowed-failures": 1}
+    with dask.config.set({**SCHEDULER_CONFIG, **fewer}):
         with distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster:
@@ -156,6 +161,19 @@ def test_a_structure_that_keeps_killing_its_worker_fails_alone(tmp_path):
     others = {status[f"s{k:02d}.xyz"]["status"]: status[f"s{k:02d}.xyz"] for k in (0, 1, 2, 4, 5)}
     assert list(others) == ["converged"], others
     assert len(summary.records) == 6
+
+
+def test_the_clusters_molopt_starts_send_a_worker_only_what_it_runs(tmp_path):
+    from molopt.cluster import close, open_client
+
+    client, cluster = open_client(settings_for(tmp_path, cluster="local:1"))
+    try:
+        saturation = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.WORKER_SATURATION
+        )
+    finally:
+        close(client, cluster)
+    assert saturation == 1.0
 
 
 def test_an_unreachable_scheduler_is_a_usage_error(tmp_path):
