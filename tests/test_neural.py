@@ -694,6 +694,37 @@ def test_fine_tuning_starts_from_a_potential(tmp_path):
         Trainer(config, data + [labelled], tmp_path / "bad", init=spec)
 
 
+def test_resumed_fine_tuning_keeps_its_refitted_offsets(tmp_path, monkeypatch):
+    """With ``refit_energy_offsets``, the offsets are fitted once, when the fine-tuning
+    starts: a resumed run continues from the checkpoint's weights without refitting (a pass
+    over the training data), takes the same epochs as an uninterrupted run, and its card
+    carries the offsets of the start."""
+    import tomllib
+    from dataclasses import replace
+
+    from molopt.training.train import Trainer
+
+    data = emt_copper(6, 0.1)
+    start = PaiNN([29], cutoff=4.0, n_features=8, n_radial=6, n_layers=1, key=jax.random.PRNGKey(3))
+    spec = load(str(save_neural(start, tmp_path / "start", "start", {"description": "test"})))
+    config = tiny_config(epochs=1, batch_atoms=8, batch_structures=2, refit_energy_offsets=True)
+    straight = Trainer(replace(config, epochs=2), data, tmp_path / "straight", init=spec)
+    straight.run()
+    offsets = straight.energy_offsets
+    assert abs(offsets["Cu"]) > 1e-3  # a real refit: the untrained start is off
+    Trainer(config, data, tmp_path / "cut", init=spec).run()
+
+    def refit(self, model):
+        raise AssertionError("refitted on resume")
+
+    monkeypatch.setattr(Trainer, "_refit_energy_offsets", refit)
+    resumed = Trainer(replace(config, epochs=2), data, tmp_path / "cut", init=spec)
+    state = resumed.run(resume=True)
+    assert state["history"] == straight.state["history"]
+    card = tomllib.loads(resumed.write_potential().read_text())
+    assert card["training"]["init"]["energy_offsets_eV"] == offsets
+
+
 def test_prefetched_batches_keep_order_and_errors():
     """Training packs the next batches in a worker thread: same batches, same order, and an
     error in packing reaches the training loop at the batch that raised it."""

@@ -221,14 +221,16 @@ class Trainer:
             b.periodic = self.train_batches.periodic or self.valid_batches.periodic
 
     # -- model and optimizer ------------------------------------------------------------------
-    def initial_model(self):
+    def initial_model(self, resume: bool = False):
+        """The model training starts from. With ``resume`` only its structure matters (the
+        checkpoint's weights replace its values), so the offsets are not refitted."""
         import jax
 
         from molopt.potentials.neural.painn import PaiNN
 
         if self.init is not None:  # fine-tuning: its reference energies and scale too
             model = _cast(self.init.potential, self.dtype)
-            if self.config.refit_energy_offsets:
+            if self.config.refit_energy_offsets and not resume:
                 model = self._refit_energy_offsets(model)
             return model
         reference = reference_energies(self.train_data, self.elements)
@@ -313,7 +315,7 @@ class Trainer:
         loss_fn, errors_fn = make_loss(c)
         optimizer = self.optimizer()
         steps_per_epoch = self.steps_per_epoch()
-        model = self.initial_model()
+        model = self.initial_model(resume=resume)
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         state = {
             "epoch": 0,
@@ -324,6 +326,8 @@ class Trainer:
             "elapsed_s": 0.0,
             "epochs": c.epochs,
         }
+        if getattr(self, "energy_offsets", None):  # refitted: the card says by how much
+            state["energy_offsets"] = self.energy_offsets
         checkpoints = self.out_dir / "checkpoints"
         if resume:
             if not (checkpoints / "state.json").exists():
@@ -331,6 +335,8 @@ class Trainer:
             state = json.loads((checkpoints / "state.json").read_text())
             if c.time_budget_s <= 0:
                 state["epochs"] = c.epochs  # resuming may extend (or shorten) the run
+            if state.get("energy_offsets"):
+                self.energy_offsets = state["energy_offsets"]
             model = eqx.tree_deserialise_leaves(checkpoints / "model.eqx", model)
             opt_state = eqx.tree_deserialise_leaves(checkpoints / "optimizer.eqx", opt_state)
         best = model
