@@ -409,7 +409,7 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
     return ext_index, source, ghost_shift
 
 
-def _row_capacity(count: int, previous: int = 0) -> int:
+def row_capacity_for(count: int, previous: int = 0) -> int:
     """Row capacity for ``count`` rows: the previous one while it suffices (no new program),
     else 10% headroom rounded up to a multiple of 16."""
     if count <= previous:
@@ -421,13 +421,13 @@ def row_tables(index, shift, mask, width: int, previous_capacity: int = 0):
     """The row form (:class:`Neighbors`) of a host list whose atoms hold their pairs in their
     first slots: ``index``/``mask`` (K, A), ``shift`` (3, K, A) (or (0, K, A)). Returns
     ``row_atom`` (R,) int32, ``row_index`` (W, R) int32, ``row_shift`` (3, W, R) (or
-    (0, W, R)) and ``row_mask`` (W, R), W = ``width``, R = :func:`_row_capacity`; atom a's
+    (0, W, R)) and ``row_mask`` (W, R), W = ``width``, R = :func:`row_capacity_for`; atom a's
     slot s goes to column s mod W of its (s div W)-th row; empty slots list the row's atom."""
     K, A = index.shape
     counts = mask.sum(axis=0)
     n_rows = -(-counts // width)
     total = int(n_rows.sum())
-    capacity = _row_capacity(total, previous_capacity)
+    capacity = row_capacity_for(total, previous_capacity)
     row_atom = np.full(capacity, max(A - 1, 0), np.int32)
     row_atom[:total] = np.repeat(np.arange(A, dtype=np.int32), n_rows)
     first_row = np.cumsum(n_rows) - n_rows

@@ -102,6 +102,14 @@ def test_compaction_waits_until_the_waste_pays_for_the_move():
     seen = {(layout.n_padded_atoms, layout.n_systems, (), 0)}
     assert policy.compaction_cost(layout, seen, {"new": 3.0, "known": 1.0}) == 1.0
     assert policy.compaction_cost(layout, seen, {"new": 3.0}, override=7.0) == 7.0
+    # row-form lists: known only where a program of as many atoms, at least the systems and
+    # between the rows needed and row_reuse times as many ran before
+    A, S = layout.n_padded_atoms, layout.n_systems
+    seen = {(A, S + 8, (0, 0, 160), 27)}
+    cost = {"new": 10.0, "known": 0.5}
+    for rows, expected in ((160, 0.5), (128, 0.5), (112, 10.0), (176, 10.0)):
+        assert policy.compaction_cost(layout, seen, cost, rows=rows, row_reuse=1.25) == expected
+    assert policy.compaction_cost(plan_layout([100] * 32), seen, cost, rows=160) == 10.0
 
 
 @pytest.mark.parametrize("variable_cell", [False, True])

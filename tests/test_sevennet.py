@@ -146,6 +146,34 @@ def test_default_batch_atoms_on_a_cpu_is_the_potentials_unless_set(sevennet, arg
     assert Engine(sevennet, EngineSettings(max_batch_atoms=999)).max_batch_atoms == 999
 
 
+def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
+    """The compaction policy prices a move by whether its program is known, and with the
+    row form that depends on the rows: ``_rows_needed`` of some systems of a batch is the
+    row capacity a batch of those systems alone is built with."""
+    from types import SimpleNamespace
+
+    from molopt.engine import Engine, EngineSettings
+    from molopt.engine.reporting import Item
+
+    atoms = [bulk("Si", "diamond", a=5.43, cubic=True), bulk("NaCl", "rocksalt", a=5.64)]
+    atoms += [bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1), bulk("Mg", "hcp", a=3.21)]
+    for k, a in enumerate(atoms):
+        a.rattle(0.05, seed=k)
+    items = [Item(k, structure_from_atoms(a)) for k, a in enumerate(atoms)]
+    engine = Engine(sevennet, EngineSettings())
+
+    def built(chosen):
+        batch, positions, cells, layout = engine._pack(chosen)
+        host, _ = engine._neighbors(positions, cells, np.asarray(batch.pbc), layout)
+        return SimpleNamespace(nbrs_host=host, layout=layout)
+
+    whole = built(items)
+    assert engine._rows_needed(whole, [0, 1, 2, 3]) == whole.nbrs_host.shapes[2]
+    for subset in ([2], [0, 3], [1, 2, 3]):
+        alone = built([items[k] for k in subset])
+        assert engine._rows_needed(whole, subset) == alone.nbrs_host.shapes[2], subset
+
+
 def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
     """A batch whose row-form lists fit a program compiled before (the same padded atoms, at
     least its systems, at most 1.25x its rows) runs in that program instead of compiling

@@ -92,15 +92,30 @@ def should_repack(
 
 
 def compaction_cost(
-    target: Layout, shapes_seen: set, start_cost: dict, override: float | None = None
+    target: Layout,
+    shapes_seen: set,
+    start_cost: dict,
+    override: float | None = None,
+    rows: int = 0,
+    row_reuse: float = 1.0,
 ) -> float:
     """Seconds a move to a batch of layout ``target`` is expected to cost: ``override`` when
     given, else the most a start of a batch of a new shape has cost (``start_cost['new']``),
     or, when the compacted shape has run before (in ``shapes_seen``), the most a start of a
-    known shape has (``start_cost['known']``)."""
+    known shape has (``start_cost['known']``). With the row form of the lists (``rows``: the
+    row capacity the moved systems need) a shape is known only where a program of the same
+    padded atoms, at least the systems, and between ``rows`` and ``row_reuse`` times as many
+    rows ran before (the one :meth:`Engine._seen_shape` would pick); the same atoms and
+    systems with other rows would compile."""
     if override is not None:
         return override
-    known = any(k[:2] == (target.n_padded_atoms, target.n_systems) for k in shapes_seen)
+    A, S = target.n_padded_atoms, target.n_systems
+    if rows:
+        known = any(
+            k[0] == A and k[1] >= S and rows <= k[2][2] <= row_reuse * rows for k in shapes_seen
+        )
+    else:
+        known = any(k[:2] == (A, S) for k in shapes_seen)
     if known and "known" in start_cost:
         return start_cost["known"]
     return start_cost.get("new", 0.0)

@@ -176,6 +176,16 @@ class Engine:
         best_rows, best_systems = min(fits)
         return best_systems, best_rows
 
+    def _rows_needed(self, live: LiveBatch, systems: list) -> int:
+        """The row capacity a batch of the ``systems`` of ``live`` would be built with (their
+        rows in its lists, with the builder's headroom); 0 without the row form."""
+        host = live.nbrs_host
+        if host.row_atom is None:
+            return 0
+        used = host.row_mask.any(axis=0)  # a row holds at least one pair; padding rows none
+        owner = np.searchsorted(live.layout.offsets, host.row_atom[used], side="right") - 1
+        return nl.row_capacity_for(int(np.isin(owner, systems).sum()))
+
     def _reference(self, cells, layout: Layout, batch: Batch, items: list):
         if not self.program.variable_cell:
             return None
@@ -471,8 +481,13 @@ class Engine:
                 len(done),
                 computed,
                 live.idle,
-                lambda target: policy.compaction_cost(
-                    target, self.shapes_seen, self.start_cost, self.compaction_cost
+                lambda target, running=running: policy.compaction_cost(
+                    target,
+                    self.shapes_seen,
+                    self.start_cost,
+                    self.compaction_cost,
+                    rows=0 if queue else self._rows_needed(live, running),
+                    row_reuse=ROW_REUSE,
                 ),
             )
             if repack:
