@@ -11,12 +11,14 @@ ROOT = Path(__file__).resolve().parents[1] / "molopt"
 #: the numerical core: pure functions over arrays, no files, no command line
 CORE = {
     "molopt.batch",
+    "molopt.constraints",
     "molopt.neighbors",
     "molopt.optimizers",
     "molopt.potentials",
     "molopt.engine",
     "molopt.scopes",
     "molopt.structure",
+    "molopt.symmetry",
 }
 ABOVE_CORE = {
     "molopt.analysis",
@@ -31,6 +33,17 @@ ABOVE_CORE = {
     "molopt.testing",
     "molopt.cluster",
     "molopt.mdanalysis",
+}
+
+#: below both: what either may use (errors, element symbols, Ctrl-C, the JAX set-up, vesin)
+SHARED = {
+    "molopt",
+    "molopt._jax",
+    "molopt._vesin",
+    "molopt.elements",
+    "molopt.errors",
+    "molopt.interrupt",
+    "molopt.startup",
 }
 
 
@@ -67,6 +80,18 @@ def test_the_core_imports_nothing_above_it_nor_the_edges_libraries():
         edges = {n for n in names if n.split(".")[0] in ("ase", "h5py", "typer", "rich")}
         assert not above, f"{module} imports {sorted(above)}"
         assert not edges, f"{module} imports {sorted(edges)}"
+
+
+def test_every_module_has_its_layer():
+    unplaced = {package(m) for m in imports()} - CORE - ABOVE_CORE - SHARED
+    assert not unplaced, f"place {sorted(unplaced)} in CORE, ABOVE_CORE or SHARED"
+
+
+def test_what_both_layers_share_imports_neither():
+    for module, names in imports().items():
+        if package(module) in SHARED and module != "molopt":
+            up = {n for n in names if package(n) in CORE | ABOVE_CORE}
+            assert not up, f"{module} imports {sorted(up)}"
 
 
 def test_only_the_command_line_imports_typer_and_rich():
