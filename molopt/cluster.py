@@ -147,6 +147,16 @@ def open_client(settings):
     return client, cluster
 
 
+def _saturation(client) -> float | None:
+    """The scheduler's ``worker-saturation``, or None where it cannot be read."""
+    try:
+        return float(
+            client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        )
+    except Exception:  # an older or locked-down scheduler: no warning, no failure
+        return None
+
+
 def _start_cluster(kind: str, n: int | None, options: dict):
     """A ``LocalCluster`` of ``n`` one-thread worker processes, or a dask-jobqueue cluster
     scaled (or adapting) as the ``[cluster]`` table says."""
@@ -240,6 +250,14 @@ def run_tasks(
     try:
         workers = len(client.scheduler_info().get("workers", {}))
         note(f"Dask: {workers} worker(s) at {client.scheduler.address}")
+        saturation = _saturation(client)
+        if saturation is not None and saturation > 1:
+            note(
+                f"the scheduler hands a worker more tasks than it runs (worker-saturation "
+                f"{saturation:g}): a structure that kills its worker may have the structures "
+                "queued behind it judged with it; start the scheduler with "
+                "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0"
+            )
         # tasks sized like a batch, but at least four per worker so that all are busy
         per_task = max(1, -(-sum(sizes) // (4 * max(workers, 1))))
         from molopt.potentials.base import BATCH_ATOMS

@@ -44,6 +44,8 @@ def test_cluster_records_equal_a_single_process(tmp_path, local_cluster):
         on_workers=workers.append,
     )
     assert any("2 worker(s)" in n for n in notes)
+    # a scheduler of Dask's defaults (saturation 1.1) is told how to start one like molopt's
+    assert any("WORKER_SATURATION=1.0" in n for n in notes)
     assert workers[0] == 2  # the progress display's workers alive
     with distributed.Client(local_cluster) as client:  # each worker chose its device
         chosen = client.run(lambda dask_worker: hasattr(dask_worker, "_molopt_device"))
