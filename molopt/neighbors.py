@@ -322,6 +322,32 @@ class HostNeighbors:
         rows = 0 if self.row_atom is None else int(self.row_atom.shape[0])
         return (0 if rows else self.capacity), ghosts, rows
 
+    def with_rows(self, capacity: int) -> HostNeighbors:
+        """These lists with their row form padded to ``capacity`` rows (at least its own):
+        what :func:`build` with ``row_capacity=capacity`` gives, without listing the pairs
+        again. Padding rows belong to the last atom and hold no pair."""
+        have = int(self.row_atom.shape[0])
+        if capacity <= have:
+            return self
+        extra = capacity - have
+        filler = max(self.index.shape[1] - 1, 0)
+        width = self.row_index.shape[0]
+        return replace(
+            self,
+            row_atom=np.concatenate([self.row_atom, np.full(extra, filler, np.int32)]),
+            row_index=np.concatenate(
+                [self.row_index, np.full((width, extra), filler, np.int32)], axis=1
+            ),
+            row_mask=np.concatenate([self.row_mask, np.zeros((width, extra), bool)], axis=1),
+            row_shift=np.concatenate(
+                [
+                    self.row_shift,
+                    np.zeros(self.row_shift.shape[:2] + (extra,), self.row_shift.dtype),
+                ],
+                axis=2,
+            ),
+        )
+
     def to_device(self) -> Neighbors:
         dtype = self.ref_positions.dtype
         ghosts = {}

@@ -367,6 +367,16 @@ def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
     assert not host.row_mask[:, used_rows:].any()
     device = host.to_device()
     assert device.index.shape == (0, pos.shape[0])  # the dense slots stay on the host
+    # padded to a program's bigger row capacity: the lists built for that capacity
+    bigger = host.shapes[2] + 37
+    padded = host.with_rows(bigger)
+    built = N.build(
+        pos, cells, pbc, layout, 5.0, 1.0, ghosts=False, row_width=8, row_capacity=bigger
+    )
+    assert padded.shapes == built.shapes == (0, 0, bigger)
+    for name in ("row_atom", "row_index", "row_mask", "row_shift"):
+        np.testing.assert_array_equal(getattr(padded, name), getattr(built, name), name)
+    assert host.with_rows(host.shapes[2]) is host
     dense_only = N.build(pos, cells, pbc, layout, 5.0, 1.0, ghosts=False).to_device()
     np.testing.assert_array_equal(dense_only.index, host.index)
     dense = N.pair_vectors(jnp.asarray(pos), jnp.asarray(cells), batch.system_idx, dense_only)

@@ -137,7 +137,13 @@ class Engine:
     def _neighbors(
         self, positions, cells, pbc, layout, previous=None, systems=None, row_capacity=0
     ):
-        host = neighbor_lists(
+        host = self._host_lists(positions, cells, pbc, layout, previous, systems, row_capacity)
+        return host, host.to_device()
+
+    def _host_lists(
+        self, positions, cells, pbc, layout, previous=None, systems=None, row_capacity=0
+    ):
+        return neighbor_lists(
             positions,
             cells,
             pbc,
@@ -149,7 +155,6 @@ class Engine:
             systems=systems,
             row_capacity=row_capacity,
         )
-        return host, host.to_device()
 
     def _seen_shape(self, layout: Layout, host) -> tuple[int, int] | None:
         """(systems, rows) of a program already compiled that a new batch of ``layout`` with
@@ -230,16 +235,19 @@ class Engine:
 
         batch, positions, cells, layout = packed()
         pbc = np.asarray(batch.pbc)
-        host, nbrs = self._neighbors(positions, cells, pbc, layout)
+        host = self._host_lists(positions, cells, pbc, layout)
         seen = self._seen_shape(layout, host)
         if seen is not None and seen != (layout.n_systems, host.shapes[2]):
             # run in a program compiled before (a bigger one), not a new one
             n_systems, n_rows = seen
-            if n_systems != layout.n_systems:
+            if n_systems != layout.n_systems:  # more systems: packed and listed again
                 padded = Layout(layout.offsets, layout.n_padded_atoms, n_systems)
                 batch, positions, cells, layout = packed(padded)
                 pbc = np.asarray(batch.pbc)
-            host, nbrs = self._neighbors(positions, cells, pbc, layout, row_capacity=n_rows)
+                host = self._host_lists(positions, cells, pbc, layout, row_capacity=n_rows)
+            else:  # only more rows: the same lists, padded
+                host = host.with_rows(n_rows)
+        nbrs = host.to_device()
         reference_cells = cells.copy()
         if variable_cell:
             for k, saved in carried.items():
