@@ -42,6 +42,14 @@ def write_atomically(final: Path, write) -> Path:
     return final
 
 
+def save_figure(fig, final: Path, **savefig) -> Path:
+    """A matplotlib figure written atomically, in the format of ``final``'s extension (the
+    temporary name's own would be ``.tmp``)."""
+    final = Path(final)
+    fmt = final.suffix.lstrip(".").lower() or None
+    return write_atomically(final, lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from molopt.io.atomic import write_atomically
+from molopt.io.atomic import save_figure
 
 #: More trajectories than this are drawn without labels and legend.
 MAX_LABELLED = 12
@@ -57,6 +57,4 @@ def plot_convergence(paths: Sequence[Path], output: str | Path, relative: bool =
         ax.grid(alpha=0.3, which="both")
     if labelled:
         ax_f.legend(fontsize=8, frameon=False)
-    final = Path(output)
-    fmt = final.suffix.lstrip(".").lower() or None
-    write_atomically(final, lambda tmp: fig.savefig(tmp, dpi=200, format=fmt))
+    save_figure(fig, Path(output), dpi=200)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from molopt import elements as el
-from molopt.io.atomic import write_atomically
+from molopt.io.atomic import save_figure
 from molopt.training.data import Labelled
 
 
@@ -91,6 +91,5 @@ def parity_plot(result: dict, path, title: str = "") -> None:
         ax.set_aspect("equal", adjustable="datalim")
     if title:
         fig.suptitle(title)
-    fmt = Path(path).suffix.lstrip(".").lower() or None
-    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=150, format=fmt))
+    save_figure(fig, Path(path), dpi=150)
     plt.close(fig)
