@@ -91,6 +91,14 @@ def should_repack(
     return wasted >= compaction_cost(target), idle
 
 
+def runs_in(key: tuple, n_atoms: int, n_systems: int, rows: int, row_reuse: float) -> bool:
+    """Whether a batch of ``n_atoms`` padded atoms, ``n_systems`` systems and ``rows``
+    neighbour rows can run in the program of shape ``key`` (:meth:`Engine._note_shape`'s
+    (atoms, systems, list shapes, images)): the same atoms, at least the systems, and at
+    least the rows but at most ``row_reuse`` times as many."""
+    return key[0] == n_atoms and key[1] >= n_systems and rows <= key[2][2] <= row_reuse * rows
+
+
 def compaction_cost(
     target: Layout,
     shapes_seen: set,
@@ -111,9 +119,7 @@ def compaction_cost(
         return override
     A, S = target.n_padded_atoms, target.n_systems
     if rows:
-        known = any(
-            k[0] == A and k[1] >= S and rows <= k[2][2] <= row_reuse * rows for k in shapes_seen
-        )
+        known = any(runs_in(k, A, S, rows, row_reuse) for k in shapes_seen)
     else:
         known = any(k[:2] == (A, S) for k in shapes_seen)
     if known and "known" in start_cost:

@@ -170,11 +170,9 @@ class Engine:
         fits = [
             (key[2][2], key[1])
             for key in self.shapes_seen
-            if key[0] == layout.n_padded_atoms
-            and key[1] >= layout.n_systems
+            if policy.runs_in(key, layout.n_padded_atoms, layout.n_systems, rows, ROW_REUSE)
             and key[2][:2] == (slots, ghosts)
             and key[3] == images
-            and rows <= key[2][2] <= ROW_REUSE * rows
         ]
         if not fits:
             return None
