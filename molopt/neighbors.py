@@ -32,6 +32,7 @@ deformation. Small non-periodic systems get every pair (``complete``) and never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,13 +90,25 @@ def row_vectors(positions: jax.Array, cell: jax.Array, system_idx: jax.Array, nb
 ROW_BLOCK = 64
 
 
+def skips_empty_blocks() -> bool:
+    """Whether :func:`sum_row_blocks` leaves out the blocks with no listed slot: on a CPU,
+    where a conditional costs nothing. XLA:GPU reads a conditional's predicate back on the
+    host, a wait per block, and that has not been measured: a GPU evaluates every block."""
+    return jax.default_backend() == "cpu"
+
+
 def sum_row_blocks(fn, parts, nbrs: Neighbors, n_atoms: int, block: int = ROW_BLOCK):
     """Per-atom sums (a pytree of (A, ...) arrays) of ``fn(*block_parts)``, which returns
     per-row sums (b, ...) for the b rows of the (W, b, ...) blocks of ``parts`` ((W, R, ...)
     arrays) it is given, added into the rows' atoms. Blocks of the largest divisor of R up
     to ``block`` rows, in a ``lax.scan`` that adds each block into the per-atom sums in
     place; its body is ``jax.checkpoint``ed (temporaries rebuilt in the backward pass).
-    Neither the temporaries nor per-row sums ever exist for all rows at once."""
+    Neither the temporaries nor per-row sums ever exist for all rows at once.
+
+    A block none of whose slots is listed (``row_mask``) is not evaluated at all, forwards
+    or backwards, where :func:`skips_empty_blocks`: ``fn`` must give zero sums for empty
+    slots. Padding rows, and the rows of
+    systems a relaxation has finished with (:func:`only_systems`), then cost nothing."""
     W, R = parts[0].shape[:2]
     b = max(d for d in range(1, min(block, R) + 1) if R % d == 0)
     if b >= R:
@@ -103,17 +116,33 @@ def sum_row_blocks(fn, parts, nbrs: Neighbors, n_atoms: int, block: int = ROW_BL
     blocks = tuple(
         jnp.moveaxis(a.reshape((a.shape[0], R // b, b) + a.shape[2:]), 1, 0) for a in parts
     )
+    live = jnp.any(nbrs.row_mask.reshape(W, R // b, b), axis=(0, 2))
     step = jax.checkpoint(fn)
+    shapes = jax.eval_shape(fn, *(a[0] for a in blocks))
+    skip = skips_empty_blocks()
+
+    def empty(*_):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
     def body(total, chunk):
-        atoms, block_parts = chunk
-        out = step(*block_parts)
+        atoms, listed, block_parts = chunk
+        out = jax.lax.cond(listed, step, empty, *block_parts) if skip else step(*block_parts)
         return jax.tree.map(lambda t, o: t.at[atoms].add(o), total, out), None
 
-    shapes = jax.eval_shape(fn, *(a[0] for a in blocks))
     zeros = jax.tree.map(lambda x: jnp.zeros((n_atoms,) + x.shape[1:], x.dtype), shapes)
-    total, _ = jax.lax.scan(body, zeros, (nbrs.row_atom.reshape(R // b, b), blocks))
+    total, _ = jax.lax.scan(body, zeros, (nbrs.row_atom.reshape(R // b, b), live, blocks))
     return total
+
+
+def only_systems(nbrs: Neighbors, keep: jax.Array, system_idx: jax.Array) -> Neighbors:
+    """The row-form lists with the rows of systems outside ``keep`` ((S,) bool) unlisted:
+    a potential that sums rows in blocks (:func:`sum_row_blocks`) skips them, and gives
+    those systems' atoms no neighbours. The kept systems' results are unchanged (lists never
+    cross systems). Dense lists are returned as they are."""
+    if nbrs.row_mask is None:
+        return nbrs
+    atom_kept = keep[jnp.minimum(system_idx, keep.shape[0] - 1)]
+    return replace(nbrs, row_mask=nbrs.row_mask & atom_kept[nbrs.row_atom][None, :])
 
 
 def sum_rows(values, nbrs: Neighbors, n_atoms: int):
@@ -437,10 +466,20 @@ def ghost_tables(index, shift, mask, previous_capacity: int = 0):
 
 def row_capacity_for(count: int, previous: int = 0) -> int:
     """Row capacity for ``count`` rows: the previous one while it suffices (no new program),
-    else 10% headroom rounded up to a multiple of 16."""
+    else, with 10% headroom, a multiple of 16 up to one block of :data:`ROW_BLOCK` rows,
+    then the first rung of a ladder, 64 x 2^(k/4) rounded up to a multiple of 64 (whole
+    blocks). Batches whose rows differ a little share a rung, so a program compiled for
+    one runs the others (a compilation is ~10 s for SevenNet; a padding row costs little,
+    nothing where empty blocks are skipped)."""
     if count <= previous:
         return previous
-    return max(16, -(-int(np.ceil(count * 1.1)) // 16) * 16)
+    need = int(np.ceil(count * 1.1))
+    if need <= ROW_BLOCK:  # one block: multiples of 16
+        return max(16, -(-need // 16) * 16)
+    k = 0
+    while (rung := ROW_BLOCK * math.ceil(2 ** (k / 4) - 1e-9)) < need:
+        k += 1
+    return rung
 
 
 def row_tables(index, shift, mask, width: int, previous_capacity: int = 0):

@@ -158,7 +158,7 @@ def test_tail_compaction_prices_the_batch_it_would_build():
     layout = plan_layout([1000] * 32)
     A = layout.n_padded_atoms
     repack, idle = policy.should_repack(
-        layout, sizes, False, 0, 0.0, policy.Idle(), lambda target: float("inf")
+        layout, sizes, False, 0, 0.0, policy.Idle(), 1.0, lambda target: float("inf")
     )
     assert not repack
     target = plan_layout(sizes).n_padded_atoms

@@ -57,12 +57,12 @@ def test_repack_refills_when_a_quarter_is_free():
     layout = plan_layout([16] * 8)
     assert layout.n_padded_atoms == 128
     free = lambda target: 0.0  # noqa: E731
-    repack, _ = policy.should_repack(layout, [16] * 7, True, 1, 0.0, policy.Idle(), free)
+    repack, _ = policy.should_repack(layout, [16] * 7, True, 1, 0.0, policy.Idle(), 1.0, free)
     assert not repack  # one of eight systems done, 7/8 of the atoms busy
-    repack, _ = policy.should_repack(layout, [16] * 6, True, 1, 0.0, policy.Idle(), free)
+    repack, _ = policy.should_repack(layout, [16] * 6, True, 1, 0.0, policy.Idle(), 1.0, free)
     assert repack  # a quarter of the atoms free
     repack, _ = policy.should_repack(
-        layout, [16, 16, 16, 16, 16, 8], True, 2, 0.0, policy.Idle(), free
+        layout, [16, 16, 16, 16, 16, 8], True, 2, 0.0, policy.Idle(), 1.0, free
     )
     assert repack  # a quarter of the systems done
 
@@ -75,18 +75,31 @@ def test_refill_waits_until_the_free_atoms_have_wasted_a_start():
     decisions = []
     idle = policy.Idle()
     for _ in range(5):  # half the atoms free, each chunk 1 s: 0.5 s wasted per chunk
-        repack, idle = policy.should_repack(layout, [16] * 4, True, 4, 1.0, idle, lambda t: 1.2)
+        repack, idle = policy.should_repack(
+            layout, [16] * 4, True, 4, 1.0, idle, 1.0, lambda t: 1.2
+        )
         decisions.append(repack)
     # the first chunk ran before the batch had room; then 0.5 s, 1.0 s, 1.5 s wasted
     assert decisions == [False, False, False, True, True]
-    repack, _ = policy.should_repack(layout, [16] * 4, True, 4, 1.0, policy.Idle(), lambda t: 0)
+    repack, _ = policy.should_repack(
+        layout, [16] * 4, True, 4, 1.0, policy.Idle(), 1.0, lambda t: 0
+    )
     assert repack
     idle = policy.Idle(wasted_s=100.0, fraction=0.1)
-    repack, _ = policy.should_repack(layout, [16] * 7, True, 1, 1.0, idle, lambda t: 0.0)
+    repack, _ = policy.should_repack(layout, [16] * 7, True, 1, 1.0, idle, 1.0, lambda t: 0.0)
     assert not repack  # one of eight done: no room yet, whatever was wasted
     alone = plan_layout([5])  # one structure in 8 padded atoms, nothing done yet
-    repack, _ = policy.should_repack(alone, [5], True, 0, 1.0, idle, lambda t: 0.0)
+    repack, _ = policy.should_repack(alone, [5], True, 0, 1.0, idle, 1.0, lambda t: 0.0)
     assert not repack  # its padding is no room: repacking would rebuild the same batch
+    # idle atoms that cost a fifth of a running one's (their rows skipped) waste a fifth
+    for cost, first in ((1.0, 1), (0.2, 5)):
+        idle, decisions = policy.Idle(), []
+        for _ in range(8):
+            repack, idle = policy.should_repack(
+                layout, [16] * 4, True, 4, 1.0, idle, cost, lambda t: 0.45
+            )
+            decisions.append(repack)
+        assert decisions.index(True) == first, cost
 
 
 def test_compaction_waits_until_the_waste_pays_for_the_move():
@@ -94,7 +107,7 @@ def test_compaction_waits_until_the_waste_pays_for_the_move():
     idle = policy.Idle()
     decisions = []
     for _ in range(5):  # one system of 16 left: sparse; each chunk 1 s of device time
-        repack, idle = policy.should_repack(layout, [100], False, 15, 1.0, idle, lambda t: 2.5)
+        repack, idle = policy.should_repack(layout, [100], False, 15, 1.0, idle, 1.0, lambda t: 2.5)
         decisions.append(repack)
     # the first chunk ran before the batch was known to be sparse; then ~0.9 s per chunk
     assert decisions == [False, False, False, True, True]

@@ -418,3 +418,55 @@ def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
     assert row_pairs_of(partial, layout, 0) == pairs_of(host, layout, 0)
     # potentials that do not read rows do not get them
     assert N.build(pos, cells, pbc, layout, 5.0, 1.0).row_atom is None
+
+
+def test_unlisted_row_blocks_are_never_evaluated():
+    """``sum_row_blocks`` evaluates a block of rows only where one of its slots is listed;
+    ``only_systems`` unlists the rows of the systems a relaxation has finished with, so their
+    blocks (and the padding rows) cost nothing, while the kept systems' sums, and their
+    gradients, are those of the whole list."""
+    import jax
+    import jax.numpy as jnp
+
+    crystals = [bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1)), bulk("Na", "bcc", a=4.2)]
+    crystals.append(bulk("Al", "fcc", a=4.05).repeat((2, 1, 1)))
+    structures = [structure_from_atoms(a) for a in crystals]
+    batch, pos, cells, layout = B.pack(structures, {29: 0, 11: 1, 13: 2}, np.float64)
+    pbc = np.asarray(batch.pbc)
+    host = N.build(pos, cells, pbc, layout, 5.0, 1.0, ghosts=False, row_width=8)
+    host = host.with_rows(host.shapes[2] + 24)  # padding rows, as a reused program has
+    device = host.to_device()
+    n_atoms, block = pos.shape[0], 4
+    keep = jnp.asarray([True, False, True])
+    kept = N.only_systems(device, keep, batch.system_idx)
+    of_row = np.asarray(batch.system_idx)[host.row_atom]
+    np.testing.assert_array_equal(np.asarray(kept.row_mask), host.row_mask & (of_row != 1))
+
+    # a block function that is *not* zero on unlisted slots shows which blocks ran
+    def ones(mask):
+        return {"n": jnp.ones(mask.shape[1], jnp.float64)}
+
+    ran = np.asarray(N.sum_row_blocks(ones, (kept.row_mask,), kept, n_atoms, block)["n"])
+    R = host.shapes[2]
+    listed_block = np.asarray(kept.row_mask).reshape(8, R // block, block).any(axis=(0, 2))
+    expected = np.zeros(n_atoms)
+    np.add.at(expected, host.row_atom, np.repeat(listed_block, block).astype(float))
+    np.testing.assert_array_equal(ran, expected)
+    assert not ran[layout.atoms_of(1)].any()  # the finished system's rows never ran
+    assert listed_block.sum() < R // block  # nor did the padding's
+
+    r = jnp.asarray(np.linspace(1.0, 2.0, 8 * R).reshape(8, R))
+
+    def weighted(mask, w):
+        return {"s": jnp.sum(jnp.where(mask, jnp.exp(-w), 0.0), axis=0)}
+
+    def total(nbrs, w):
+        return jnp.sum(N.sum_row_blocks(weighted, (nbrs.row_mask, w), nbrs, n_atoms, block)["s"])
+
+    whole = N.sum_row_blocks(weighted, (device.row_mask, r), device, n_atoms, block)["s"]
+    part = N.sum_row_blocks(weighted, (kept.row_mask, r), kept, n_atoms, block)["s"]
+    for k in (0, 2):
+        atoms = layout.atoms_of(k)
+        np.testing.assert_allclose(part[atoms], whole[atoms], rtol=1e-14)
+    grad_whole, grad_part = jax.grad(total, 1)(device, r), jax.grad(total, 1)(kept, r)
+    np.testing.assert_allclose(grad_part, np.where(of_row[None, :] != 1, grad_whole, 0.0))

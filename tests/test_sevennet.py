@@ -117,6 +117,36 @@ def test_row_form_equals_dense_form(sevennet, reference, monkeypatch):
             np.testing.assert_allclose(s1, s2, atol=1e-12)
 
 
+def test_finished_systems_rows_are_left_out_and_the_others_unchanged(sevennet, reference):
+    """A relaxation step hands the model only its running systems' rows
+    (``neighbors.only_systems``): the others' rows are skipped, and the running systems'
+    energies, forces and stresses are those of the whole batch's evaluation, exactly."""
+    from molopt._jax import jax
+    from molopt.engine.kernel import cast_potential
+    from molopt.engine.packing import neighbor_lists, pack_structures
+    from molopt.neighbors import only_systems
+
+    frames = [a for a in reference if a.pbc.all()][:12:2]
+    structures = [structure_from_atoms(a) for a in frames]
+    potential = cast_potential(sevennet, np.float64)
+    batch, positions, cells, layout = pack_structures(structures, potential, np.float64)
+    nbrs = neighbor_lists(positions, cells, batch.pbc, layout, potential, 0.5, np.float64)
+    nbrs = nbrs.to_device()
+    keep = np.arange(batch.n_systems) % 2 == 0
+    evaluate = jax.jit(lambda n: potential.evaluate(positions, cells, batch, n, True))
+    whole = evaluate(nbrs)
+    part = evaluate(only_systems(nbrs, jax.numpy.asarray(keep), batch.system_idx))
+    for k in range(len(structures)):
+        atoms = layout.atoms_of(k)
+        if keep[k]:
+            assert abs(float(part.energy[k] - whole.energy[k])) < 1e-12 * len(frames[k])
+            np.testing.assert_allclose(part.forces[atoms], whole.forces[atoms], atol=1e-12)
+            np.testing.assert_allclose(part.dE_dstrain[k], whole.dE_dstrain[k], atol=1e-11)
+        else:  # no neighbours: no forces, the isolated atoms' energies
+            assert np.all(np.asarray(part.forces[atoms]) == 0.0)
+            assert abs(float(part.energy[k] - whole.energy[k])) > 1e-3
+
+
 def test_default_skin_is_the_potentials_unless_set(sevennet, argon):
     """Relaxations with no skin set use the potential's: 0.5 A for SevenNet (each pair costs
     a radial network per block), 1 A otherwise; a skin given in the settings wins."""
@@ -176,13 +206,14 @@ def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
 
 def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
     """A batch whose row-form lists fit a program compiled before (the same padded atoms, at
-    least its systems, at most 1.25x its rows) runs in that program instead of compiling
-    another, and each structure follows the same path as with a program of its own."""
+    least its systems, at most ``ROW_REUSE`` (2x on a CPU) its rows) runs in that program
+    instead of compiling another, and each structure follows the same path as with a
+    program of its own."""
     from molopt.engine import Engine, EngineSettings
     from molopt.engine import scheduler as E
 
     structures = []
-    for k, a in enumerate([5.43, 5.43, 5.62, 5.62]):  # two dense, then two stretched
+    for k, a in enumerate([5.43, 5.43, 6.6, 6.6]):  # two dense, then two stretched
         atoms = bulk("Si", "diamond", a=a, cubic=True)
         atoms.rattle(0.05, seed=k)
         structures.append(structure_from_atoms(atoms))
@@ -195,7 +226,7 @@ def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
         results = {r.key: r for r in engine.run(list(enumerate(structures)))}
         return engine, results
 
-    shared, reused = run(1.25)
+    shared, reused = run(2.0)
     apart, own = run(1.0)
     (dense_key,) = {k[2][2] for k in shared.shapes_seen}  # one program: the dense batch's
     assert len(apart.shapes_seen) == 2 and shared.compiles == 1

@@ -56,6 +56,10 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     """Forces etc. at ``state.x``; updates step counts and statuses of active systems."""
     rows = _rows(batch, program)
     positions, cell, F = _physical(state.x, state.cell, batch, program, reference)
+    running = (state.status == RUNNING) & batch.system_mask
+    # finished systems keep what they had (below): their neighbours need no evaluation
+    # (a row-form potential skips their rows; lists never cross systems)
+    nbrs = nl.only_systems(nbrs, running, batch.system_idx)
     ev = potential.evaluate(positions, cell, batch, nbrs, program.stress or program.variable_cell)
     forces = jnp.where(batch.atom_mask[:, None], ev.forces, 0.0)
     constrained = jnp.where(batch.fixed[:, None], 0.0, forces)
@@ -71,7 +75,6 @@ def _evaluate(state: RelaxState, batch, nbrs, potential, program, reference, tar
     bad = (system_sum(bad_rows.astype(jnp.int32), rows.system_idx, batch.n_systems) > 0) | (
         ~jnp.isfinite(ev.energy)
     )
-    running = (state.status == RUNNING) & batch.system_mask
     counted = running & state.completes
     n_steps = state.n_steps + (counted & state.pending).astype(jnp.int32)
     status = state.status

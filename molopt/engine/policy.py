@@ -43,7 +43,8 @@ def admit(
 @dataclass(frozen=True)
 class Idle:
     """A batch's idle account: device seconds it has wasted since it became sparse, and the
-    fraction of its padded atoms a compacted batch would drop (what the next chunk wastes)."""
+    share of the next chunk's device time its idle atoms waste (the fraction of its padded
+    atoms a compacted batch would drop, times what an idle atom costs)."""
 
     wasted_s: float = 0.0
     fraction: float = 0.0
@@ -56,11 +57,14 @@ def should_repack(
     n_done: int,
     computed_s: float,
     idle: Idle,
+    idle_cost: float,
     compaction_cost: Callable[[Layout], float],
 ) -> tuple[bool, Idle]:
     """Whether to repack a batch of ``layout`` whose running systems have ``running_sizes``
     atoms, and its idle account after the chunk just computed (``computed_s`` device
-    seconds, run at the idle fraction seen when it was launched).
+    seconds, run at the idle fraction seen when it was launched). ``idle_cost``: the share
+    of its device time an idle atom costs against a running one (1 unless the potential
+    skips finished systems' work).
 
     With structures waiting: refill once systems have left and a quarter of the padded atoms
     or of the systems is free *and* the device time the free atoms have wasted has reached
@@ -78,14 +82,14 @@ def should_repack(
         free_atoms = A - atoms
         # (room made by systems that left: a batch's own padding is no reason to repack it)
         room = n_done >= 1 and (free_atoms >= A // 4 or n_done >= max(1, layout.n_systems // 4))
-        idle = Idle(wasted, free_atoms / A if room else 0.0)
+        idle = Idle(wasted, idle_cost * free_atoms / A if room else 0.0)
         return room and wasted >= compaction_cost(layout), idle
     target = plan_layout(list(running_sizes))
     smaller = target.n_padded_atoms
     sparse = smaller <= A // 2 or (
         len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
     )
-    idle = Idle(wasted, max(0.0, 1.0 - smaller / A) if sparse else 0.0)
+    idle = Idle(wasted, idle_cost * max(0.0, 1.0 - smaller / A) if sparse else 0.0)
     if not sparse:
         return False, idle
     return wasted >= compaction_cost(target), idle
