@@ -619,9 +619,19 @@ def build(
                 shift[:, rows] = 0
     else:
         if previous is not None and systems is not None:
-            # overflow in a partial rebuild: rebuild everything at a larger capacity
+            # overflow in a partial rebuild: rebuild everything at a larger capacity (never
+            # fewer rows than before: a smaller program would compile too)
+            rows = max(row_capacity, previous.shapes[2])
             return build(
-                positions, cells, pbc, layout, cutoff, skin, ghosts=ghosts, row_width=row_width
+                positions,
+                cells,
+                pbc,
+                layout,
+                cutoff,
+                skin,
+                ghosts=ghosts,
+                row_width=row_width,
+                row_capacity=rows,
             )
         capacity = _capacity_for(needed, headroom=not complete[: layout.n_real].all())
         index = np.repeat(np.arange(A, dtype=np.int32)[:, None], capacity, axis=1)

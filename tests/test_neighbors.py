@@ -416,6 +416,19 @@ def test_row_form_lists_the_dense_pairs_and_sums_them_the_same():
     assert partial.shapes == host.shapes
     assert row_pairs_of(partial, layout, 1) == pairs_of(partial, layout, 1)
     assert row_pairs_of(partial, layout, 0) == pairs_of(host, layout, 0)
+    # a partial rebuild that overflows the dense slots rebuilds everything, never with
+    # fewer rows than the program it runs in
+    squeezed, small = pos.copy(), cells.copy()
+    part = layout.atoms_of(1)
+    squeezed[part] *= 0.6  # the Na crystal compressed
+    small[1] *= 0.6
+    padded = host.with_rows(host.shapes[2] + 64)
+    grown = N.build(squeezed, small, pbc, layout, 5.0, 1.0, previous=host, systems=[1], row_width=8)
+    assert grown.capacity > host.capacity  # it did overflow
+    regrown = N.build(
+        squeezed, small, pbc, layout, 5.0, 1.0, previous=padded, systems=[1], row_width=8
+    )
+    assert regrown.shapes[2] == max(padded.shapes[2], grown.shapes[2])
     # potentials that do not read rows do not get them
     assert N.build(pos, cells, pbc, layout, 5.0, 1.0).row_atom is None
 

@@ -204,6 +204,33 @@ def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
         assert engine._rows_needed(whole, subset) == alone.nbrs_host.shapes[2], subset
 
 
+def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
+    """When a running batch's lists outgrow their rows, the rebuilt lists take the rows of
+    a program already compiled for its atoms and systems (within ``row_reuse``), not a
+    new shape."""
+    import dataclasses
+
+    from molopt.engine import Engine, EngineSettings
+    from molopt.engine.reporting import Item
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    engine = Engine(sevennet, EngineSettings(relax_cell=True))
+    live = engine._launch([Item(0, structure_from_atoms(atoms))])
+    rows = live.nbrs_host.shapes[2]
+    bigger = 3 * rows  # a program with more rows, as if another batch had compiled it
+    key = (live.layout.n_padded_atoms, live.layout.n_systems, (0, 0, bigger), 3)
+    engine.shapes_seen.add(key)
+    compiles = engine.compiles
+    squeezed = dataclasses.replace(
+        live.state, positions=live.state.positions * 0.75, cell=live.state.cell * 0.75
+    )
+    live.state = squeezed  # the crystal compressed by 25%: ~2.4x the pairs
+    engine._rebuild(live, np.array([0]))
+    assert rows < live.nbrs_host.shapes[2] == bigger == live.nbrs.row_index.shape[1]
+    assert engine.compiles == compiles  # no new shape
+
+
 def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
     """A batch whose row-form lists fit a program compiled before (the same padded atoms, at
     least its systems, at most ``ROW_REUSE`` (2x on a CPU) its rows) runs in that program

@@ -169,13 +169,14 @@ class Engine:
             row_capacity=row_capacity,
         )
 
-    def _seen_shape(self, layout: Layout, host) -> tuple[int, int] | None:
+    def _seen_shape(self, layout: Layout, host, same_systems=False) -> tuple[int, int] | None:
         """(systems, rows) of a program already compiled that a new batch of ``layout`` with
-        lists ``host`` fits: the same padded atoms, ghosts and images, at least its systems,
-        and at least its rows but at most :attr:`row_reuse` times as many; the one with the
-        fewest rows, then systems. Only for the row form of the lists: their capacity
-        differs from batch to batch (a compilation each, ~10 s for SevenNet), while the
-        rows a program pads cost only their share of the messages. None if there is none."""
+        lists ``host`` fits: the same padded atoms, ghosts and images, at least its systems
+        (exactly, with ``same_systems``: a running batch whose lists grew), and at least its
+        rows but at most :attr:`row_reuse` times as many; the one with the fewest rows, then
+        systems. Only for the row form of the lists: their capacity differs from batch to
+        batch (a compilation each, ~10 s for SevenNet), while the rows a program pads cost
+        only their share of the messages. None if there is none."""
         slots, ghosts, rows = host.shapes
         if not rows:
             return None
@@ -186,6 +187,7 @@ class Engine:
             if policy.runs_in(key, layout.n_padded_atoms, layout.n_systems, rows, self.row_reuse)
             and key[2][:2] == (slots, ghosts)
             and key[3] == images
+            and (key[1] == layout.n_systems or not same_systems)
         ]
         if not fits:
             return None
@@ -571,10 +573,15 @@ class Engine:
         positions = np.asarray(live.state.positions, np.float64)
         cells = np.asarray(live.state.cell, np.float64)
         old_shapes = live.nbrs_host.shapes
-        live.nbrs_host, live.nbrs = self._neighbors(
+        host = self._host_lists(
             positions, cells, live.pbc, live.layout, previous=live.nbrs_host, systems=systems
         )
-        if live.nbrs_host.shapes != old_shapes:
+        if host.shapes != old_shapes:  # the lists grew: a program compiled before, if any
+            seen = self._seen_shape(live.layout, host, same_systems=True)
+            if seen is not None:
+                host = host.with_rows(seen[1])
+        live.nbrs_host, live.nbrs = host, host.to_device()
+        if host.shapes != old_shapes:
             self._note_shape(live)
 
 
