@@ -107,8 +107,8 @@ def sum_row_blocks(fn, parts, nbrs: Neighbors, n_atoms: int, block: int = ROW_BL
 
     A block none of whose slots is listed (``row_mask``) is not evaluated at all, forwards
     or backwards, where :func:`skips_empty_blocks`: ``fn`` must give zero sums for empty
-    slots. Padding rows, and the rows of
-    systems a relaxation has finished with (:func:`only_systems`), then cost nothing."""
+    slots. Padding rows, and the rows of systems a relaxation has finished with
+    (:func:`only_systems`), then cost nothing."""
     W, R = parts[0].shape[:2]
     b = max(d for d in range(1, min(block, R) + 1) if R % d == 0)
     if b >= R:

@@ -180,7 +180,7 @@ class Engine:
         rows but at most :attr:`row_reuse` times as many; the one with the fewest rows, then
         systems. Only for the row form of the lists: their capacity differs from batch to
         batch (a compilation each, ~10 s for SevenNet), while the rows a program pads cost
-        only their share of the messages. None if there is none."""
+        little (nothing where empty blocks are skipped). None if there is none."""
         slots, ghosts, rows = host.shapes
         if not rows:
             return None
@@ -258,7 +258,7 @@ class Engine:
             # a new program: with room for the systems of later, smaller structures
             seen = (bucket_systems(self.system_floor), host.shapes[2])
         if seen is not None and seen != (layout.n_systems, host.shapes[2]):
-            # run in a program compiled before (a bigger one), not a new one
+            # a program compiled before (a bigger one), or a new one with more systems
             n_systems, n_rows = seen
             if n_systems != layout.n_systems:  # more systems: packed and listed again
                 padded = Layout(layout.offsets, layout.n_padded_atoms, n_systems)
