@@ -2,9 +2,11 @@
 relaxation step makes it: the 16 crystals of ``bench/sevennet_throughput.py`` (2-8 atoms)
 packed into one batch, neighbour lists at the cutoff + --skin, then the compiled call timed.
 
-    python bench/sevennet_batch_call.py [--precision float64] [--skin 1.0] [--dense]
+    python bench/sevennet_batch_call.py [--precision float64] [--skin 1.0] [--dense] [--keep N]
 
 --dense reads the dense neighbour list instead of the row form (SevenNet's row_width 0).
+--keep N evaluates only the first N crystals' rows, as a relaxation step does once the
+others have converged (``neighbors.only_systems``).
 Prints the list shapes and the median of --calls calls (after one that compiles).
 """
 
@@ -28,6 +30,7 @@ def main():
     parser.add_argument("--skin", type=float, default=1.0)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--dense", action="store_true")
+    parser.add_argument("--keep", type=int, default=None)
     args = parser.parse_args()
 
     import ase.io
@@ -38,6 +41,7 @@ def main():
     from molopt.engine.kernel import cast_potential, evaluate_once
     from molopt.engine.packing import neighbor_lists, pack_structures
     from molopt.io.read import from_atoms
+    from molopt.neighbors import only_systems
 
     dtype = np.float64 if args.precision == "float64" else np.float32
     potential = cast_potential(load_potential("sevennet-0"), dtype)
@@ -49,6 +53,10 @@ def main():
     batch, positions, cells, layout = pack_structures(structures, potential, dtype)
     host = neighbor_lists(positions, cells, batch.pbc, layout, potential, args.skin, dtype)
     nbrs = host.to_device()
+    if args.keep is not None:
+        keep = jax.numpy.arange(batch.n_systems) < args.keep
+        nbrs = only_systems(nbrs, keep, batch.system_idx)
+        print(f"rows of the first {args.keep} crystals only")
     pairs = int(host.mask.sum())
     print(f"{len(structures)} crystals, {layout.n_padded_atoms} padded atoms, {pairs} pairs")
     print(f"dense slots {host.index.size}", end="")

@@ -111,6 +111,14 @@ def test_compaction_waits_until_the_waste_pays_for_the_move():
         decisions.append(repack)
     # the first chunk ran before the batch was known to be sparse; then ~0.9 s per chunk
     assert decisions == [False, False, False, True, True]
+    # where idle systems cost little (rows skipped), fewer systems in as many atoms is no
+    # reason to move (it would relaunch the same program forever)
+    one = plan_layout([8])
+    padded = type(one)(one.offsets, one.n_padded_atoms, 64)
+    idle = policy.Idle(wasted_s=100.0, fraction=0.5)
+    for cost in (0.2, 1.0):
+        repack, _ = policy.should_repack(padded, [8], False, 0, 1.0, idle, cost, lambda t: 0.0)
+        assert repack == (cost == 1.0), cost
     assert policy.compaction_cost(layout, set(), {"new": 3.0, "known": 1.0}) == 3.0
     seen = {(layout.n_padded_atoms, layout.n_systems, (), 0)}
     assert policy.compaction_cost(layout, seen, {"new": 3.0, "known": 1.0}) == 1.0

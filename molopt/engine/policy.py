@@ -86,8 +86,10 @@ def should_repack(
         return room and wasted >= compaction_cost(layout), idle
     target = plan_layout(list(running_sizes))
     smaller = target.n_padded_atoms
+    # fewer systems alone is a reason only where idle systems cost as much as running ones
+    # (where they cost little, a program has room for more systems than it runs)
     sparse = smaller <= A // 2 or (
-        len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
+        idle_cost >= 1.0 and len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
     )
     idle = Idle(wasted, idle_cost * max(0.0, 1.0 - smaller / A) if sparse else 0.0)
     if not sparse:
