@@ -205,10 +205,9 @@ def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
 
 
 def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
-    """A new SevenNet program has room for a quarter as many systems as atoms (later batches
-    of smaller crystals run in it). When a running batch's lists outgrow their rows, the
-    rebuilt lists take the rows of a program already compiled for its atoms and systems
-    (within ``row_reuse``), not a new shape."""
+    """When a running batch's lists outgrow their rows, the rebuilt lists take the rows of
+    a program already compiled for its atoms and systems (within ``row_reuse``), not a
+    new shape."""
     import dataclasses
 
     from molopt.engine import Engine, EngineSettings
@@ -218,8 +217,6 @@ def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
     atoms.rattle(0.05, seed=1)
     engine = Engine(sevennet, EngineSettings(relax_cell=True))
     live = engine._launch([Item(0, structure_from_atoms(atoms))])
-    # a new program has room for the systems of smaller crystals: a quarter of its atoms
-    assert engine.system_floor == engine.max_batch_atoms // 4 == live.layout.n_systems == 64
     rows = live.nbrs_host.shapes[2]
     bigger = 3 * rows  # a program with more rows, as if another batch had compiled it
     key = (live.layout.n_padded_atoms, live.layout.n_systems, (0, 0, bigger), 3)

@@ -18,7 +18,7 @@ import numpy as np
 from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
-from molopt.batch import Batch, Layout, bucket_systems
+from molopt.batch import Batch, Layout
 from molopt.engine import memory, policy, transplant
 from molopt.engine.kernel import advance, cast_potential, evaluate_once, initial_state
 from molopt.engine.packing import neighbor_lists, pack_structures
@@ -135,10 +135,6 @@ class Engine:
         skipping = getattr(potential, "row_width", 0) > 0 and nl.skips_empty_blocks()
         self.row_reuse = ROW_REUSE if skipping else ROW_REUSE_EVALUATED
         self.idle_cost = IDLE_ROW_COST if skipping else 1.0
-        # a new program for row-form lists has room for a quarter as many systems as atoms,
-        # at most 128 (a batch of small crystals after one of large ones runs in it: systems
-        # cost next to nothing, a compilation ~10 s)
-        self.system_floor = min(self.max_batch_atoms // 4, 128) if skipping else 0
 
     # -- packing ------------------------------------------------------------------------------
     def _pack(self, items: list, layout: Layout | None = None) -> tuple:
@@ -254,9 +250,6 @@ class Engine:
         pbc = np.asarray(batch.pbc)
         host = self._host_lists(positions, cells, pbc, layout)
         seen = self._seen_shape(layout, host)
-        if seen is None and layout.n_systems < self.system_floor and host.shapes[2]:
-            # a new program: with room for the systems of later, smaller structures
-            seen = (bucket_systems(self.system_floor), host.shapes[2])
         if seen is not None and seen != (layout.n_systems, host.shapes[2]):
             # a program compiled before (a bigger one), or a new one with more systems
             n_systems, n_rows = seen
