@@ -87,7 +87,7 @@ def should_repack(
     target = plan_layout(list(running_sizes))
     smaller = target.n_padded_atoms
     # fewer systems alone is a reason only where idle systems cost as much as running ones
-    # (where they cost little, a program has room for more systems than it runs)
+    # (where they cost little, a program with fewer systems saves next to nothing)
     sparse = smaller <= A // 2 or (
         idle_cost >= 1.0 and len(running_sizes) <= layout.n_systems // 2 and layout.n_systems > 4
     )

@@ -251,7 +251,7 @@ class Engine:
         host = self._host_lists(positions, cells, pbc, layout)
         seen = self._seen_shape(layout, host)
         if seen is not None and seen != (layout.n_systems, host.shapes[2]):
-            # a program compiled before (a bigger one), or a new one with more systems
+            # run in a program compiled before (a bigger one), not a new one
             n_systems, n_rows = seen
             if n_systems != layout.n_systems:  # more systems: packed and listed again
                 padded = Layout(layout.offsets, layout.n_padded_atoms, n_systems)
