@@ -113,6 +113,32 @@ def test_tail_compaction_waits_for_its_cost(argon, cost, compacts):
     )
 
 
+def test_a_compaction_into_the_program_it_left_is_not_repeated(argon, monkeypatch):
+    """A compaction that lands a batch in the very program it left (a bigger program seen
+    before takes it) would land there again at every move: the batch then finishes where it
+    is. Here the policy asks for a move after every chunk; one lone cluster moves once, then
+    converges on the path it follows alone (without the guard it relaunched forever)."""
+    from molopt.engine import policy, scheduler
+
+    monkeypatch.setattr(scheduler.policy, "should_repack", lambda *a, **k: (True, policy.Idle()))
+    structure = rattled_cluster(20, seed=4)
+    settings = EngineSettings(fmax=1e-3, chunk=4)
+    engine = E.Engine(argon, settings)
+    launch = engine._launch
+
+    def bounded(*args, **kwargs):
+        assert engine.starts < 5, "relaunched again and again"
+        return launch(*args, **kwargs)
+
+    engine._launch = bounded
+    (result,) = engine.run([(0, structure)])
+    assert engine.starts == 2 and engine.compiles == 1
+    (alone,) = relax_structures([(0, structure)], argon, settings)
+    assert result.status == alone.status == "converged"
+    assert result.steps == alone.steps
+    np.testing.assert_allclose(result.structure.positions, alone.structure.positions, atol=1e-10)
+
+
 def test_tail_compaction_counts_chunks_the_host_waited_for(argon, monkeypatch):
     """The device time of a chunk passes while the host reads its frame count (inside the
     step), not while it reads the statuses afterwards (already computed): a fake clock that

@@ -200,7 +200,8 @@ def test_block_sizes_and_the_large_system_warning():
 def assert_as_alone(results, items, settings, argon):
     """Each result as the structure relaxed alone: same steps, energy and positions to the
     rounding of its block's size (the eigendecomposition of a padded block rounds
-    differently, and hundreds of steps carry that along)."""
+    differently, and hundreds of steps carry that along: up to 1.9e-6 A on an AMD EPYC,
+    under 1e-6 on the machines before it; a wrong block would be off by far more)."""
     alone_settings = dataclasses.replace(settings, batch_size=1)
     for key, s in items:
         (alone,) = relax_structures([(key, s)], argon, alone_settings)
@@ -208,7 +209,7 @@ def assert_as_alone(results, items, settings, argon):
         assert got.status == alone.status == "converged"
         assert got.steps == alone.steps
         assert got.energy == pytest.approx(alone.energy, abs=1e-9)
-        np.testing.assert_allclose(got.structure.positions, alone.structure.positions, atol=1e-6)
+        np.testing.assert_allclose(got.structure.positions, alone.structure.positions, atol=1e-5)
 
 
 def test_batch_of_mixed_sizes_equals_each_alone(argon, monkeypatch):

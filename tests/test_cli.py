@@ -522,9 +522,9 @@ def test_max_batch_atoms_bounds_each_batch(tmp_path, monkeypatch):
     launched = []
     original = engine.Engine._launch
 
-    def spy(self, items, carry=None):
+    def spy(self, items, *args, **kwargs):
         launched.append([it.structure.n_atoms for it in items])
-        return original(self, items, carry)
+        return original(self, items, *args, **kwargs)
 
     monkeypatch.setattr(engine.Engine, "_launch", spy)
     d = tmp_path / "in"

@@ -128,11 +128,11 @@ def test_device_out_of_memory_splits_the_batch(monkeypatch):
     launch = sched.Engine._launch
     sizes = []
 
-    def tight_device(self, items, carry=None):
+    def tight_device(self, items, *args, **kwargs):
         sizes.append(len(items))
         if len(items) > 2 or any(it.key == 7 for it in items):
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return launch(self, items, carry)
+        return launch(self, items, *args, **kwargs)
 
     monkeypatch.setattr(sched.Engine, "_launch", tight_device)
     results = {r.key: r for r in relax_structures(pairs, argon, EngineSettings(fmax=1e-3))}

@@ -206,8 +206,8 @@ def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
 
 def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
     """When a running batch's lists outgrow their rows, the rebuilt lists take the rows of
-    a program already compiled for its atoms and systems (within ``row_reuse``), not a
-    new shape."""
+    a program already compiled for its atoms and systems (within ``row_reuse``), not a new
+    shape."""
     import dataclasses
 
     from molopt.engine import Engine, EngineSettings
@@ -216,7 +216,7 @@ def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms.rattle(0.05, seed=1)
     engine = Engine(sevennet, EngineSettings(relax_cell=True))
-    live = engine._launch([Item(0, structure_from_atoms(atoms))])
+    live = engine._launch([Item(0, structure_from_atoms(atoms))], more_waiting=True)
     rows = live.nbrs_host.shapes[2]
     bigger = 3 * rows  # a program with more rows, as if another batch had compiled it
     key = (live.layout.n_padded_atoms, live.layout.n_systems, (0, 0, bigger), 3)
@@ -229,6 +229,48 @@ def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
     engine._rebuild(live, np.array([0]))
     assert rows < live.nbrs_host.shapes[2] == bigger == live.nbrs.row_index.shape[1]
     assert engine.compiles == compiles  # no new shape
+
+
+def test_a_new_program_has_room_for_the_systems_of_later_batches(sevennet):
+    """While structures wait, a new SevenNet program (CPU) has room for a quarter as many
+    systems as atoms: the later batch of smaller crystals (4 of 4 atoms after 2 of 8) runs in
+    the program of the first instead of compiling another, on the same paths. A structure
+    relaxed alone gets a program of its own size (nothing waits)."""
+    from molopt import neighbors as nl
+    from molopt.engine import Engine, EngineSettings
+    from molopt.engine.reporting import Item
+
+    structures = []
+    for k in range(2):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        structures.append(structure_from_atoms(atoms))
+    for k in range(4):
+        atoms = bulk("Si", "diamond", a=5.43, orthorhombic=True)
+        atoms.rattle(0.05, seed=10 + k)
+        structures.append(structure_from_atoms(atoms))
+    settings = EngineSettings(fmax=0.05, max_batch_atoms=16)
+
+    def run(floor):
+        engine = Engine(sevennet, settings)
+        assert engine.system_floor == (16 // 4 if nl.skips_empty_blocks() else 0)
+        engine.system_floor = floor
+        engine.compaction_cost = float("inf")  # batches run to their ends
+        return engine, {r.key: r for r in engine.run(list(enumerate(structures)))}
+
+    roomy, shared = run(4)
+    tight, apart = run(0)
+    assert roomy.compiles == 1 and {k[1] for k in roomy.shapes_seen} == {4}
+    assert tight.compiles == 2 and {k[1] for k in tight.shapes_seen} == {2, 4}
+    for key in range(len(structures)):
+        assert shared[key].status == apart[key].status == "converged"
+        assert shared[key].steps == apart[key].steps
+        assert shared[key].energy == pytest.approx(apart[key].energy, abs=1e-10)
+        np.testing.assert_allclose(
+            shared[key].structure.positions, apart[key].structure.positions, atol=1e-9
+        )
+    alone = roomy._launch([Item(9, structures[0])])  # nothing waits: its own systems
+    assert alone.layout.n_systems == 1
 
 
 def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):

@@ -18,7 +18,7 @@ import numpy as np
 from molopt import interrupt
 from molopt import neighbors as nl
 from molopt._jax import jax, relieve_mapping_pressure
-from molopt.batch import Batch, Layout
+from molopt.batch import Batch, Layout, bucket_systems
 from molopt.engine import memory, policy, transplant
 from molopt.engine.kernel import advance, cast_potential, evaluate_once, initial_state
 from molopt.engine.packing import neighbor_lists, pack_structures
@@ -71,6 +71,8 @@ class LiveBatch:
     new_shape: bool = True
     idle: policy.Idle = field(default_factory=policy.Idle)
     advanced: bool = False
+    # whether it may be compacted (not when a compaction just landed it in the program it left)
+    compactable: bool = True
     # seconds the host waited inside ``_advance`` for chunks since the last status read (it
     # reads their frame count, which waits for the device): device time the policy counts
     waited_s: float = 0.0
@@ -135,6 +137,10 @@ class Engine:
         skipping = getattr(potential, "row_width", 0) > 0 and nl.skips_empty_blocks()
         self.row_reuse = ROW_REUSE if skipping else ROW_REUSE_EVALUATED
         self.idle_cost = IDLE_ROW_COST if skipping else 1.0
+        # a new program for row-form lists, while structures wait, has room for a quarter as
+        # many systems as atoms, at most 128 (a later batch of smaller crystals runs in it:
+        # idle systems cost next to nothing, a compilation ~10 s)
+        self.system_floor = min(self.max_batch_atoms // 4, 128) if skipping else 0
 
     # -- packing ------------------------------------------------------------------------------
     def _pack(self, items: list, layout: Layout | None = None) -> tuple:
@@ -218,23 +224,33 @@ class Engine:
             return positions
         return np.concatenate([positions, np.zeros((3 * layout.n_systems, 3), self.dtype)])
 
-    def _note_shape(self, live: LiveBatch) -> bool:
-        """Count a new shape (a compilation); whether it was new."""
-        key = (
+    @staticmethod
+    def _shape_key(live: LiveBatch) -> tuple:
+        """The shape its programs are compiled for: (padded atoms, systems, list shapes,
+        images)."""
+        return (
             live.layout.n_padded_atoms,
             live.layout.n_systems,
             live.nbrs_host.shapes,
             live.nbrs.shift.shape[0],
         )
+
+    def _note_shape(self, live: LiveBatch) -> bool:
+        """Count a new shape (a compilation); whether it was new."""
+        key = self._shape_key(live)
         if key in self.shapes_seen:
             return False
         self.shapes_seen.add(key)
         self.compiles += 1
         return True
 
-    def _launch(self, items: list, carry: dict | None = None) -> LiveBatch:
+    def _launch(
+        self, items: list, carry: dict | None = None, more_waiting: bool = False
+    ) -> LiveBatch:
         """Pack ``items`` into a new batch; continuing systems keep their state (``carry``:
-        key -> {"state": :func:`transplant.extract`'s dict, "reference_cell": ...})."""
+        key -> {"state": :func:`transplant.extract`'s dict, "reference_cell": ...}).
+        ``more_waiting``: structures are queued for later batches (a new program then has
+        room for :attr:`system_floor` systems)."""
         variable_cell = self.program.variable_cell
         carried = {k: carry[it.key] for k, it in enumerate(items) if carry and it.key in carry}
 
@@ -250,6 +266,10 @@ class Engine:
         pbc = np.asarray(batch.pbc)
         host = self._host_lists(positions, cells, pbc, layout)
         seen = self._seen_shape(layout, host)
+        floor = self.system_floor if more_waiting else 0
+        if seen is None and layout.n_systems < floor and host.shapes[2]:
+            # a new program: with room for the systems of later, smaller structures
+            seen = (bucket_systems(floor), host.shapes[2])
         if seen is not None and seen != (layout.n_systems, host.shapes[2]):
             # run in a program compiled before (a bigger one), not a new one
             n_systems, n_rows = seen
@@ -357,6 +377,7 @@ class Engine:
         total = len(queue) + len(results)
         carry: dict = {}
         keep: list = []
+        left = None  # the shape of the last batch
         while queue or keep:
             interrupt.check()
             chosen = policy.admit(
@@ -379,13 +400,20 @@ class Engine:
                     it.begun = True
                     self.sink.begin(it.key, it.structure)
             began = self.clock()
+            # a compaction: only running systems move, none joins
+            compacting = bool(keep) and not fresh
             try:
-                live = self._launch(chosen, carry)
+                live = self._launch(chosen, carry, more_waiting=bool(queue))
             except Exception as exc:
                 if not memory.out_of_memory(exc):
                     raise
                 keep = self._split_after_oom(chosen, queue, results, exc)
                 continue
+            if compacting and self._shape_key(live) == left:
+                # it landed in the program it left (a bigger one seen before took it): moving
+                # again would land there again, so this batch finishes where it is
+                live.compactable = False
+            left = self._shape_key(live)
             live.setup_s = self.clock() - began
             self.reporter.emit_initial(
                 live.items, live.layout, live.pbc, snapshot(live.state), fresh
@@ -512,7 +540,7 @@ class Engine:
                     row_reuse=self.row_reuse,
                 ),
             )
-            if repack:
+            if repack and (queue or live.compactable):
                 return [live.items[k] for k in running], self._carry(live, running)
             try:
                 self._advance(live)
