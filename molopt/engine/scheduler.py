@@ -413,12 +413,12 @@ class Engine:
                 # it landed in the program it left (a bigger one seen before took it): moving
                 # again would land there again, so this batch finishes where it is
                 live.compactable = False
-            left = self._shape_key(live)
             live.setup_s = self.clock() - began
             self.reporter.emit_initial(
                 live.items, live.layout, live.pbc, snapshot(live.state), fresh
             )
             keep, carry = self._run_batch(live, queue, results)
+            left = self._shape_key(live)  # as it left: a rebuild may have grown its lists
             if self.progress:
                 self.progress(len(results), total)
         return results
