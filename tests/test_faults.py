@@ -181,9 +181,21 @@ def test_a_peer_killed_mid_run_leaves_its_work_to_the_other(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # the first is frozen while it holds the claim of a structure it has not finished (the
+    # owner removes a claim file when done): the second cannot finish the run before the
+    # first dies, however fast the first would have been (with its programs in the compile
+    # cache it once finished all 16 before the kill, and its run files outlived the second's
+    # clean-up of dead processes' leftovers)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out_dir.glob(".*.molopt-claim")):
+    while time.time() < deadline:
+        if list(out_dir.glob(".*.molopt-claim")):
+            first.send_signal(signal.SIGSTOP)
+            if list(out_dir.glob(".*.molopt-claim")):
+                break
+            first.send_signal(signal.SIGCONT)
         time.sleep(0.02)
+    else:
+        pytest.fail("the first process never claimed a structure")
     second = subprocess.Popen(
         command(inputs, out_dir, "--batch-size", "1"),
         stdout=subprocess.PIPE,
