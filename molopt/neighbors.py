@@ -41,6 +41,7 @@ import numpy as np
 
 from molopt._jax import jax
 from molopt.batch import Layout, system_max
+from molopt.linalg3 import inv3
 
 #: Non-periodic systems up to this many atoms list all pairs (no rebuilds, ever).
 ALL_PAIRS_MAX_ATOMS = 96
@@ -301,7 +302,7 @@ def stale_systems(
     n_systems = cell.shape[0]
     ref = nbrs.ref_positions
     if variable_cell:
-        deformation = jnp.linalg.solve(nbrs.ref_cell, cell)  # (S, 3, 3)
+        deformation = inv3(nbrs.ref_cell) @ cell  # (S, 3, 3)
         d_atom = deformation[jnp.minimum(system_idx, n_systems - 1)]
         delta = positions - jnp.einsum("ax,axy->ay", ref, d_atom)
         eye = jnp.eye(3, dtype=cell.dtype)

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import expm
 
+from molopt.linalg3 import det3, expm3, inv3
 from molopt.optimizers.cell_options import CellOptions, free_components, is_block
 
 
@@ -85,7 +85,7 @@ def deformation(log_deformation_rows: jax.Array, reference: CellReference) -> ja
     """F (S, 3, 3) from the cell rows of the coordinates, (3S, 3)."""
     n_systems = reference.cell.shape[0]
     u = log_deformation_rows.reshape(n_systems, 3, 3) / reference.factor[:, None, None]
-    return jax.vmap(expm)(u)
+    return expm3(u)
 
 
 def free_rows(reference: CellReference) -> jax.Array:
@@ -103,7 +103,7 @@ def _sqrtm(a: jax.Array, iterations: int = 10) -> jax.Array:
 
     def iterate(_, yz):
         y, z = yz
-        return 0.5 * (y + jnp.linalg.inv(z)), 0.5 * (z + jnp.linalg.inv(y))
+        return 0.5 * (y + inv3(z)), 0.5 * (z + inv3(y))
 
     return jax.lax.fori_loop(0, iterations, iterate, (a, eye))[0]
 
@@ -116,7 +116,7 @@ def _logm(a: jax.Array, roots: int = 2, terms: int = 14) -> jax.Array:
     eye = jnp.eye(3, dtype=a.dtype)
     for _ in range(roots):
         a = _sqrtm(a)
-    z = jnp.linalg.solve((a + eye).T, (a - eye).T).T
+    z = (a - eye) @ inv3(a + eye)  # (functions of a commute)
     z2 = z @ z
     term, total = z, z
     for j in range(1, terms):
@@ -133,7 +133,7 @@ def read_back(x: jax.Array, reference: CellReference) -> jax.Array:
     factor = reference.factor[:, None, None]
     u = x[n_atoms:].reshape(n_systems, 3, 3) / factor
     eye = jnp.eye(3, dtype=x.dtype)
-    masked = eye + (jax.vmap(expm)(u) - eye) * jnp.swapaxes(reference.mask, 1, 2)
+    masked = eye + (expm3(u) - eye) * jnp.swapaxes(reference.mask, 1, 2)
     u = jnp.where(reference.roundtrip[:, None, None], jax.vmap(_logm)(masked), u)
     return jnp.concatenate([x[:n_atoms], (u * factor).reshape(3 * n_systems, 3)], axis=0)
 
@@ -161,20 +161,17 @@ def generalized_forces(x, forces, dE_dstrain, cell, F, system_idx, reference: Ce
     constraints applied."""
     n_systems = reference.cell.shape[0]
     n_atoms = forces.shape[0]
-    volume = jnp.abs(jnp.linalg.det(cell))
+    volume = jnp.abs(det3(cell))
     virial = -(dE_dstrain - volume[:, None, None] * reference.stress)
     virial = jnp.where(reference.hydrostatic[:, None, None], _diagonal_trace(virial), virial)
     virial = virial * reference.mask
     system_of_atom = jnp.minimum(system_idx, n_systems - 1)
     atom_rows = jnp.einsum("ax,axy->ay", forces, F[system_of_atom])
-    cell_gradient = jnp.einsum("sij,skj->sik", virial, jnp.linalg.inv(F))  # virial @ inv(F^T)
+    cell_gradient = jnp.einsum("sij,skj->sik", virial, inv3(F))  # virial @ inv(F^T)
     u = x[n_atoms:].reshape(n_systems, 3, 3) / reference.factor[:, None, None]
 
-    def log_force(u_s, g_s):
-        _, pullback = jax.vjp(expm, u_s)
-        return pullback(g_s)[0]
-
-    log_forces = jax.vmap(log_force)(u, cell_gradient)
+    _, pullback = jax.vjp(expm3, u)  # the Frechet derivative's adjoint, system by system
+    (log_forces,) = pullback(cell_gradient)
     log_forces = jnp.where(
         reference.constant_volume[:, None, None],
         log_forces - _diagonal_trace(log_forces),

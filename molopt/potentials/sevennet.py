@@ -196,7 +196,7 @@ def _convolution(x: dict, paths, weights, t, index, sh, basis, dtype):
     # that evaluated every path's pad for every radial weight: ~20% of a force call)
     bounds = np.cumsum([x[l1].shape[-1] for l1, _, _ in paths])[:-1]
     radials = jnp.split(radial, [int(b) for b in bounds], axis=-1)
-    for (l1, l2, l3), w in zip(paths, radials):
+    for (l1, l2, l3), w in zip(paths, radials, strict=True):
         # contract the 3j symbol with Y_l2 first: (g, A, 2l1+1, 2l3+1), small
         cy = jnp.einsum("ijk,gaj->gaik", weights[f"w3j/{l1}{l2}{l3}"], sh[l2])
         # the sum over 2l1+1 as a broadcast product and reduction, not a batched matrix
