@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "molopt"
 CORE = {
     "molopt.batch",
     "molopt.constraints",
+    "molopt.linalg3",
     "molopt.neighbors",
     "molopt.optimizers",
     "molopt.potentials",

@@ -268,7 +268,7 @@ def advance(state: RelaxState, batch, nbrs, potential, reference, targets, progr
         opt, dx, completes = program.optimizer.step(s.opt, s.x, s.generalized, active & move, rows)
         step = _constrain_step(jnp.where(movable, dx, 0.0), s.x, s.cell, batch, program, reference)
         x = s.x + step
-        if program.variable_cell:  # as ASE reads U back from a masked cell
+        if program.variable_cell and program.roundtrip:  # as ASE reads U back from a masked cell
             x = cellfilter.read_back(x, reference)
         moved = dataclasses.replace(
             s,

@@ -308,6 +308,7 @@ class Engine:
                 else self.settings.chunk
             ),
             record=record,
+            roundtrip=variable_cell and bool(np.asarray(reference.roundtrip).any()),
         )
         state = initial_state(jax.device_put(x), jax.device_put(cells), batch, program)
         # step 0: the evaluation of the pending initial state, and no step after it

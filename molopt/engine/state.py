@@ -89,6 +89,9 @@ class Program:
     stress: bool = False
     chunk: int = 50
     record: bool = True  # keep every step's frame (else only the state: first/last frames)
+    #: some system's cell mask is not a block of axes: ASE's read-back of U through logm is
+    #: compiled in (:func:`molopt.optimizers.cell.read_back`; a no-op for block masks)
+    roundtrip: bool = False
 
 
 @jax.tree_util.register_dataclass
