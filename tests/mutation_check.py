@@ -79,8 +79,8 @@ MUTANTS = [
     Mutant(
         "fire: maxstep caps each component instead of the step's norm",
         "molopt/optimizers/fire.py",
-        "dr = dr * rows.expand(scale)\n        new = FireState",
-        "dr = jnp.clip(dr, -self.maxstep, self.maxstep)\n        new = FireState",
+        "    return dr * rows.expand(scale)\n",
+        "    return jnp.clip(dr, -maxstep, maxstep)\n",
         OPTIMIZER_TESTS,
     ),
     Mutant(
@@ -324,8 +324,8 @@ MUTANTS = [
     Mutant(
         "h5md: kJ/mol force conversion inverted",
         "molopt/io/h5md.py",
-        '"particles/trajectory/force": data["forces"] * EV_TO_KJ_PER_MOL,',
-        '"particles/trajectory/force": data["forces"] / EV_TO_KJ_PER_MOL,',
+        'np.asarray(data["forces"], np.float32) * np.float32(EV_TO_KJ_PER_MOL)',
+        'np.asarray(data["forces"], np.float32) / np.float32(EV_TO_KJ_PER_MOL)',
         ("tests/test_h5md.py",),
     ),
     Mutant(

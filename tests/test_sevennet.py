@@ -249,7 +249,7 @@ def test_a_new_program_has_room_for_the_systems_of_later_batches(sevennet):
         atoms = bulk("Si", "diamond", a=5.43, orthorhombic=True)
         atoms.rattle(0.05, seed=10 + k)
         structures.append(structure_from_atoms(atoms))
-    settings = EngineSettings(fmax=0.05, max_batch_atoms=16)
+    settings = EngineSettings(fmax=0.15, max_batch_atoms=16)
 
     def run(floor):
         engine = Engine(sevennet, settings)
@@ -286,7 +286,7 @@ def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
         atoms = bulk("Si", "diamond", a=a, cubic=True)
         atoms.rattle(0.05, seed=k)
         structures.append(structure_from_atoms(atoms))
-    settings = EngineSettings(fmax=0.05, max_batch_atoms=16)
+    settings = EngineSettings(fmax=0.15, max_batch_atoms=16)
 
     def run(reuse):
         monkeypatch.setattr(E, "ROW_REUSE", reuse)
