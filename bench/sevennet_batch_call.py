@@ -31,6 +31,9 @@ def main():
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--dense", action="store_true")
     parser.add_argument("--keep", type=int, default=None)
+    parser.add_argument("--count", type=int, default=16, help="crystals (default 16)")
+    parser.add_argument("--max-atoms", type=int, default=8, help="largest crystal (default 8)")
+    parser.add_argument("--profile", default=None, help="write a Perfetto trace of 3 calls here")
     args = parser.parse_args()
 
     import ase.io
@@ -48,7 +51,7 @@ def main():
     if args.dense:
         type(potential).row_width = 0
     with tempfile.TemporaryDirectory() as tmp:
-        crystals(16, 8, Path(tmp))
+        crystals(args.count, args.max_atoms, Path(tmp))
         structures = [from_atoms(ase.io.read(p)) for p in sorted(Path(tmp).glob("*.extxyz"))]
     batch, positions, cells, layout = pack_structures(structures, potential, dtype)
     host = neighbor_lists(positions, cells, batch.pbc, layout, potential, args.skin, dtype)
@@ -72,6 +75,10 @@ def main():
         started = time.perf_counter()
         jax.block_until_ready(evaluate_once(p, c, batch, nbrs, potential, True))
         times.append(time.perf_counter() - started)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(evaluate_once(p, c, batch, nbrs, potential, True))
     form = "dense" if args.dense else "rows"
     print(f"{args.precision} {form}: {1000 * statistics.median(times):.0f} ms per call "
           f"(calls: {', '.join(f'{1000 * t:.0f}' for t in times)})")  # fmt: skip

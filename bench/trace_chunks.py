@@ -30,9 +30,9 @@ def now() -> str:
     return f"{time.perf_counter() - T0:8.2f}"
 
 
-def traced_launch(self, items, carry=None):
+def traced_launch(self, items, carry=None, **options):
     started = time.perf_counter()
-    live = launch(self, items, carry)
+    live = launch(self, items, carry, **options)
     jax.block_until_ready(live.state)
     layout = live.layout
     print(
@@ -47,14 +47,17 @@ def traced_launch(self, items, carry=None):
 
 def traced_advance(self, live, limit=None):
     started = time.perf_counter()
-    before = int(np.asarray(live.state.n_steps).max())
+    before = np.asarray(live.state.n_steps).copy()
     advance(self, live, limit)
     jax.block_until_ready(live.state)
     if limit is None:
         status = np.asarray(live.state.status)[: live.layout.n_real]
-        after = int(np.asarray(live.state.n_steps).max())
+        advanced = np.asarray(live.state.n_steps) - before
+        # batch steps: the most any system took; system-steps: all systems' steps together
+        # (a carried system's own count can exceed the batch's, so counts are not compared)
         print(
-            f"{now()}   chunk: steps {before}->{after}, {int((status == 0).sum())} running, "
+            f"{now()}   chunk: {int(advanced.max())} batch steps, {int(advanced.sum())} "
+            f"system-steps, {int((status == 0).sum())} running, "
             f"{time.perf_counter() - started:.3f} s",
             flush=True,
         )
