@@ -31,6 +31,7 @@ import numpy as np
 
 from molopt._jax import jax
 from molopt.engine.packing import neighbor_lists, pack_structures
+from molopt.linalg3 import det3, expm3
 from molopt.structure import Structure
 
 SYM_INDEX = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -73,7 +74,7 @@ def geometry(dof, ctx: Context, relax_cell: bool):
     positions = ctx.positions.at[ctx.free].set(dof[:k].reshape(-1, 3))
     cell = ctx.cell
     if relax_cell:
-        deformation = jax.scipy.linalg.expm(_sym(dof[k:]))
+        deformation = expm3(_sym(dof[k:]))
         positions = positions @ deformation.T
         cell = cell @ deformation.T
     return positions, cell
@@ -91,7 +92,7 @@ def enthalpy(dof, potential, ctx: Context, relax_cell: bool):
     positions, cell = geometry(dof, ctx, relax_cell)
     energy = energy_at(positions, cell, potential, ctx)
     if relax_cell:
-        energy = energy + ctx.pressure * jnp.abs(jnp.linalg.det(cell))
+        energy = energy + ctx.pressure * jnp.abs(det3(cell))
     return energy
 
 
