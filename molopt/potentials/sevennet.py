@@ -203,8 +203,8 @@ def _convolution(x: dict, paths, weights, t, index, sh, basis, dtype):
         weighted = gathered[l1] * w[:, :, None, :]  # (g, A, 2l1+1, mul)
         # one reduction over the slots and the 2l1+1 components together, a broadcast
         # product: XLA:CPU fuses it whole, where a sum over 2l1+1 and then over the slots
-        # wrote every slot's message out in between (a full call of 256 atoms: 0.91x the
-        # time), and where tiny batched matrix products (einsum) are slower still
+        # wrote every slot's message out in between, and tiny batched matrix products
+        # (einsum) are slower still (bench/RESULTS.md)
         pieces.setdefault(l3, []).append(
             jnp.sum(cy[..., None] * weighted[..., :, None, :], axis=(0, 2))
         )
