@@ -39,6 +39,7 @@ import numpy as np
 
 from molopt.batch import system_sum
 from molopt.errors import InputError
+from molopt.linalg3 import inv3
 
 #: Linear per-atom constraints (composed into per-atom maps).
 LINEAR = ("FixAtoms", "FixCartesian", "FixScaled", "FixedLine", "FixedPlane")
@@ -499,7 +500,7 @@ def adjust_forces(c: Constraints, forces, positions, cell, pbc, system_idx, n_sy
     rows = cell[_system_of_atoms(system_idx, n_systems)]
     safe = jnp.where(scaled[:, None, None], rows, jnp.eye(3, dtype=forces.dtype))
     free = jnp.where(scaled[:, None], c.scaled_free, 1.0)
-    current = jnp.einsum("aij,aj,ajk->aik", safe, free, jnp.linalg.inv(safe))
+    current = jnp.einsum("aij,aj,ajk->aik", safe, free, inv3(safe))
     before = jnp.where(scaled[:, None, None], current, before)
     f = jnp.einsum("ai,aij->aj", forces, before)
     extra, energies = spring_forces(c, positions, cell, pbc, n_systems)
@@ -528,7 +529,7 @@ def adjust_step(c: Constraints, step, system_idx, n_systems: int, deformation=No
         # map is every deformed cell's, in this frame
         keep = ~jnp.isnan(c.scaled_free[:, 0]) | (system_idx >= n_systems)
         forward = jnp.where(keep[:, None, None], jnp.eye(3, dtype=step.dtype), forward)
-        maps = forward @ maps @ jnp.linalg.inv(forward)
+        maps = forward @ maps @ inv3(forward)
     d = jnp.einsum("ai,aij->aj", step, maps)
     moved = system_sum(c.com_mass[:, None] * d, system_idx, n_systems)
     total = system_sum(c.com_mass, system_idx, n_systems)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molopt.errors import InputError
+from molopt.linalg3 import inv3
 
 #: ASE's FixSymmetry default precision (A).
 DEFAULT_SYMPREC = 0.01
@@ -248,7 +249,7 @@ def symmetrize_vectors(bs: BatchSymmetry, vectors, cells, system_idx, n_systems:
     n_ops = bs.n_operations[system]
     keep = (n_ops > 0) & (system_idx < n_systems)
     cell = jnp.where(keep[:, None, None], cells[system], jnp.eye(3, dtype=vectors.dtype))
-    fractional = jnp.einsum("ai,aij->aj", vectors, jnp.linalg.inv(cell))
+    fractional = jnp.einsum("ai,aij->aj", vectors, inv3(cell))
     gathered = fractional[bs.source]  # (O, A, 3): the vector of the atom each op brings here
     rotations = jnp.swapaxes(bs.rotations[system], 0, 1)  # (O, A, 3, 3)
     weight = jnp.swapaxes(bs.valid[system], 0, 1)[..., None]
@@ -268,6 +269,6 @@ def symmetrize_tensors(bs: BatchSymmetry, tensors, cells):
     rotated = jnp.einsum("soji,sojk,sokl->soil", bs.rotations, scaled, bs.rotations)
     rotated = jnp.where(bs.valid[:, :, None, None], rotated, 0.0)
     average = jnp.sum(rotated, axis=1) / jnp.maximum(bs.n_operations, 1)[:, None, None]
-    inverse = jnp.linalg.inv(cells)
+    inverse = inv3(cells)
     out = inverse @ average @ jnp.swapaxes(inverse, 1, 2)
     return jnp.where(keep, out, tensors)

@@ -18,6 +18,7 @@ import numpy as np
 
 from molopt import interrupt
 from molopt.errors import ConfigError
+from molopt.linalg3 import det3
 from molopt.training.data import Batcher, Labelled, prefetched, split
 
 
@@ -122,7 +123,7 @@ def make_loss(config: TrainConfig):
         (_, energy), grads = jax.value_and_grad(total, argnums, has_aux=True)(b.positions, zero)
         if need_stress:
             grad_x, grad_strain = grads
-            volume = jnp.abs(jnp.linalg.det(b.cells))
+            volume = jnp.abs(det3(b.cells))
             stress = grad_strain / jnp.where(volume > 0, volume, 1.0)[:, None, None]
         else:
             grad_x, stress = grads, jnp.zeros_like(b.cells)
