@@ -1,7 +1,15 @@
 import os
 
-import numpy as np
-import pytest
+# Each xdist worker is one of two processes on CI's two cores. OpenBLAS's threads spin while
+# they wait for work, and with two processes each running its own pool of them beside XLA's
+# threads, the ASE reference relaxations ran 2.5-4x slower than alone (test_constraints.py:
+# 63 s alone, 158 s beside test_cell_options.py; 83 s for both with one OpenBLAS thread).
+# It must be set before numpy loads OpenBLAS; a value the caller chose is kept.
+for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault(
     "MOLOPT_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".molopt-cache")
