@@ -48,6 +48,28 @@ def sevennet():
 
 
 @pytest.fixture(scope="module")
+def two_blocks(sevennet):
+    """SevenNet-0 cut to its first and last interaction blocks (the first's output features,
+    128x0e + 64x1o + 32x2e, are what the last reads): the same model code, a program that
+    compiles in a third of the time, for tests of how the engine and the row form run the
+    model rather than of its values (those are compared with sevenn above)."""
+    import dataclasses
+
+    last = len(sevennet.blocks) - 1
+    weights = {}
+    for key, value in sevennet.weights.items():
+        head, _, rest = key.partition("/")
+        if not head.isdigit():
+            weights[key] = value
+        elif head == "0":
+            weights[key] = value
+        elif int(head) == last:
+            weights[f"1/{rest}"] = value
+    blocks = (sevennet.blocks[0], sevennet.blocks[last])
+    return dataclasses.replace(sevennet, weights=weights, blocks=blocks)
+
+
+@pytest.fixture(scope="module")
 def reference():
     return ase.io.read(REFERENCE, ":")
 
@@ -101,15 +123,15 @@ def test_float64_within_targets_of_sevenn_as_users_run_it(reference, float64_res
     assert de < F32_ENERGY_PER_ATOM and df < F32_FORCE and ds < F32_STRESS, (de, df, ds)
 
 
-def test_row_form_equals_dense_form(sevennet, reference, monkeypatch):
+def test_row_form_equals_dense_form(two_blocks, reference, monkeypatch):
     """The model reads the row form of the neighbour list (what relaxations build); a list
     without it (training builds dense lists) gives the same energies, forces and stresses
     to rounding, here on a batch mixing molecules, slabs and crystals of many sizes."""
     frames = reference[::8]
     structures = [structure_from_atoms(a) for a in frames]
-    rows = evaluate_structures(structures, sevennet, stress=True, precision="float64")
-    monkeypatch.setattr(type(sevennet), "row_width", 0)
-    dense = evaluate_structures(structures, sevennet, stress=True, precision="float64")
+    rows = evaluate_structures(structures, two_blocks, stress=True, precision="float64")
+    monkeypatch.setattr(type(two_blocks), "row_width", 0)
+    dense = evaluate_structures(structures, two_blocks, stress=True, precision="float64")
     for (e1, f1, s1), (e2, f2, s2), atoms in zip(rows, dense, frames, strict=True):
         assert abs(e1 - e2) < 1e-10 * len(atoms)
         np.testing.assert_allclose(f1, f2, atol=1e-10)
@@ -117,7 +139,7 @@ def test_row_form_equals_dense_form(sevennet, reference, monkeypatch):
             np.testing.assert_allclose(s1, s2, atol=1e-12)
 
 
-def test_finished_systems_rows_are_left_out_and_the_others_unchanged(sevennet, reference):
+def test_finished_systems_rows_are_left_out_and_the_others_unchanged(two_blocks, reference):
     """A relaxation step hands the model only its running systems' rows
     (``neighbors.only_systems``): the others' rows are skipped, and the running systems'
     energies, forces and stresses are those of the whole batch's evaluation, exactly."""
@@ -128,7 +150,7 @@ def test_finished_systems_rows_are_left_out_and_the_others_unchanged(sevennet, r
 
     frames = [a for a in reference if a.pbc.all()][:12:2]
     structures = [structure_from_atoms(a) for a in frames]
-    potential = cast_potential(sevennet, np.float64)
+    potential = cast_potential(two_blocks, np.float64)
     batch, positions, cells, layout = pack_structures(structures, potential, np.float64)
     nbrs = neighbor_lists(positions, cells, batch.pbc, layout, potential, 0.5, np.float64)
     nbrs = nbrs.to_device()
@@ -204,7 +226,7 @@ def test_a_compaction_is_priced_by_the_rows_its_systems_need(sevennet):
         assert engine._rows_needed(whole, subset) == alone.nbrs_host.shapes[2], subset
 
 
-def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
+def test_lists_that_grow_run_in_a_program_compiled_before(two_blocks):
     """When a running batch's lists outgrow their rows, the rebuilt lists take the rows of
     a program already compiled for its atoms and systems (within ``row_reuse``), not a new
     shape."""
@@ -215,7 +237,7 @@ def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
 
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms.rattle(0.05, seed=1)
-    engine = Engine(sevennet, EngineSettings(relax_cell=True))
+    engine = Engine(two_blocks, EngineSettings(relax_cell=True))
     live = engine._launch([Item(0, structure_from_atoms(atoms))], more_waiting=True)
     rows = live.nbrs_host.shapes[2]
     bigger = 3 * rows  # a program with more rows, as if another batch had compiled it
@@ -231,7 +253,7 @@ def test_lists_that_grow_run_in_a_program_compiled_before(sevennet):
     assert engine.compiles == compiles  # no new shape
 
 
-def test_a_new_program_has_room_for_the_systems_of_later_batches(sevennet):
+def test_a_new_program_has_room_for_the_systems_of_later_batches(two_blocks):
     """While structures wait, a new SevenNet program (CPU) has room for a quarter as many
     systems as atoms: the later batch of smaller crystals (4 of 4 atoms after 2 of 8) runs in
     the program of the first instead of compiling another, on the same paths. A structure
@@ -252,7 +274,7 @@ def test_a_new_program_has_room_for_the_systems_of_later_batches(sevennet):
     settings = EngineSettings(fmax=0.15, max_batch_atoms=16)
 
     def run(floor):
-        engine = Engine(sevennet, settings)
+        engine = Engine(two_blocks, settings)
         assert engine.system_floor == (16 // 4 if nl.skips_empty_blocks() else 0)
         engine.system_floor = floor
         engine.compaction_cost = float("inf")  # batches run to their ends
@@ -273,7 +295,7 @@ def test_a_new_program_has_room_for_the_systems_of_later_batches(sevennet):
     assert alone.layout.n_systems == 1
 
 
-def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
+def test_a_new_batch_runs_in_a_program_compiled_before(two_blocks, monkeypatch):
     """A batch whose row-form lists fit a program compiled before (the same padded atoms, at
     least its systems, at most ``ROW_REUSE`` (2x on a CPU) its rows) runs in that program
     instead of compiling another, and each structure follows the same path as with a
@@ -290,7 +312,7 @@ def test_a_new_batch_runs_in_a_program_compiled_before(sevennet, monkeypatch):
 
     def run(reuse):
         monkeypatch.setattr(E, "ROW_REUSE", reuse)
-        engine = Engine(sevennet, settings)
+        engine = Engine(two_blocks, settings)
         engine.compaction_cost = float("inf")  # a batch runs to its end: two batches
         results = {r.key: r for r in engine.run(list(enumerate(structures)))}
         return engine, results
