@@ -247,8 +247,11 @@ def test_template_gives_the_same_file(tmp_path):
     assert h5md.read(tmp_path / "b.h5md")["parameters"]["settings"] == {"fmax": 1e-3}
 
 
-def test_attributes_stored_as_h5py_stores_them(tmp_path, monkeypatch):
-    """The fast attribute writer gives the same HDF5 types and values as ``obj.attrs[k] = v``."""
+def test_attributes_and_datasets_stored_as_h5py_stores_them(tmp_path, monkeypatch):
+    """The fast attribute, group and dataset writers give the same HDF5 objects as
+    ``obj.attrs[k] = v``, ``f.create_group(path)`` and ``group.create_dataset(name,
+    data=values)``: types, values, shapes, storage layout, timestamps, fill settings, link
+    kinds and name encodings."""
     rng = np.random.default_rng(1)
     block = {
         "step": np.arange(2),
@@ -274,8 +277,45 @@ def test_attributes_stored_as_h5py_stores_them(tmp_path, monkeypatch):
         writer.close(parameters)
 
     write(tmp_path / "fast.h5md")
-    monkeypatch.setattr(h5md, "_set_attribute", lambda obj, k, v: obj.attrs.__setitem__(k, v))
+
+    def high_level(obj):
+        return h5py.Dataset(obj) if isinstance(obj, h5py.h5d.DatasetID) else obj
+
+    def plain_attribute(obj, key, value):
+        high_level(obj).attrs[key] = value
+
+    def plain_dataset(parent, name, data):
+        return h5py.Group(parent).create_dataset(name, data=data).id
+
+    monkeypatch.setattr(h5md, "_set_attribute", plain_attribute)
+    monkeypatch.setattr(h5md, "_new_dataset", plain_dataset)
+    monkeypatch.setattr(h5md, "_new_group", lambda f, path: f.create_group(path).id)
     write(tmp_path / "plain.h5md")
+
+    def objects(path):
+        found = {}
+        with h5py.File(path) as f:
+
+            def visit(name, obj):
+                link = f.id.links.get_info(name.encode())
+                found[name] = (type(obj).__name__, link.type, link.cset)
+                if isinstance(obj, h5py.Dataset):
+                    plist = obj.id.get_create_plist()
+                    found[name] += (obj.dtype, obj.shape, obj.id.get_type(), obj[()].tolist())
+                    found[name] += (plist.get_layout(), plist.get_obj_track_times())
+                    found[name] += (plist.get_fill_time(), plist.get_alloc_time())
+
+            f.visititems(visit)
+            # hard links: step and time stored once, shared by every element
+            first = f["particles/trajectory/position/step"]
+            others = ("observables/fmax", "observables/potential_energy")
+            found["shared step"] = all(f[f"{n}/step"] == first for n in others)
+        return found
+
+    fast_objects = objects(tmp_path / "fast.h5md")
+    assert fast_objects == objects(tmp_path / "plain.h5md")
+    assert fast_objects["shared step"]
+    assert fast_objects["particles/trajectory/force_ev/value"][4] == (2, 3, 3)
 
     def attributes(path):
         found = {}

@@ -96,14 +96,54 @@ def _set_attribute(obj, name: str, value) -> None:
     """``obj.attrs[name] = value``, stored exactly as h5py stores it (a str as variable-length
     UTF-8, numbers and arrays with their numpy type), in two HDF5 calls when the attribute is
     new: h5py's attribute manager converts, checks and may delete first, ~70 us an
-    attribute, and a trajectory has ~20 of them."""
-    if h5py.h5a.exists(obj.id, name.encode()):
-        obj.attrs[name] = value
+    attribute, and a trajectory has ~20 of them. ``obj``: an h5py object, or the low-level
+    identifier of a dataset (:func:`_new_dataset`)."""
+    low = isinstance(obj, h5py.h5d.DatasetID)
+    oid = obj if low else obj.id
+    if h5py.h5a.exists(oid, name.encode()):
+        (h5py.Dataset(oid) if low else obj).attrs[name] = value
         return
     data = np.array(value, dtype=_TEXT) if isinstance(value, str) else np.asarray(value)
     space = _SCALAR if data.ndim == 0 else h5py.h5s.create_simple(data.shape)
-    attribute = h5py.h5a.create(obj.id, name.encode(), h5py.h5t.py_create(data.dtype, True), space)
+    attribute = h5py.h5a.create(oid, name.encode(), h5py.h5t.py_create(data.dtype, True), space)
     attribute.write(data)
+
+
+_PLISTS: dict = {}
+
+
+def _plists():
+    """(dataset creation, link creation) property lists as h5py makes them for a plain
+    dataset: contiguous, no timestamps; links with intermediate groups, ASCII names."""
+    if not _PLISTS:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_obj_track_times(False)
+        lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+        lcpl.set_create_intermediate_group(True)
+        lcpl.set_char_encoding(h5py.h5t.CSET_ASCII)
+        _PLISTS.update(dcpl=dcpl, lcpl=lcpl)
+    return _PLISTS["dcpl"], _PLISTS["lcpl"]
+
+
+def _new_group(f: h5py.File, path: str):
+    """``f.create_group(path)`` in one HDF5 call; its low-level identifier."""
+    return h5py.h5g.create(f.id, path.encode(), lcpl=_plists()[1])
+
+
+def _new_dataset(parent, name: str, data):
+    """``parent.create_dataset(name, data=data)`` as h5py makes it (a contiguous dataset of
+    the array's own type), in three HDF5 calls: h5py's ``create_dataset`` validates and
+    builds a property list each time, ~100 us a dataset, and a small trajectory has 7-9.
+    ``parent``: an h5py group or a group's low-level identifier. Returns the dataset's
+    low-level identifier."""
+    data = np.ascontiguousarray(data)
+    dcpl, lcpl = _plists()
+    space = h5py.h5s.create_simple(data.shape)
+    kind = h5py.h5t.py_create(data.dtype, logical=1)
+    loc = parent if isinstance(parent, h5py.h5g.GroupID) else parent.id
+    dataset = h5py.h5d.create(loc, name.encode(), kind, space, dcpl=dcpl, lcpl=lcpl)
+    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+    return dataset
 
 
 def _write_parameters(f: h5py.File, parameters: dict) -> None:
@@ -235,17 +275,16 @@ class TrajectoryWriter:
         data = self._joined()
         self.blocks, self.buffered = [], 0
         shared = None
+        _, lcpl = _plists()
         for element, values, step, time in self._series(data):
-            group = f.create_group(element)
-            _set_attribute(group.create_dataset("value", data=values), "unit", UNITS[element])
+            group = _new_group(f, element)
+            _set_attribute(_new_dataset(group, "value", values), "unit", UNITS[element])
             if shared is None:
-                shared = (
-                    group.create_dataset("step", data=step),
-                    group.create_dataset("time", data=time),
-                )
+                shared = (_new_dataset(group, "step", step), _new_dataset(group, "time", time))
                 _set_attribute(shared[1], "unit", "fs")
-            else:
-                group["step"], group["time"] = shared
+            else:  # hard links to the first element's
+                h5py.h5o.link(shared[0], group, b"step", lcpl=lcpl)
+                h5py.h5o.link(shared[1], group, b"time", lcpl=lcpl)
         self.n_frames += len(data["step"])
 
     # -- layout ------------------------------------------------------------------------------
