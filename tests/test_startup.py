@@ -155,3 +155,22 @@ def test_the_slow_ml_dtypes_release_is_not_installed():
     """pyproject excludes ml_dtypes 0.7.0 (whose import alone costs every molopt process
     0.5-1.2 s on these machines); a fresh install resolves another."""
     assert version("ml_dtypes") != "0.7.0"
+
+
+def test_a_relaxation_does_not_import_pydantic(tmp_path):
+    """typer 0.29 coerces every command-line option through pydantic, whose import and
+    adapters took ~0.15 s of each `molopt relax`; pyproject keeps typer below it. Whatever
+    typer a fresh install resolves, a relaxation must not pay for pydantic."""
+    ase.io.write(tmp_path / "a.xyz", Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]]))
+    program = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from molopt.cli import app\n"
+        f"args = ['relax', {str(tmp_path / 'a.xyz')!r}, '-o', {str(tmp_path / 'o')!r}, '-q']\n"
+        "result = CliRunner().invoke(app, args)\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip() == "[]"
