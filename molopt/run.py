@@ -437,6 +437,7 @@ class _Run:
         settings = self.settings
         keys = set(self.choose_potentials())
         todo, conflicts, redo = [], [], []
+        finished: dict = {}  # key -> the earlier run's parameters, for its skipped record
         for key, f in enumerate(self.frames):
             if key not in keys:
                 continue
@@ -446,6 +447,7 @@ class _Run:
                 continue
             same = previous.get("run_hash") == self.run_hash(key)
             if same and state == "complete" and not settings.overwrite:
+                finished[key] = previous
                 continue
             if not same and not settings.overwrite:
                 which = 0 if state in ("complete", "incomplete") else 1
@@ -477,8 +479,7 @@ class _Run:
                 continue
             spec = self.spec_of[key]
             if key not in todo_set:
-                _, previous = out.previous_run(self.out_dir, f.stem)
-                self.skipped(key, previous)
+                self.skipped(key, finished[key])
                 continue
             if not spec.covers(f.structure.numbers):
                 self.fail(key, _uncovered(spec, f.structure))

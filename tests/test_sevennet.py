@@ -59,9 +59,7 @@ def two_blocks(sevennet):
     weights = {}
     for key, value in sevennet.weights.items():
         head, _, rest = key.partition("/")
-        if not head.isdigit():
-            weights[key] = value
-        elif head == "0":
+        if not head.isdigit() or head == "0":
             weights[key] = value
         elif int(head) == last:
             weights[f"1/{rest}"] = value

@@ -24,6 +24,7 @@ eV-based force unit: ``force`` in its units, ``force_ev`` in ASE's.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -109,20 +110,16 @@ def _set_attribute(obj, name: str, value) -> None:
     attribute.write(data)
 
 
-_PLISTS: dict = {}
-
-
+@functools.cache
 def _plists():
     """(dataset creation, link creation) property lists as h5py makes them for a plain
     dataset: contiguous, no timestamps; links with intermediate groups, ASCII names."""
-    if not _PLISTS:
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_obj_track_times(False)
-        lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
-        lcpl.set_create_intermediate_group(True)
-        lcpl.set_char_encoding(h5py.h5t.CSET_ASCII)
-        _PLISTS.update(dcpl=dcpl, lcpl=lcpl)
-    return _PLISTS["dcpl"], _PLISTS["lcpl"]
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_obj_track_times(False)
+    lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    lcpl.set_create_intermediate_group(True)
+    lcpl.set_char_encoding(h5py.h5t.CSET_ASCII)
+    return dcpl, lcpl
 
 
 def _new_group(f: h5py.File, path: str):
